@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random backbones (instant) and a tiny world + pre-trained backbones cache
+(built once per session), so every test runs on CPU in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlp_bench.backbones import Backbones, VisionEncoder, _tiny_vit, _train_tokenizer, freeze, VisionConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A tiny experiment: the same code path as the default one, sized to finish in seconds.
+TINY = [
+    "world.n_train=96", "world.n_val=16", "world.n_test=16",
+    "vision.pretrain_steps=20", "vision.width=32", "vision.depth=1", "vision.heads=2",
+    "llm.pretrain_steps=20", "llm.width=32", "llm.depth=1", "llm.heads=2", "llm.vocab_size=400",
+    "train.steps=6", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=2",
+    "train.eval_every=4", "train.eval_images=4", "train.warmup_exclude=1",
+    "methods.baseline.width=32", "methods.baseline.depth=1", "methods.baseline.heads=2",
+    "tasks.caption.num_beams=2", "tasks.caption.max_new_tokens=6", "tasks.caption.min_new_tokens=2",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vlp-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(cache_dir) -> list[str]:
+    return [*TINY, f"experiment.cache='{cache_dir}'", "experiment.threads=1"]
+
+
+def random_backbones(vision_dim: int = 32, llm_dim: int = 32) -> Backbones:
+    """Untrained tiny backbones: enough to test shapes, gradients and generation of any method."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    texts = ["a red circle left of a blue square", "two green stars", "Question: what color? Short answer: red"]
+    tokenizer = _train_tokenizer(texts * 10, 300)
+    vit = _tiny_vit(VisionConfig(width=vision_dim, depth=1, heads=2), 0)
+    llm = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=llm_dim, intermediate_size=2 * llm_dim, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, initializer_range=0.3,  # large enough that a soft prompt can steer it
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return Backbones(freeze(VisionEncoder(vit, 64, (0.5,) * 3, (0.5,) * 3)), freeze(llm), tokenizer)

@@ -1,0 +1,57 @@
+"""Backbone loading: real names and local checkpoints go through the same path as the tiny ones;
+anything missing is a one-line UserError naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_backbones
+from vlp_bench.backbones import LLMConfig, VisionConfig, load_llm, load_vision
+from vlp_bench.errors import UserError
+
+
+def test_llm_from_a_local_directory(tmp_path):
+    bb = random_backbones()
+    bb.llm.save_pretrained(tmp_path / "lm")
+    bb.tokenizer.save_pretrained(tmp_path / "lm")
+    model, tokenizer = load_llm(LLMConfig(name=str(tmp_path / "lm")), tmp_path, tmp_path, torch.device("cpu"))
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model(input_ids=ids).logits, bb.llm(input_ids=ids).logits)
+    assert tokenizer("a red circle").input_ids == bb.tokenizer("a red circle").input_ids
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_missing_llm_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="language model '.*no-such-model' is not available offline"):
+        load_llm(LLMConfig(name=str(tmp_path / "no-such-model")), tmp_path, tmp_path, torch.device("cpu"))
+
+
+def test_timm_model_from_a_local_checkpoint(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    save_file(ref.state_dict(), str(tmp_path / "w.safetensors"))
+    enc = load_vision(VisionConfig(name="vit_tiny_patch16_224", checkpoint=str(tmp_path / "w.safetensors")),
+                      tmp_path, tmp_path)
+    x = torch.randn(1, 3, 224, 224)
+    assert enc.image_size == 224 and enc.dim == 192
+    assert torch.allclose(enc(x), ref.eval().forward_features(x))
+    assert enc(x).shape == (1, 197, 192)  # CLS + 14x14 patches
+    penultimate = load_vision(VisionConfig(name="vit_tiny_patch16_224", checkpoint=str(tmp_path / "w.safetensors"),
+                                           feature_layer=-2), tmp_path, tmp_path)
+    assert penultimate(x).shape == (1, 197, 192) and not torch.allclose(penultimate(x), enc(x))
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (VisionConfig(name="vit_no_such_model"), "unknown timm vision model 'vit_no_such_model'"),
+    (VisionConfig(name="vit_tiny_patch16_224", checkpoint="/nonexistent/w.safetensors"),
+     "vision checkpoint not found: /nonexistent/w.safetensors"),
+    (VisionConfig(name="vit_tiny_patch16_224"), "not available offline"),
+])
+def test_vision_errors(cfg, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        load_vision(cfg, tmp_path, tmp_path)

@@ -1,0 +1,74 @@
+"""Config: bench.toml = the code's defaults; mistakes are one-line errors with suggestions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlp_bench.config import parse_override, to_dict
+from vlp_bench.errors import UserError
+from vlp_bench.experiment import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_toml_states_the_defaults():
+    assert to_dict(load_config(REPO / "bench.toml")) == to_dict(load_config(None))
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.steps=7", "train.lr=0.5", "experiment.methods=['baseline']",
+                             "methods.baseline.depth=3", "tasks.caption.prompt=hello"])
+    assert cfg.train.steps == 7 and cfg.train.lr == 0.5
+    assert cfg.methods["baseline"].depth == 3
+    assert cfg.tasks["caption"].prompt == "hello"
+    assert parse_override("experiment.device=cpu") == (["experiment", "device"], "cpu")
+    assert parse_override("train.lr=1") == (["train", "lr"], 1)
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0  # ints are accepted as floats
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stpes=3", "unknown config key 'train.stpes' (did you mean 'steps'?)"),
+    ("trian.steps=3", "unknown config key 'trian' (did you mean 'train'?)"),
+    ("train.steps='many'", "train.steps: expected int, got str 'many'"),
+    ("train.steps=1.5", "train.steps: expected int, got float 1.5"),
+    ("train.steps=0", "steps must be >= 1"),
+    ("experiment.methods=['baselin']", "unknown method 'baselin' (did you mean 'baseline'?)"),
+    ("methods.baseline.widht=3", "unknown config key 'methods.baseline.widht' (did you mean 'width'?)"),
+    ("methods.basline.width=3", "unknown method 'basline' (did you mean 'baseline'?)"),
+    ("experiment.tasks=['captoin']", "unknown task 'captoin' (did you mean 'caption'?)"),
+    ("methods.baseline.heads=3", "not divisible"),
+    ("train", "--set expects section.key=value"),
+])
+def test_config_errors(override, message):
+    with pytest.raises(UserError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 3\n")
+    with pytest.raises(UserError, match="invalid TOML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--set", "train.stpes=3"], "did you mean 'steps'?"),
+    (["run", "--methods", "baselin"], "did you mean 'baseline'?"),
+    (["run", "--config", "/nonexistent/bench.toml"], "config file not found"),
+    (["evaluate", "caption", "--annotations", "/nonexistent/a.json", "--predictions", "/nonexistent/b.json"],
+     "/nonexistent/"),
+])
+def test_cli_errors_are_one_line_exit_2(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vlp_bench", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

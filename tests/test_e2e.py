@@ -1,0 +1,95 @@
+"""A tiny experiment end to end through the CLI: it prepares the world and backbones, trains,
+evaluates and writes valid records; the same seed gives the same run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlp_bench.caption_metrics import METRIC_NAMES, evaluate_files
+from vlp_bench.results import SCHEMA_VERSION, read_jsonl
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "vlp_bench", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, tiny_overrides):
+    out = tmp_path_factory.mktemp("exp")
+    sets = [a for o in tiny_overrides for a in ("--set", o)]
+    proc = cli("run", *sets, "--out", str(out), cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc, sets
+
+
+def test_run_writes_valid_records(experiment):
+    out, proc, _ = experiment
+    run = out / "baseline-seed0"
+    res = json.loads((run / "results.json").read_text())
+    assert res["schema_version"] == SCHEMA_VERSION and res["status"] == "finished"
+    assert res["method"] == "baseline" and res["seed"] == 0 and res["run_id"] == "baseline-seed0"
+    assert res["config"] == json.loads((run / "config.json").read_text())
+    assert res["config"]["train"]["steps"] == 6
+    cap = res["metrics"]["caption"]
+    for name in METRIC_NAMES:
+        assert isinstance(cap[name], float)
+    assert cap["images"] == 16 and cap["split"] == "test"
+    assert set(cap["floor"]) >= {*METRIC_NAMES, "caption"}
+    cost = res["cost"]
+    assert cost["steps"] == 6 and cost["samples_seen"] == 6 * 8 and cost["tokens_to_llm"] == 65
+    assert cost["train_wall_s"] > 0 and cost["peak_memory_bytes"] > 0
+    for key in ("python", "versions", "device", "git_commit"):
+        assert key in res["env"]
+    rows = read_jsonl(run / "metrics.jsonl")
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4, 6]
+    assert all(r["samples"] == r["step"] * 8 for r in steps)
+    evals = [r for r in rows if "eval" in r]
+    assert evals[0]["step"] == 4 and evals[0]["eval"]["caption"]["images"] == 4
+    assert evals[-1].get("final") and evals[-1]["eval"]["caption"]["CIDEr"] == cap["CIDEr"]
+    samples = read_jsonl(run / "samples_caption.jsonl")
+    assert len(samples) == 16 and all(len(s["references"]) == 5 for s in samples)
+    assert "baseline-seed0" in proc.stdout and "finished" in proc.stdout  # the summary table
+    assert not list(run.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_samples_rescore_to_the_same_metrics(experiment, tmp_path):
+    """samples_caption.jsonl is enough to re-score a run with `vlp-bench evaluate caption`."""
+    out, _, _ = experiment
+    run = out / "baseline-seed0"
+    samples = read_jsonl(run / "samples_caption.jsonl")
+    gt = {"images": [{"id": s["image_id"]} for s in samples],
+          "annotations": [{"image_id": s["image_id"], "id": k * 10 + j, "caption": c}
+                          for k, s in enumerate(samples) for j, c in enumerate(s["references"])]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "res.json").write_text(json.dumps([{"image_id": s["image_id"], "caption": s["caption"]}
+                                                   for s in samples]))
+    proc = cli("evaluate", "caption", "--annotations", str(tmp_path / "gt.json"),
+               "--predictions", str(tmp_path / "res.json"))
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)  # stdout is pure JSON
+    cap = json.loads((run / "results.json").read_text())["metrics"]["caption"]
+    assert {k: printed[k] for k in METRIC_NAMES} == {k: cap[k] for k in METRIC_NAMES}
+    assert printed == evaluate_files(tmp_path / "gt.json", tmp_path / "res.json")
+
+
+def test_same_seed_same_run(experiment, tmp_path):
+    """Determinism on CPU: the cached world and backbones are reused and the run repeats exactly."""
+    out, _, sets = experiment
+    proc = cli("run", *sets, "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (read_jsonl(d / "baseline-seed0" / "metrics.jsonl") for d in (out, tmp_path))
+    assert [r.get("loss") for r in a] == [r.get("loss") for r in b]
+    assert read_jsonl(out / "baseline-seed0" / "samples_caption.jsonl") == \
+        read_jsonl(tmp_path / "baseline-seed0" / "samples_caption.jsonl")
+
+
+def test_list_shows_methods_and_tasks():
+    proc = cli("list")
+    assert proc.returncode == 0
+    assert "baseline" in proc.stdout and "caption" in proc.stdout

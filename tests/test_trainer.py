@@ -1,0 +1,80 @@
+"""The shared trainer: schedule, determinism, stages, and a loss that goes down."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import random_backbones
+from vlp_bench.method import Stage
+from vlp_bench.registry import METHODS
+from vlp_bench.results import MetricsLog
+from vlp_bench.trainer import NonFiniteLoss, TrainConfig, lr_at, train
+
+CAPTIONS = ["a red circle", "two green stars", "a blue square above a red circle", "a yellow cross"]
+
+
+def batches(seed=0, n=4):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(len(CAPTIONS), 3, 64, 64, generator=g)
+    while True:
+        idx = torch.randint(0, len(CAPTIONS), (n,), generator=g).tolist()
+        yield {"images": images[idx], "captions": [CAPTIONS[i] for i in idx], "prompt": "a photo of"}
+
+
+def small_baseline():
+    torch.manual_seed(0)
+    cls = METHODS.get("baseline")
+    return cls(dataclasses.replace(cls.Config(), width=32, heads=2, depth=1), random_backbones())
+
+
+def run(tmp_path, name, cfg, method=None):
+    log = MetricsLog(tmp_path / name / "metrics.jsonl")
+    cost = train(method or small_baseline(), batches(), cfg, torch.device("cpu"), log, progress=False)
+    return cost, log.rows
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_training_is_deterministic_and_learns(tmp_path):
+    cfg = TrainConfig(steps=30, batch_size=4, lr=2e-2, warmup_steps=3, log_every=5, warmup_exclude=1)
+    cost_a, rows_a = run(tmp_path, "a", cfg)
+    _, rows_b = run(tmp_path, "b", cfg)
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    assert rows_a[-1]["loss"] < 0.8 * rows_a[0]["loss"]
+    assert cost_a["steps"] == 30 and cost_a["samples_seen"] == 120 and cost_a["tokens_to_llm"] == 65
+
+
+def test_gradient_accumulation_counts_samples(tmp_path):
+    cost, rows = run(tmp_path, "acc", TrainConfig(steps=4, batch_size=4, grad_accum=3, log_every=2))
+    assert cost["samples_seen"] == 4 * 4 * 3 and [r["samples"] for r in rows] == [24, 48]
+
+
+def test_stages_get_their_own_steps_and_parameters(tmp_path):
+    """A two-stage method (BLIP-2 style): each stage trains only what it names."""
+    method = small_baseline()
+    first, rest = list(method.inp.parameters()), [p for n, p in method.named_parameters()
+                                                   if p.requires_grad and not n.startswith("inp.")]
+    method.stages = lambda total: [Stage("one", 2), Stage("two", total - 2)]
+    method.trainable_parameters = lambda stage: first if stage.name == "one" else rest
+    before = {id(p): p.detach().clone() for p in [*first, *rest]}
+    cost, rows = run(tmp_path, "st", TrainConfig(steps=5, batch_size=4, log_every=1), method)
+    assert [r["stage"] for r in rows] == ["one", "one", "two", "two", "two"]
+    assert all(not torch.equal(before[id(p)], p) for p in first)
+    assert cost["steps"] == 5
+
+
+def test_non_finite_loss_stops_training(tmp_path):
+    method = small_baseline()
+    with torch.no_grad():
+        method.inp.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 0"):
+        run(tmp_path, "nan", TrainConfig(steps=3, batch_size=4), method)

@@ -1,0 +1,3 @@
+from vlp_bench.cli import main
+
+main()

@@ -1,0 +1,364 @@
+"""Captioning metrics computed exactly as the official coco-caption pipeline does.
+
+The official tool is pycocoevalcap's ``COCOEvalCap.evaluate()``. For the images that
+have a predicted caption it runs:
+
+1. ``PTBTokenizer`` (Stanford CoreNLP 3.4.1, a Java subprocess, ``-preserveLines
+   -lowerCase``) once over all reference captions and once over all candidates, then
+   drops punctuation tokens;
+2. ``Bleu(4)``, ``Meteor()`` (a long-lived Java subprocess), ``Rouge()``, ``Cider()``
+   and ``Spice()`` on the tokenized text.
+
+Every scorer sees all evaluated images at once, so the scores are corpus-level: BLEU
+sums n-gram statistics over the corpus, METEOR aggregates its statistics in Java,
+ROUGE-L is the mean over images, and CIDEr (CIDEr-D as pycocoevalcap implements it)
+takes its n-gram document frequencies from the references of all evaluated images.
+Scoring a test set in batches and averaging would give different CIDEr values.
+
+This module calls those same pycocoevalcap classes, in the same order and with the same
+inputs, so the numbers are bit-for-bit the official ones. What it adds:
+
+* SPICE only when asked for (it needs a Stanford CoreNLP 3.6.0 download);
+* nothing reaches stdout: pycocoevalcap prints (e.g. BLEU's ``{'testlen': ...}``)
+  and the Java tools inherit file descriptor 1, so both Python's ``sys.stdout`` and
+  descriptor 1 point at stderr while scoring;
+* the METEOR Java process is closed after every call instead of whenever the
+  garbage collector gets to it;
+* input validation with one-line ``UserError`` messages;
+* characters that the Java tokenizer treats as line breaks (``\\r``, ``\\v``, ``\\f``,
+  U+2028, U+2029) are replaced by spaces, as the official wrapper already does for
+  ``\\n``. The official pipeline would otherwise split such a caption into two lines
+  and silently shift every later caption onto the wrong image.
+
+Empty candidate captions (or ones that are only punctuation) are scored as the official
+pipeline scores them: they tokenize to an empty string and get 0 from every metric for
+that image, without any error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+from vlp_bench.errors import UserError
+
+METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+SPICE_NAME = "SPICE"
+
+# Characters that Java's line reader treats as line terminators ("\n" is handled by the
+# official wrapper itself, which replaces it with a space before tokenizing).
+_JAVA_LINE_BREAKS = str.maketrans({c: " " for c in "\r\x0b\x0c\u2028\u2029"})
+
+_MAX_IDS_IN_MESSAGE = 5
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------
+
+
+def score_captions(
+    refs: dict[int, list[str]], cands: dict[int, str], spice: bool = False
+) -> dict[str, float]:
+    """Score one candidate caption per image against its references, corpus-level.
+
+    Only the images in ``cands`` are evaluated (in the order of ``cands``); ``refs`` may
+    hold more images. Returns ``{"Bleu_1": ..., ..., "CIDEr": ...}`` (plus ``"SPICE"``
+    when ``spice`` is true), the values exactly as pycocoevalcap's scorers return them.
+    """
+    if not cands:
+        raise UserError("no candidate captions to score")
+    missing = [image_id for image_id in cands if not refs.get(image_id)]
+    if missing:
+        raise UserError(
+            f"no reference captions for {len(missing)} candidate image id(s): {_some(missing)}"
+        )
+    for image_id, caption in cands.items():
+        if not isinstance(caption, str):
+            raise UserError(
+                f"candidate caption for image {image_id} must be a string, "
+                f"got {type(caption).__name__}"
+            )
+        if not all(isinstance(ref, str) for ref in refs[image_id]):
+            raise UserError(f"reference captions for image {image_id} must all be strings")
+    if shutil.which("java") is None:
+        raise UserError("captioning metrics need Java (the PTB tokenizer and METEOR), but "
+                        "no 'java' executable is on PATH")
+
+    # The input format of pycocoevalcap's tokenizer: {image_id: [{"caption": str}, ...]}.
+    gts = {i: [{"caption": _one_line(r)} for r in refs[i]] for i in cands}
+    res = {i: [{"caption": _one_line(cands[i])}] for i in cands}
+
+    with _stdout_to_stderr():
+        return _run_official_scorers(gts, res, spice)
+
+
+def _run_official_scorers(
+    gts: dict[int, list[dict[str, str]]], res: dict[int, list[dict[str, str]]], spice: bool
+) -> dict[str, float]:
+    """The body of ``COCOEvalCap.evaluate()``, minus its bookkeeping and prints."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    gts_tok = tokenizer.tokenize(gts)
+    res_tok = tokenizer.tokenize(res)
+    _check_alignment(gts, gts_tok)
+    _check_alignment(res, res_tok)
+
+    scores: dict[str, float] = {}
+    bleu, _ = Bleu(4).compute_score(gts_tok, res_tok)
+    for name, value in zip(METRIC_NAMES[:4], bleu):
+        scores[name] = float(value)
+
+    meteor = Meteor()
+    try:
+        scores["METEOR"] = float(meteor.compute_score(gts_tok, res_tok)[0])
+    finally:
+        _close_meteor(meteor)
+
+    scores["ROUGE_L"] = float(Rouge().compute_score(gts_tok, res_tok)[0])
+    scores["CIDEr"] = float(Cider().compute_score(gts_tok, res_tok)[0])
+
+    if spice:
+        scores[SPICE_NAME] = float(_spice_scorer().compute_score(gts_tok, res_tok)[0])
+    return scores
+
+
+def _one_line(caption: str) -> str:
+    return caption.translate(_JAVA_LINE_BREAKS)
+
+
+def _check_alignment(before: dict[int, list[Any]], after: dict[int, list[str]]) -> None:
+    """The tokenizer pairs output lines with images by position; make sure none got lost."""
+    for image_id, captions in before.items():
+        if len(after.get(image_id, [])) != len(captions):
+            raise RuntimeError(
+                f"PTB tokenizer output is misaligned with its input at image {image_id}"
+            )
+
+
+def _close_meteor(meteor: Any) -> None:
+    """Stop METEOR's Java process now (pycocoevalcap only does it in ``__del__``)."""
+    process = meteor.meteor_p
+    with meteor.lock:
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+        process.kill()
+        process.wait()
+
+
+def _spice_scorer() -> Any:
+    from pycocoevalcap.spice.spice import Spice
+
+    try:
+        return Spice()  # downloads Stanford CoreNLP 3.6.0 on first use
+    except OSError as error:
+        message = " ".join(str(error).split())
+        raise UserError(
+            "SPICE needs the Stanford CoreNLP 3.6.0 models, which could not be "
+            f"downloaded: {message}"
+        ) from error
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send Python prints and subprocess output meant for stdout to stderr instead."""
+    sys.stdout.flush()
+    try:
+        saved_fd: int | None = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no usable descriptor 1 or 2: only redirect Python-level output
+        saved_fd = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved_fd is not None:
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+
+
+# ---------------------------------------------------------------------------------------
+# Files in the official formats
+# ---------------------------------------------------------------------------------------
+
+
+def evaluate_files(annotations: Path, predictions: Path, spice: bool = False) -> dict[str, float]:
+    """Score a COCO results file against a COCO caption annotation file.
+
+    ``annotations``: ``{"images": [{"id": int, ...}], "annotations": [{"image_id": int,
+    "caption": str, ...}]}``. ``predictions``: ``[{"image_id": int, "caption": str}]``,
+    one entry per image. As in the official tool, only the predicted images are scored.
+    """
+    annotations, predictions = Path(annotations), Path(predictions)
+    image_ids, refs = load_annotations(annotations)
+    cands = load_predictions(predictions)
+
+    known = set(image_ids)
+    unknown = [image_id for image_id in cands if image_id not in known]
+    if unknown:
+        raise UserError(
+            f"{predictions}: {len(unknown)} predicted image id(s) are not in the images of "
+            f"{annotations}: {_some(unknown)}"
+        )
+    no_refs = [image_id for image_id in cands if not refs.get(image_id)]
+    if no_refs:
+        raise UserError(
+            f"{annotations}: no reference captions for {len(no_refs)} predicted image(s): "
+            f"{_some(no_refs)}"
+        )
+
+    # The official tool evaluates images in the order of the annotation file's "images".
+    ordered = {image_id: cands[image_id] for image_id in image_ids if image_id in cands}
+    return score_captions(refs, ordered, spice=spice)
+
+
+def load_annotations(path: Path) -> tuple[list[int], dict[int, list[str]]]:
+    """Read a COCO caption annotation file: (image ids in file order, refs per image)."""
+    data = _load_json(path, "caption annotations")
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("annotations"), list)
+    ):
+        raise UserError(
+            f"{path}: expected a COCO caption file, a JSON object with lists "
+            "'images' and 'annotations'"
+        )
+
+    image_ids: dict[int, None] = {}  # ordered set; a repeated id keeps its first place
+    for index, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or not _is_int(image.get("id")):
+            raise UserError(f"{path}: images[{index}] has no integer 'id'")
+        image_ids[image["id"]] = None
+
+    refs: dict[int, list[str]] = {}
+    for index, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise UserError(f"{path}: annotations[{index}] is not a JSON object")
+        if not _is_int(ann.get("image_id")):
+            raise UserError(f"{path}: annotations[{index}] has no integer 'image_id'")
+        if not isinstance(ann.get("caption"), str):
+            raise UserError(f"{path}: annotations[{index}] has no string 'caption'")
+        refs.setdefault(ann["image_id"], []).append(ann["caption"])
+    return list(image_ids), refs
+
+
+def load_predictions(path: Path) -> dict[int, str]:
+    """Read a COCO caption results file: ``[{"image_id": int, "caption": str}]``."""
+    data = _load_json(path, "caption predictions")
+    if not isinstance(data, list):
+        raise UserError(
+            f"{path}: expected a JSON list of {{\"image_id\": int, \"caption\": str}} "
+            f"objects, got a JSON {_json_type(data)}"
+        )
+    if not data:
+        raise UserError(f"{path}: no predictions (the list is empty)")
+
+    cands: dict[int, str] = {}
+    first_entry: dict[int, int] = {}
+    for index, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise UserError(f"{path}: entry {index} is a JSON {_json_type(entry)}, not an object")
+        if "image_id" not in entry or "caption" not in entry:
+            raise UserError(f"{path}: entry {index} needs both 'image_id' and 'caption'")
+        image_id, caption = entry["image_id"], entry["caption"]
+        if not _is_int(image_id):
+            raise UserError(
+                f"{path}: entry {index} has 'image_id' {json.dumps(image_id)}, "
+                "which is not an integer"
+            )
+        if not isinstance(caption, str):
+            raise UserError(
+                f"{path}: entry {index} has a 'caption' of type {_json_type(caption)}, "
+                "not a string"
+            )
+        if image_id in cands:
+            raise UserError(
+                f"{path}: image_id {image_id} has more than one caption (entries "
+                f"{first_entry[image_id]} and {index}); give exactly one per image"
+            )
+        cands[image_id] = caption
+        first_entry[image_id] = index
+    return cands
+
+
+def _load_json(path: Path, what: str) -> Any:
+    if not path.exists():
+        raise UserError(f"{what} file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"{what} path is not a file: {path}")
+    try:
+        with path.open(encoding="utf-8") as file:
+            return json.load(file)
+    except json.JSONDecodeError as error:
+        raise UserError(
+            f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+        ) from error
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"
+    return names.get(type(value), type(value).__name__)
+
+
+def _some(ids: list[int]) -> str:
+    shown = ", ".join(str(i) for i in ids[:_MAX_IDS_IN_MESSAGE])
+    return shown + (", ..." if len(ids) > _MAX_IDS_IN_MESSAGE else "")
+
+
+# ---------------------------------------------------------------------------------------
+# Floor baseline
+# ---------------------------------------------------------------------------------------
+
+
+def floor_caption(train_refs: dict[int, list[str]]) -> str:
+    """The most common training caption: the answer of a model that ignores the image.
+
+    Captions are compared after lowercasing, collapsing whitespace and dropping a
+    final period (so "A man." and "a man" count together; the tokenizer would make them
+    identical anyway). Ties go to the lexicographically smallest caption.
+    """
+    counts = Counter(
+        caption for captions in train_refs.values() for caption in map(_normalize, captions)
+        if caption
+    )
+    if not counts:
+        raise UserError("no training captions to choose a floor caption from")
+    return min(counts.items(), key=lambda item: (-item[1], item[0]))[0]
+
+
+def floor_scores(
+    train_refs: dict[int, list[str]], eval_refs: dict[int, list[str]], spice: bool = False
+) -> dict[str, float | str]:
+    """Scores of always answering ``floor_caption(train_refs)`` on every eval image.
+
+    Returns the metrics of :func:`score_captions` plus ``"caption"``, the floor caption.
+    """
+    caption = floor_caption(train_refs)
+    scores = score_captions(eval_refs, {image_id: caption for image_id in eval_refs}, spice)
+    return {"caption": caption, **scores}
+
+
+def _normalize(caption: str) -> str:
+    return " ".join(caption.lower().split()).rstrip(" .")

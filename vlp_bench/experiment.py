@@ -1,0 +1,174 @@
+"""An experiment: resolve the config, prepare the data and backbones once, then train and evaluate
+every (method, seed) run and write its records. `vlp-bench run` is a thin wrapper around `run()`."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vlp_bench.backbones import LLMConfig, VisionConfig, load_backbones
+from vlp_bench.config import apply_overrides, from_dict, load_toml, suggest, to_dict
+from vlp_bench.data import CaptionSplit, DataConfig, ImageLoader, train_batches
+from vlp_bench.errors import UserError
+from vlp_bench.registry import METHODS, TASKS
+from vlp_bench.results import SCHEMA_VERSION, MetricsLog, atomic_write_json, env_info, write_jsonl
+from vlp_bench.trainer import TrainConfig, train
+from vlp_bench.world import WorldConfig, build_world
+
+
+@dataclass
+class ExperimentConfig:
+    methods: list[str] = field(default_factory=lambda: ["baseline"])  # registry names, see `vlp-bench list`
+    seeds: list[int] = field(default_factory=lambda: [0])  # one run per (method, seed)
+    tasks: list[str] = field(default_factory=lambda: ["caption"])  # evaluated after training
+    out: str = ""  # "" = runs/<date-time>
+    cache: str = ""  # "" = $VLP_BENCH_CACHE, else ~/.cache/vlp-bench (world and tiny backbones)
+    device: str = "auto"  # auto = cuda when available, else cpu
+    threads: int = 0  # torch CPU threads; 0 = torch's default (all cores)
+    prompt: str = "a photo of"  # text between the soft prompt and the caption during training (= caption prompt)
+
+
+@dataclass
+class BenchConfig:
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    methods: dict = field(default_factory=dict)  # [methods.NAME] tables, resolved into each method's Config
+    tasks: dict = field(default_factory=dict)  # [tasks.NAME] tables, resolved into each task's Config
+
+
+def _resolve_plugins(tables: dict, registry, section: str) -> dict:
+    """Validate every [section.NAME] table against the registered plug-in's Config."""
+    resolved = {}
+    for name, table in tables.items():
+        if name not in registry:
+            raise UserError(f"[{section}.{name}]: unknown {registry.kind} '{name}'{suggest(name, registry.names())}")
+        resolved[name] = from_dict(registry.get(name).Config, table, f"{section}.{name}")
+    for name in registry.names():  # every plug-in gets its defaults, so configs saved with results are complete
+        resolved.setdefault(name, registry.get(name).Config())
+    return resolved
+
+
+def load_config(path: Path | None = None, overrides: list[str] = ()) -> BenchConfig:
+    """bench.toml (or nothing: the defaults) + --set overrides -> a validated BenchConfig."""
+    data = load_toml(path) if path is not None else {}
+    apply_overrides(data, list(overrides))
+    cfg = from_dict(BenchConfig, data)
+    cfg.methods = _resolve_plugins(cfg.methods, METHODS, "methods")
+    cfg.tasks = _resolve_plugins(cfg.tasks, TASKS, "tasks")
+    for name in cfg.experiment.methods:
+        METHODS.get(name)  # unknown names fail here, before any work
+    for name in cfg.experiment.tasks:
+        TASKS.get(name)
+    if not cfg.experiment.methods or not cfg.experiment.seeds:
+        raise UserError("experiment.methods and experiment.seeds must not be empty")
+    if len(set(cfg.experiment.methods)) != len(cfg.experiment.methods):
+        raise UserError(f"experiment.methods lists a method twice: {cfg.experiment.methods}")
+    return cfg
+
+
+def cache_dir(cfg: BenchConfig) -> Path:
+    if cfg.experiment.cache:
+        return Path(cfg.experiment.cache).expanduser()
+    if os.environ.get("VLP_BENCH_CACHE"):
+        return Path(os.environ["VLP_BENCH_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "vlp-bench"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but CUDA is not available")
+    return dev
+
+
+def say(msg: str) -> None:
+    """Progress lines for long work; stderr, so stdout stays machine-readable."""
+    print(f"[vlp-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare(cfg: BenchConfig, progress: bool = True):
+    """Build (or find in the cache) the data and the frozen backbones."""
+    device = resolve_device(cfg.experiment.device)
+    if cfg.experiment.threads:
+        torch.set_num_threads(cfg.experiment.threads)
+    cache = cache_dir(cfg)
+    if cfg.data.root:
+        root = Path(cfg.data.root).expanduser()
+        if not root.is_dir():
+            raise UserError(f"data.root is not a directory: {root}")
+    else:
+        say(f"tiny world in {cache} (built once, then cached)")
+        root = build_world(cfg.world, cache, progress=progress)
+    say("frozen backbones (tiny ones are pre-trained once, then cached)")
+    backbones = load_backbones(cfg.vision, cfg.llm, root, cache, device, progress)
+    return root, backbones, device
+
+
+def run(cfg: BenchConfig, progress: bool = True) -> list[Path]:
+    """Train and evaluate every (method, seed); returns the run directories."""
+    exp = cfg.experiment
+    out = Path(exp.out) if exp.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    root, backbones, device = prepare(cfg, progress)
+    images = ImageLoader(backbones.vision.image_size, backbones.vision.mean, backbones.vision.std)
+    tasks = {name: TASKS.get(name)(cfg.tasks[name], root, images) for name in exp.tasks}
+    train_split = CaptionSplit(root, "train")
+    env = env_info(device)
+    run_dirs = []
+    for method_name in exp.methods:
+        for seed in exp.seeds:
+            run_dir = out / f"{method_name}-seed{seed}"
+            run_dirs.append(run_dir)
+            say(f"run {run_dir}")
+            _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, images, device, env, progress)
+    return run_dirs
+
+
+def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, images, device, env, progress):
+    resolved = to_dict(cfg)
+    atomic_write_json(run_dir / "config.json", resolved)
+    record = {"schema_version": SCHEMA_VERSION, "run_id": run_dir.name, "method": method_name, "seed": seed,
+              "status": "running", "config": resolved, "metrics": {}, "cost": {}, "env": env}
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    try:
+        torch.manual_seed(seed)
+        method = METHODS.get(method_name)(cfg.methods[method_name], backbones).to(device)
+        prompt = cfg.experiment.prompt
+        batches = ({**b, "prompt": prompt} for b in train_batches(train_split, images, cfg.train.batch_size, seed))
+
+        def evaluate(step: int) -> dict:
+            return {name: task.evaluate(method, "val", cfg.train.eval_images)[0] for name, task in tasks.items()}
+
+        t0 = time.perf_counter()
+        record["cost"] = train(method, batches, cfg.train, device, log, evaluate, progress)
+        for name, task in tasks.items():
+            say(f"evaluate {name} on {task.cfg.split}")
+            metrics, samples = task.evaluate(method, task.cfg.split)
+            record["metrics"][name] = metrics
+            write_jsonl(run_dir / f"samples_{name}.jsonl", samples)
+        log.append({"step": record["cost"]["steps"], "samples": record["cost"]["samples_seen"],
+                    "wall_s": round(record["cost"]["train_wall_s"], 4), "eval": record["metrics"], "final": True})
+        record["cost"]["total_wall_s"] = time.perf_counter() - t0
+        record["status"] = "finished"
+    except UserError:
+        raise
+    except Exception as e:  # one failing method must not sink the experiment
+        record["status"] = "failed"
+        record["error"] = f"{type(e).__name__}: {e}"
+        record["traceback"] = traceback.format_exc()
+        say(f"run {run_dir.name} FAILED: {record['error']}")
+    atomic_write_json(run_dir / "results.json", record)

@@ -1,0 +1,151 @@
+"""The interface every method implements, and the frozen-LLM mechanics they share.
+
+The trainer and the tasks only ever call:
+    stages(total_steps)             -> the training stages (one by default; BLIP-2 has two)
+    trainable_parameters(stage)     -> what the optimizer of that stage updates
+    training_loss(batch, stage)     -> StepOutput(loss, tokens_to_llm)
+    generate(images, prompts, dec)  -> one string per image (captioning, VQA)
+A method is a small file in methods/ with a `Config` dataclass and, for the frozen-LLM family, a
+`bridge(visual_tokens) -> soft prompt` (its output length may be anything: merging shrinks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vlp_bench.backbones import Backbones
+
+
+@dataclass
+class Stage:
+    name: str
+    steps: int
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    tokens_to_llm: int  # visual (soft prompt) tokens per sample that reached the LLM in this step
+
+
+@dataclass
+class DecodingConfig:
+    prompt: str = "a photo of"  # BLIP-2's captioning prompt
+    num_beams: int = 5  # BLIP-2's decoding: beam 5, max 30, min 8 new tokens
+    max_new_tokens: int = 30
+    min_new_tokens: int = 8
+    batch_size: int = 64  # images per generate() call; memory only, results do not depend on it
+
+
+class Method(nn.Module):
+    name: ClassVar[str]  # set by the registry
+    Config: ClassVar[type]
+
+    def __init__(self, cfg, backbones: Backbones):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = backbones.vision  # frozen
+        self.llm = backbones.llm  # frozen
+        self.tokenizer = backbones.tokenizer
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision.eval()  # frozen parts never leave eval mode (no dropout)
+        self.llm.eval()
+        return self
+
+    def stages(self, total_steps: int) -> list[Stage]:
+        return [Stage("train", total_steps)]
+
+    def trainable_parameters(self, stage: Stage) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompts: list[str], dec: DecodingConfig) -> list[str]:
+        raise NotImplementedError
+
+
+class FrozenLLMMethod(Method):
+    """frozen vision encoder -> trainable bridge -> soft prompt -> frozen causal LLM."""
+
+    def bridge(self, visual: torch.Tensor) -> torch.Tensor:
+        """(B, N, vision_dim) -> (B, P, llm_dim)."""
+        raise NotImplementedError
+
+    def visual_prefix(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            visual = self.vision(images)
+        return self.bridge(visual)
+
+    def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
+        prefix = self.visual_prefix(batch["images"])
+        loss = prefix_lm_loss(self.llm, self.tokenizer, prefix, batch["prompt"], batch["captions"])
+        return StepOutput(loss, prefix.shape[1])
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompts: list[str], dec: DecodingConfig) -> list[str]:
+        return generate_from_prefix(self.llm, self.tokenizer, self.visual_prefix(images), prompts, dec)
+
+
+def _embed(llm: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return llm.get_input_embeddings()(ids)
+
+
+def prefix_lm_loss(llm, tokenizer, prefix: torch.Tensor, prompt: str, targets: list[str]) -> torch.Tensor:
+    """Causal LM loss of `targets` (+ EOS) after [soft prefix][prompt]; prefix and prompt get no loss."""
+    device = prefix.device
+    prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids if prompt else []
+    rows = [prompt_ids + tokenizer(" " + t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            for t in targets]
+    L = max(map(len, rows))
+    ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), L), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for r, row in enumerate(rows):  # right padding: pads come after the text and get no loss
+        ids[r, : len(row)] = torch.tensor(row)
+        labels[r, len(prompt_ids) : len(row)] = torch.tensor(row[len(prompt_ids):])
+        mask[r, : len(row)] = 1
+    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+    B, P, _ = prefix.shape
+    embeds = torch.cat([prefix.to(_embed(llm, ids[:1, :1]).dtype), _embed(llm, ids)], dim=1)
+    attn = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), mask], dim=1)
+    logits = llm(inputs_embeds=embeds, attention_mask=attn).logits  # (B, P + L, V)
+    # text token j sits at position P + j and is predicted by the logits at position P + j - 1
+    return F.cross_entropy(logits[:, P - 1 : P + L - 1].float().reshape(B * L, -1), labels.reshape(-1))
+
+
+@torch.no_grad()
+def generate_from_prefix(llm, tokenizer, prefix: torch.Tensor, prompts: list[str], dec: DecodingConfig) -> list[str]:
+    """Beam search through the frozen LLM from [soft prefix][prompt]; prompts are left-padded."""
+    device = prefix.device
+    prompt_ids = [tokenizer(p, add_special_tokens=True).input_ids if p else [] for p in prompts]
+    L = max(map(len, prompt_ids))
+    B, P, _ = prefix.shape
+    ids = torch.full((B, L), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    text_mask = torch.zeros((B, L), dtype=torch.long, device=device)
+    for r, row in enumerate(prompt_ids):
+        if row:
+            ids[r, L - len(row):] = torch.tensor(row, device=device)
+            text_mask[r, L - len(row):] = 1
+    # left padding: [pads][prefix][prompt] so every row ends where generation starts
+    pad_len = (text_mask == 0).sum(1)
+    embeds = torch.cat([prefix.to(_embed(llm, ids[:1, :1]).dtype), _embed(llm, ids)], dim=1)
+    attn = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), text_mask], dim=1)
+    if int(pad_len.max()) > 0:  # move each row's pads to the front
+        order = torch.argsort(attn, dim=1, stable=True)
+        embeds = torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds))
+        attn = torch.gather(attn, 1, order)
+    out = llm.generate(
+        inputs_embeds=embeds, attention_mask=attn, num_beams=dec.num_beams, do_sample=False,
+        max_new_tokens=dec.max_new_tokens, min_new_tokens=dec.min_new_tokens,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]

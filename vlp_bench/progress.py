@@ -1,0 +1,46 @@
+"""Progress for long work: a tqdm bar with ETA on a terminal; without one (CI, pipes, logs) a plain
+line every 10% on stderr. Only rank zero reports."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
+
+
+class _Lines:
+    """Iterates like tqdm, reporting 'desc: i/n, elapsed, eta' at each 10% on stderr."""
+
+    def __init__(self, iterable, desc: str, enabled: bool):
+        self.items = list(iterable)
+        self.desc, self.enabled = desc, enabled and os.environ.get("RANK", "0") == "0"
+        self.postfix = ""
+
+    def __iter__(self):
+        n, t0, next_mark = len(self.items), time.perf_counter(), 0.1
+        for i, item in enumerate(self.items, 1):
+            yield item
+            if self.enabled and n >= 10 and i / n >= next_mark - 1e-9:
+                elapsed = time.perf_counter() - t0
+                eta = elapsed / i * (n - i)
+                print(f"  {self.desc}: {i}/{n}, {elapsed:.0f}s elapsed, eta {eta:.0f}s{self.postfix}",
+                      file=sys.stderr, flush=True)
+                next_mark += 0.1
+
+    def set_postfix(self, refresh: bool = False, **kw):
+        self.postfix = "".join(f", {k} {v}" for k, v in kw.items())
+
+    def close(self):
+        pass
+
+
+def progress_bar(iterable, desc: str, enabled: bool = True, **kwargs):
+    if interactive():
+        return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False, **kwargs)
+    return _Lines(iterable, desc, enabled)

@@ -1,0 +1,23 @@
+"""The interface every task implements: evaluate a trained method on a split of the data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from vlp_bench.data import ImageLoader
+from vlp_bench.method import Method
+
+
+class Task:
+    name: ClassVar[str]  # set by the registry
+    Config: ClassVar[type]
+
+    def __init__(self, cfg, data_root: Path, images: ImageLoader):
+        self.cfg = cfg
+        self.root = Path(data_root)
+        self.images = images
+
+    def evaluate(self, method: Method, split: str, limit: int | None = None) -> tuple[dict, list[dict]]:
+        """-> (metrics for results.json, per-sample rows for samples_<task>.jsonl)."""
+        raise NotImplementedError
