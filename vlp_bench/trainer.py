@@ -27,7 +27,7 @@ from vlp_bench.results import MetricsLog
 
 @dataclass
 class TrainConfig:
-    steps: int = 1500  # optimizer steps over all stages; the tiny world's baseline is well past the floor by then
+    steps: int = 1000  # optimizer steps over all stages; the tiny baseline's loss flattens after a few hundred
     batch_size: int = 32  # samples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
     lr: float = 1e-3  # a small bridge from scratch tolerates a high rate; paper-scale recipes use 1e-4
@@ -36,7 +36,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     log_every: int = 25  # steps between metrics.jsonl rows
-    eval_every: int = 500  # steps between validation evaluations (0 = final evaluation only)
+    eval_every: int = 250  # steps between validation evaluations (0 = final only): a learning curve of a few points
     eval_images: int = 100  # validation images per periodic evaluation (the final one uses the whole test split)
     warmup_exclude: int = 5  # first steps of each stage left out of the median step time
 
@@ -79,58 +79,56 @@ def train(method: Method, batches: Iterator[dict], cfg: TrainConfig, device: tor
     """Train `method` for cfg.steps optimizer steps; returns the cost summary for results.json."""
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
-    stages = method.stages(cfg.steps)
+    schedule = [(stage, s) for stage in method.stages(cfg.steps) for s in range(stage.steps)]
+    total = len(schedule)
     step = samples = 0
     wall = 0.0
     step_times: list[float] = []
     tokens_to_llm = None
     window: list[float] = []
-    bar = progress_bar(range(cfg.steps), f"train {method.name}", progress)
-    it = iter(bar)
-    for stage in stages:
-        params = method.trainable_parameters(stage)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        method.train()
-        for s in range(stage.steps):
-            next(it, None)
-            lr = lr_at(s, stage.steps, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            _sync(device)
-            t0 = time.perf_counter()
-            loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
-                batch = next(batches)
-                batch["images"] = batch["images"].to(device, non_blocking=True)
-                with autocast:
-                    out = method.training_loss(batch, stage)
-                (out.loss / cfg.grad_accum).backward()
-                loss_sum += out.loss.detach().float().item() / cfg.grad_accum
-                samples += len(batch["images"])
-                tokens_to_llm = out.tokens_to_llm
-            if not math.isfinite(loss_sum):
-                raise NonFiniteLoss(f"loss is {loss_sum} at step {step} (stage {stage.name})")
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(device)
-            dt = time.perf_counter() - t0
-            wall += dt
-            if s >= cfg.warmup_exclude:
-                step_times.append(dt)
-            step += 1
-            window.append(loss_sum)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", refresh=False)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.append({"step": step, "stage": stage.name, "samples": samples, "wall_s": round(wall, 4),
-                            "loss": sum(window) / len(window), "lr": lr, "tokens_to_llm": tokens_to_llm})
-                window = []
-            if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                method.eval()
-                log.append({"step": step, "samples": samples, "wall_s": round(wall, 4), "eval": evaluate(step)})
-                method.train()
-    bar.close()
+    current = None
+    for stage, s in progress_bar(schedule, f"train {method.name}", progress):
+        if stage is not current:  # a new stage: its own parameters, optimizer and schedule
+            current = stage
+            params = method.trainable_parameters(stage)
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            method.train()
+        lr = lr_at(s, stage.steps, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        _sync(device)
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            batch["images"] = batch["images"].to(device, non_blocking=True)
+            with autocast:
+                out = method.training_loss(batch, stage)
+            (out.loss / cfg.grad_accum).backward()
+            loss_sum += out.loss.detach().float().item() / cfg.grad_accum
+            samples += len(batch["images"])
+            tokens_to_llm = out.tokens_to_llm
+        if not math.isfinite(loss_sum):
+            raise NonFiniteLoss(f"loss is {loss_sum} at step {step} (stage {stage.name})")
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        wall += dt
+        if s >= cfg.warmup_exclude:
+            step_times.append(dt)
+        step += 1
+        window.append(loss_sum)
+        if step % cfg.log_every == 0 or step == total:
+            log.append({"step": step, "stage": stage.name, "samples": samples, "wall_s": round(wall, 4),
+                        "loss": sum(window) / len(window), "lr": lr, "tokens_to_llm": tokens_to_llm})
+            window = []
+        if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            method.eval()
+            log.append({"step": step, "samples": samples, "wall_s": round(wall, 4), "eval": evaluate(step)})
+            method.train()
     method.eval()
     median = statistics.median(step_times) if step_times else (wall / max(step, 1))
     batch_per_step = cfg.batch_size * cfg.grad_accum
