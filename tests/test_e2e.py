@@ -93,3 +93,21 @@ def test_list_shows_methods_and_tasks():
     proc = cli("list")
     assert proc.returncode == 0
     assert "baseline" in proc.stdout and "caption" in proc.stdout
+
+
+def test_finished_runs_are_never_overwritten(experiment):
+    out, _, sets = experiment
+    before = (out / "baseline-seed0" / "results.json").read_text()
+    proc = cli("run", *sets, "--out", str(out), cwd=out)
+    assert proc.returncode == 2 and "already holds a run's results" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (out / "baseline-seed0" / "results.json").read_text() == before
+
+
+def test_a_diverging_method_is_recorded_as_failed(tiny_overrides, tmp_path):
+    sets = [a for o in [*tiny_overrides, "train.lr=1e30", "train.grad_clip=0.0"] for a in ("--set", o)]
+    proc = cli("run", *sets, "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # the experiment itself completes
+    res = json.loads((tmp_path / "baseline-seed0" / "results.json").read_text())
+    assert res["status"] == "failed" and "NonFiniteLoss: loss is nan" in res["error"]
+    assert "failed" in proc.stdout

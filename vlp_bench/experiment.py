@@ -123,19 +123,19 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[Path]:
     """Train and evaluate every (method, seed); returns the run directories."""
     exp = cfg.experiment
     out = Path(exp.out) if exp.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    planned = [(m, seed, out / f"{m}-seed{seed}") for m in exp.methods for seed in exp.seeds]
+    taken = [d for _, _, d in planned if (d / "results.json").exists()]
+    if taken:  # never overwrite finished work
+        raise UserError(f"{taken[0]} already holds a run's results; choose another --out")
     root, backbones, device = prepare(cfg, progress)
     images = ImageLoader(backbones.vision.image_size, backbones.vision.mean, backbones.vision.std)
     tasks = {name: TASKS.get(name)(cfg.tasks[name], root, images) for name in exp.tasks}
     train_split = CaptionSplit(root, "train")
     env = env_info(device)
-    run_dirs = []
-    for method_name in exp.methods:
-        for seed in exp.seeds:
-            run_dir = out / f"{method_name}-seed{seed}"
-            run_dirs.append(run_dir)
-            say(f"run {run_dir}")
-            _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, images, device, env, progress)
-    return run_dirs
+    for method_name, seed, run_dir in planned:
+        say(f"run {run_dir}")
+        _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, images, device, env, progress)
+    return [d for _, _, d in planned]
 
 
 def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, images, device, env, progress):
