@@ -111,3 +111,22 @@ def test_a_diverging_method_is_recorded_as_failed(tiny_overrides, tmp_path):
     res = json.loads((tmp_path / "baseline-seed0" / "results.json").read_text())
     assert res["status"] == "failed" and "NonFiniteLoss: loss is nan" in res["error"]
     assert "failed" in proc.stdout
+
+
+def test_simvlg_run_records_its_token_counts(experiment, tiny_overrides, tmp_path):
+    sets = [a for o in tiny_overrides for a in ("--set", o)]
+    proc = cli("run", *sets, "--methods", "simvlg", "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "simvlg-seed0" / "results.json").read_text())
+    assert res["status"] == "finished" and isinstance(res["metrics"]["caption"]["CIDEr"], float)
+    assert res["method_info"]["tokens_per_layer"] == [65, 45, 25]  # r = 20 in each of 2 layers
+    assert res["cost"]["tokens_to_llm"] == 25
+    rows = read_jsonl(tmp_path / "simvlg-seed0" / "metrics.jsonl")
+    assert all(r["tokens_to_llm"] == 25 for r in rows if "loss" in r)
+
+
+def test_impossible_merge_schedule_fails_before_training(tiny_overrides, tmp_path):
+    sets = [a for o in [*tiny_overrides, "methods.simvlg.r=40"] for a in ("--set", o)]
+    proc = cli("run", *sets, "--methods", "baseline,simvlg", "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2 and "removes 80 tokens but the vision encoder gives 65" in proc.stderr
+    assert not (tmp_path / "baseline-seed0").exists()  # nothing trained

@@ -87,6 +87,20 @@ class VisionEncoder(nn.Module):
         self.feature_layer = feature_layer
         self.dim = model.num_features
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image this encoder outputs: from the patch grid, else from one probe forward."""
+        if not hasattr(self, "_num_tokens"):
+            m = self.model
+            if hasattr(m, "patch_embed") and hasattr(m, "num_prefix_tokens"):
+                self._num_tokens = m.patch_embed.num_patches + m.num_prefix_tokens
+            else:
+                with torch.no_grad():
+                    p = next(m.parameters())
+                    probe = torch.zeros(1, 3, self.image_size, self.image_size, device=p.device, dtype=p.dtype)
+                    self._num_tokens = self(probe).shape[1]
+        return self._num_tokens
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         m = self.model
         if self.feature_layer == -1 or not hasattr(m, "blocks"):

@@ -128,6 +128,11 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[Path]:
     if taken:  # never overwrite finished work
         raise UserError(f"{taken[0]} already holds a run's results; choose another --out")
     root, backbones, device = prepare(cfg, progress)
+    for name in exp.methods:  # configs that cannot work with these backbones fail before any training
+        try:
+            METHODS.get(name).check(cfg.methods[name], backbones)
+        except ValueError as e:
+            raise UserError(f"methods.{name}: {e}") from None
     images = ImageLoader(backbones.vision.image_size, backbones.vision.mean, backbones.vision.std)
     tasks = {name: TASKS.get(name)(cfg.tasks[name], root, images) for name in exp.tasks}
     train_split = CaptionSplit(root, "train")
@@ -142,7 +147,7 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, ima
     resolved = to_dict(cfg)
     atomic_write_json(run_dir / "config.json", resolved)
     record = {"schema_version": SCHEMA_VERSION, "run_id": run_dir.name, "method": method_name, "seed": seed,
-              "status": "running", "config": resolved, "metrics": {}, "cost": {}, "env": env}
+              "status": "running", "config": resolved, "metrics": {}, "cost": {}, "method_info": {}, "env": env}
     log = MetricsLog(run_dir / "metrics.jsonl")
     try:
         torch.manual_seed(seed)
@@ -163,6 +168,7 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, ima
         log.append({"step": record["cost"]["steps"], "samples": record["cost"]["samples_seen"],
                     "wall_s": round(record["cost"]["train_wall_s"], 4), "eval": record["metrics"], "final": True})
         record["cost"]["total_wall_s"] = time.perf_counter() - t0
+        record["method_info"] = method.info()
         record["status"] = "finished"
     except UserError:
         raise

@@ -35,7 +35,11 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        a, _ = self.attn(self.norm1(x), bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, between=None) -> torch.Tensor:
+        """bias: additive attention bias (e.g. proportional attention); between(x, keys) -> x runs
+        after attention and before the MLP, where token merging sits."""
+        a, keys = self.attn(self.norm1(x), bias)
         x = x + a
+        if between is not None:
+            x = between(x, keys)
         return x + self.mlp(self.norm2(x))

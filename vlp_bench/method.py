@@ -5,6 +5,7 @@ The trainer and the tasks only ever call:
     trainable_parameters(stage)     -> what the optimizer of that stage updates
     training_loss(batch, stage)     -> StepOutput(loss, tokens_to_llm)
     generate(images, prompts, dec)  -> one string per image (captioning, VQA)
+    set_progress(fraction), info()  -> optional: step curricula; facts for results.json
 A method is a small file in methods/ with a `Config` dataclass and, for the frozen-LLM family, a
 `bridge(visual_tokens) -> soft prompt` (its output length may be anything: merging shrinks it).
 """
@@ -53,6 +54,10 @@ class Method(nn.Module):
         self.llm = backbones.llm  # frozen
         self.tokenizer = backbones.tokenizer
 
+    @classmethod
+    def check(cls, cfg, backbones: Backbones) -> None:
+        """Raise ValueError if `cfg` cannot work with these backbones (run before any training)."""
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.vision.eval()  # frozen parts never leave eval mode (no dropout)
@@ -67,6 +72,13 @@ class Method(nn.Module):
 
     def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
         raise NotImplementedError
+
+    def set_progress(self, fraction: float) -> None:
+        """Called by the trainer before each step with the fraction of training done (curricula)."""
+
+    def info(self) -> dict:
+        """Method-specific facts for results.json (`method_info`), e.g. per-layer token counts."""
+        return {}
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompts: list[str], dec: DecodingConfig) -> list[str]:

@@ -93,6 +93,7 @@ def train(method: Method, batches: Iterator[dict], cfg: TrainConfig, device: tor
             params = method.trainable_parameters(stage)
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             method.train()
+        method.set_progress(step / total)
         lr = lr_at(s, stage.steps, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
