@@ -23,6 +23,7 @@ TINY = [
     "train.eval_every=4", "train.eval_images=4", "train.warmup_exclude=1",
     "methods.baseline.width=32", "methods.baseline.depth=1", "methods.baseline.heads=2",
     "methods.simvlg.width=32", "methods.simvlg.depth=2", "methods.simvlg.heads=2",
+    "methods.blip2.width=32", "methods.blip2.depth=2", "methods.blip2.heads=2", "methods.blip2.num_queries=4",
     "tasks.caption.num_beams=2", "tasks.caption.max_new_tokens=6", "tasks.caption.min_new_tokens=2",
 ]
 

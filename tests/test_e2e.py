@@ -130,3 +130,17 @@ def test_impossible_merge_schedule_fails_before_training(tiny_overrides, tmp_pat
     proc = cli("run", *sets, "--methods", "baseline,simvlg", "--out", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2 and "removes 80 tokens but the vision encoder gives 65" in proc.stderr
     assert not (tmp_path / "baseline-seed0").exists()  # nothing trained
+
+
+def test_blip2_run_accounts_for_both_stages(experiment, tiny_overrides, tmp_path):
+    sets = [a for o in tiny_overrides for a in ("--set", o)]
+    proc = cli("run", *sets, "--methods", "blip2", "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "blip2-seed0" / "results.json").read_text())
+    assert res["status"] == "finished"
+    stages = res["cost"]["stages"]
+    assert [(s["name"], s["steps"], s["samples"]) for s in stages] == [("stage1", 4, 32), ("stage2", 2, 16)]
+    assert res["cost"]["steps"] == 6 and res["cost"]["samples_seen"] == 48 and res["cost"]["tokens_to_llm"] == 4
+    assert sum(s["train_wall_s"] for s in stages) == pytest.approx(res["cost"]["train_wall_s"])
+    rows = [r for r in read_jsonl(tmp_path / "blip2-seed0" / "metrics.jsonl") if "loss" in r]
+    assert [(r["stage"], r["tokens_to_llm"]) for r in rows] == [("stage1", 0), ("stage1", 0), ("stage2", 4)]

@@ -70,6 +70,8 @@ def test_stages_get_their_own_steps_and_parameters(tmp_path):
     assert [r["stage"] for r in rows] == ["one", "one", "two", "two", "two"]
     assert all(not torch.equal(before[id(p)], p) for p in first)
     assert cost["steps"] == 5
+    assert [(s["name"], s["steps"], s["samples"]) for s in cost["stages"]] == [("one", 2, 8), ("two", 3, 12)]
+    assert sum(s["train_wall_s"] for s in cost["stages"]) == pytest.approx(cost["train_wall_s"])
 
 
 def test_non_finite_loss_stops_training(tmp_path):

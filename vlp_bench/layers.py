@@ -24,6 +24,32 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, T, D)), k  # keys returned: token merging's metric
 
 
+class CrossAttention(nn.Module):
+    """Queries from x attend to a context (e.g. the frozen ViT's tokens, of another width)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, D = x.shape
+        hd = D // self.heads
+        q = self.q(x).view(B, T, self.heads, hd).transpose(1, 2)  # (B, H, T, hd)
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+def mlp(dim: int, ratio: float = 4.0) -> nn.Sequential:
+    hidden = int(dim * ratio)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block. Token reduction (merging) belongs between attention and MLP."""
 
@@ -32,8 +58,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = mlp(dim, mlp_ratio)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, between=None) -> torch.Tensor:
         """bias: additive attention bias (e.g. proportional attention); between(x, keys) -> x runs

@@ -87,9 +87,11 @@ def train(method: Method, batches: Iterator[dict], cfg: TrainConfig, device: tor
     tokens_to_llm = None
     window: list[float] = []
     current = None
+    per_stage: list[dict] = []  # cost of each stage, so that e.g. BLIP-2's stage 1 is counted
     for stage, s in progress_bar(schedule, f"train {method.name}", progress):
         if stage is not current:  # a new stage: its own parameters, optimizer and schedule
             current = stage
+            per_stage.append({"name": stage.name, "steps": 0, "samples": 0, "train_wall_s": 0.0})
             params = method.trainable_parameters(stage)
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             method.train()
@@ -108,6 +110,7 @@ def train(method: Method, batches: Iterator[dict], cfg: TrainConfig, device: tor
             (out.loss / cfg.grad_accum).backward()
             loss_sum += out.loss.detach().float().item() / cfg.grad_accum
             samples += len(batch["images"])
+            per_stage[-1]["samples"] += len(batch["images"])
             tokens_to_llm = out.tokens_to_llm
         if not math.isfinite(loss_sum):
             raise NonFiniteLoss(f"loss is {loss_sum} at step {step} (stage {stage.name})")
@@ -118,6 +121,8 @@ def train(method: Method, batches: Iterator[dict], cfg: TrainConfig, device: tor
         _sync(device)
         dt = time.perf_counter() - t0
         wall += dt
+        per_stage[-1]["steps"] += 1
+        per_stage[-1]["train_wall_s"] += dt
         if s >= cfg.warmup_exclude:
             step_times.append(dt)
         step += 1
@@ -143,4 +148,5 @@ def train(method: Method, batches: Iterator[dict], cfg: TrainConfig, device: tor
         "trainable_params": sum(p.numel() for p in method.parameters() if p.requires_grad),
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+        "stages": per_stage,
     }
