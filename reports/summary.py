@@ -27,16 +27,19 @@ def _fmt(value, spec: str) -> str:
 
 
 def summary_table(results: list[dict]) -> str:
-    header = ["run", "status", "CIDEr", "floor", "x floor", "BLEU-4", "tokens->LLM", "train s", "samples/s"]
+    header = ["run", "status", "CIDEr", "floor", "x floor", "BLEU-4", "VQA %", "VQA floor", "tokens->LLM",
+              "train s", "samples/s"]
     rows = []
     for r in results:
         cap = r.get("metrics", {}).get("caption", {})
         floor = cap.get("floor", {}).get("CIDEr")
         cider = cap.get("CIDEr")
+        vqa = r.get("metrics", {}).get("vqa", {})
         cost = r.get("cost", {})
         rows.append([
             r["run_id"], r["status"], _fmt(cider, ".3f"), _fmt(floor, ".3f"),
             _fmt(cider / floor if cider is not None and floor else None, ".2f"), _fmt(cap.get("Bleu_4"), ".3f"),
+            _fmt(vqa.get("overall"), ".2f"), _fmt(vqa.get("floor", {}).get("overall"), ".2f"),
             _fmt(cost.get("tokens_to_llm"), "d"), _fmt(cost.get("train_wall_s"), ".1f"),
             _fmt(cost.get("samples_per_s"), ".1f"),
         ])

@@ -25,6 +25,7 @@ TINY = [
     "methods.simvlg.width=32", "methods.simvlg.depth=2", "methods.simvlg.heads=2",
     "methods.blip2.width=32", "methods.blip2.depth=2", "methods.blip2.heads=2", "methods.blip2.num_queries=4",
     "tasks.caption.num_beams=2", "tasks.caption.max_new_tokens=6", "tasks.caption.min_new_tokens=2",
+    "tasks.vqa.num_beams=2", "tasks.vqa.max_new_tokens=3",
 ]
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from vlp_bench.caption_metrics import METRIC_NAMES, evaluate_files
 from vlp_bench.results import SCHEMA_VERSION, read_jsonl
+from vlp_bench.vqa_metrics import evaluate_files as evaluate_vqa_files
 
 
 def cli(*args, cwd=None):
@@ -144,3 +145,28 @@ def test_blip2_run_accounts_for_both_stages(experiment, tiny_overrides, tmp_path
     assert sum(s["train_wall_s"] for s in stages) == pytest.approx(res["cost"]["train_wall_s"])
     rows = [r for r in read_jsonl(tmp_path / "blip2-seed0" / "metrics.jsonl") if "loss" in r]
     assert [(r["stage"], r["tokens_to_llm"]) for r in rows] == [("stage1", 0), ("stage1", 0), ("stage2", 4)]
+
+
+def test_run_reports_vqa_and_its_samples_rescore(experiment, tmp_path):
+    out, proc, _ = experiment
+    run = out / "baseline-seed0"
+    vqa = json.loads((run / "results.json").read_text())["metrics"]["vqa"]
+    assert isinstance(vqa["overall"], float) and 0 <= vqa["overall"] <= 100
+    assert set(vqa["perAnswerType"]) <= {"yes/no", "number", "other"}
+    assert vqa["split"] == "test" and 0 <= vqa["floor"]["overall"] <= 100 and vqa["floor"]["answers"]
+    samples = read_jsonl(run / "samples_vqa.jsonl")
+    assert len(samples) == vqa["questions"] > 0 and all(len(s["answers"]) == 10 for s in samples)
+    assert "VQA %" in proc.stdout
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval" in r]
+    assert "vqa" in evals[0]["eval"]  # periodic validation evaluations include VQA
+    # the samples re-score to the same accuracy with `vlp-bench evaluate vqa`
+    (tmp_path / "res.json").write_text(json.dumps([{"question_id": s["question_id"], "answer": s["answer"]}
+                                                   for s in samples]))
+    cache = Path(json.loads((run / "config.json").read_text())["experiment"]["cache"])
+    (world,) = (cache / "world").iterdir()
+    q, a = world / "vqa" / "questions_test.json", world / "vqa" / "annotations_test.json"
+    proc = cli("evaluate", "vqa", "--questions", str(q), "--annotations", str(a),
+               "--predictions", str(tmp_path / "res.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == evaluate_vqa_files(q, a, tmp_path / "res.json")
+    assert json.loads(proc.stdout)["overall"] == vqa["overall"]

@@ -91,6 +91,18 @@ def evaluate_caption(
     typer.echo(json.dumps(evaluate_files(annotations, predictions, spice=spice), indent=2))
 
 
+@evaluate_app.command("vqa")
+def evaluate_vqa(
+    questions: Path = typer.Option(..., help="VQAv2 questions JSON."),
+    annotations: Path = typer.Option(..., help="VQAv2 annotations JSON."),
+    predictions: Path = typer.Option(..., help='Results JSON: [{"question_id": int, "answer": str}, ...].'),
+):
+    """Score VQA answers exactly as the official VQAv2 evaluation does; prints JSON."""
+    from vlp_bench.vqa_metrics import evaluate_files
+
+    typer.echo(json.dumps(evaluate_files(questions, annotations, predictions), indent=2))
+
+
 def main() -> None:
     try:
         app()

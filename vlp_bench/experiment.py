@@ -26,7 +26,7 @@ from vlp_bench.world import WorldConfig, build_world
 class ExperimentConfig:
     methods: list[str] = field(default_factory=lambda: ["baseline"])  # registry names, see `vlp-bench list`
     seeds: list[int] = field(default_factory=lambda: [0])  # one run per (method, seed)
-    tasks: list[str] = field(default_factory=lambda: ["caption"])  # evaluated after training
+    tasks: list[str] = field(default_factory=lambda: ["caption", "vqa"])  # evaluated after training (and during, on val)
     out: str = ""  # "" = runs/<date-time>
     cache: str = ""  # "" = $VLP_BENCH_CACHE, else ~/.cache/vlp-bench (world and tiny backbones)
     device: str = "auto"  # auto = cuda when available, else cpu
