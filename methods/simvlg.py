@@ -3,7 +3,7 @@ every layer, so the visual sequence shrinks layer by layer before it reaches the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch

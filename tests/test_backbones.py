@@ -3,7 +3,6 @@ anything missing is a one-line UserError naming it."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

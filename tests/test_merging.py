@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -10,10 +9,10 @@ import torch
 from conftest import random_backbones
 from vlp_bench.config import from_dict
 from vlp_bench.errors import UserError
-from vlp_bench.layers import Attention, Block
+from vlp_bench.layers import Attention
 from vlp_bench.merging import (TokenMerger, apply_merge, bipartite_soft_matching, curriculum_scale,
                                layer_schedule, token_counts)
-from vlp_bench.methods.baseline import Baseline, BaselineConfig
+from vlp_bench.methods.baseline import Baseline
 from vlp_bench.methods.simvlg import PAPER, PAPER_INPUT_TOKENS, SimVLG, SimVLGConfig
 
 

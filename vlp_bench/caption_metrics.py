@@ -38,7 +38,6 @@ that image, without any error.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vlp_bench.errors import UserError
+from vlp_bench.jsonfiles import is_int, load_json, load_results, some_ids
 
 METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 SPICE_NAME = "SPICE"
@@ -55,7 +55,6 @@ SPICE_NAME = "SPICE"
 # official wrapper itself, which replaces it with a space before tokenizing).
 _JAVA_LINE_BREAKS = str.maketrans({c: " " for c in "\r\x0b\x0c\u2028\u2029"})
 
-_MAX_IDS_IN_MESSAGE = 5
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,7 +76,7 @@ def score_captions(
     missing = [image_id for image_id in cands if not refs.get(image_id)]
     if missing:
         raise UserError(
-            f"no reference captions for {len(missing)} candidate image id(s): {_some(missing)}"
+            f"no reference captions for {len(missing)} candidate image id(s): {some_ids(missing)}"
         )
     for image_id, caption in cands.items():
         if not isinstance(caption, str):
@@ -211,13 +210,13 @@ def evaluate_files(annotations: Path, predictions: Path, spice: bool = False) ->
     if unknown:
         raise UserError(
             f"{predictions}: {len(unknown)} predicted image id(s) are not in the images of "
-            f"{annotations}: {_some(unknown)}"
+            f"{annotations}: {some_ids(unknown)}"
         )
     no_refs = [image_id for image_id in cands if not refs.get(image_id)]
     if no_refs:
         raise UserError(
             f"{annotations}: no reference captions for {len(no_refs)} predicted image(s): "
-            f"{_some(no_refs)}"
+            f"{some_ids(no_refs)}"
         )
 
     # The official tool evaluates images in the order of the annotation file's "images".
@@ -227,7 +226,7 @@ def evaluate_files(annotations: Path, predictions: Path, spice: bool = False) ->
 
 def load_annotations(path: Path) -> tuple[list[int], dict[int, list[str]]]:
     """Read a COCO caption annotation file: (image ids in file order, refs per image)."""
-    data = _load_json(path, "caption annotations")
+    data = load_json(path, "caption annotations")
     if (
         not isinstance(data, dict)
         or not isinstance(data.get("images"), list)
@@ -240,7 +239,7 @@ def load_annotations(path: Path) -> tuple[list[int], dict[int, list[str]]]:
 
     image_ids: dict[int, None] = {}  # ordered set; a repeated id keeps its first place
     for index, image in enumerate(data["images"]):
-        if not isinstance(image, dict) or not _is_int(image.get("id")):
+        if not isinstance(image, dict) or not is_int(image.get("id")):
             raise UserError(f"{path}: images[{index}] has no integer 'id'")
         image_ids[image["id"]] = None
 
@@ -248,7 +247,7 @@ def load_annotations(path: Path) -> tuple[list[int], dict[int, list[str]]]:
     for index, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             raise UserError(f"{path}: annotations[{index}] is not a JSON object")
-        if not _is_int(ann.get("image_id")):
+        if not is_int(ann.get("image_id")):
             raise UserError(f"{path}: annotations[{index}] has no integer 'image_id'")
         if not isinstance(ann.get("caption"), str):
             raise UserError(f"{path}: annotations[{index}] has no string 'caption'")
@@ -258,73 +257,15 @@ def load_annotations(path: Path) -> tuple[list[int], dict[int, list[str]]]:
 
 def load_predictions(path: Path) -> dict[int, str]:
     """Read a COCO caption results file: ``[{"image_id": int, "caption": str}]``."""
-    data = _load_json(path, "caption predictions")
-    if not isinstance(data, list):
-        raise UserError(
-            f"{path}: expected a JSON list of {{\"image_id\": int, \"caption\": str}} "
-            f"objects, got a JSON {_json_type(data)}"
-        )
-    if not data:
-        raise UserError(f"{path}: no predictions (the list is empty)")
-
-    cands: dict[int, str] = {}
-    first_entry: dict[int, int] = {}
-    for index, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise UserError(f"{path}: entry {index} is a JSON {_json_type(entry)}, not an object")
-        if "image_id" not in entry or "caption" not in entry:
-            raise UserError(f"{path}: entry {index} needs both 'image_id' and 'caption'")
-        image_id, caption = entry["image_id"], entry["caption"]
-        if not _is_int(image_id):
-            raise UserError(
-                f"{path}: entry {index} has 'image_id' {json.dumps(image_id)}, "
-                "which is not an integer"
-            )
-        if not isinstance(caption, str):
-            raise UserError(
-                f"{path}: entry {index} has a 'caption' of type {_json_type(caption)}, "
-                "not a string"
-            )
-        if image_id in cands:
-            raise UserError(
-                f"{path}: image_id {image_id} has more than one caption (entries "
-                f"{first_entry[image_id]} and {index}); give exactly one per image"
-            )
-        cands[image_id] = caption
-        first_entry[image_id] = index
-    return cands
+    return load_results(path, "caption predictions", "image_id", "caption", "image")
 
 
-def _load_json(path: Path, what: str) -> Any:
-    if not path.exists():
-        raise UserError(f"{what} file not found: {path}")
-    if not path.is_file():
-        raise UserError(f"{what} path is not a file: {path}")
-    try:
-        with path.open(encoding="utf-8") as file:
-            return json.load(file)
-    except json.JSONDecodeError as error:
-        raise UserError(
-            f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
-        ) from error
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return "number"
-    return names.get(type(value), type(value).__name__)
 
 
-def _some(ids: list[int]) -> str:
-    shown = ", ".join(str(i) for i in ids[:_MAX_IDS_IN_MESSAGE])
-    return shown + (", ..." if len(ids) > _MAX_IDS_IN_MESSAGE else "")
 
 
 # ---------------------------------------------------------------------------------------

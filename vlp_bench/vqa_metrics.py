@@ -68,17 +68,16 @@ annotations file may hold more questions than the questions file; those are igno
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
 from vlp_bench.errors import UserError
+from vlp_bench.jsonfiles import is_int, json_type, load_json, load_results, some_ids
 
 PRECISION = 2  # the official VQAEval's default ``n``: decimals kept by ``round``
 
-_MAX_IDS_IN_MESSAGE = 5
 
 # ---------------------------------------------------------------------------------------
 # Normalisation tables (the official ones)
@@ -221,18 +220,18 @@ def vqa_accuracy(
     unknown = [qid for qid in predictions if qid not in questions]
     if unknown:
         raise UserError(
-            f"{len(unknown)} predicted question id(s) are not in the questions: {_some(unknown)}"
+            f"{len(unknown)} predicted question id(s) are not in the questions: {some_ids(unknown)}"
         )
     unannotated = [qid for qid in predictions if qid not in annotations]
     if unannotated:
         raise UserError(
-            f"no annotation for {len(unannotated)} predicted question id(s): {_some(unannotated)}"
+            f"no annotation for {len(unannotated)} predicted question id(s): {some_ids(unannotated)}"
         )
     for qid, answer in predictions.items():
         if not isinstance(answer, str):
             raise UserError(
                 f"predicted answer for question {qid} must be a string, "
-                f"got {_json_type(answer)}"
+                f"got {json_type(answer)}"
             )
 
     overall: list[float] = []
@@ -265,7 +264,7 @@ def _percent(accuracies: list[float]) -> float:
 def _annotation_problem(annotation: Any) -> str | None:
     """What makes ``annotation`` unusable for scoring, worded to follow its name."""
     if not isinstance(annotation, dict):
-        return f"is a JSON {_json_type(annotation)}, not an object"
+        return f"is a JSON {json_type(annotation)}, not an object"
     answers = annotation.get("answers")
     if not isinstance(answers, list) or not answers:
         return "needs a non-empty list 'answers'"
@@ -298,19 +297,19 @@ def evaluate_files(questions: Path, annotations: Path, predictions: Path) -> dic
     if unknown:
         raise UserError(
             f"{predictions}: {len(unknown)} predicted question id(s) are not in "
-            f"{questions}: {_some(unknown)}"
+            f"{questions}: {some_ids(unknown)}"
         )
     unannotated = [qid for qid in question_map if qid not in annotation_map]
     if unannotated:
         raise UserError(
             f"{annotations}: no annotation for {len(unannotated)} question id(s) of "
-            f"{questions}: {_some(unannotated)}"
+            f"{questions}: {some_ids(unannotated)}"
         )
     missing = [qid for qid in question_map if qid not in answers]
     if missing:
         raise UserError(
             f"{predictions}: no prediction for {len(missing)} of the {len(question_map)} "
-            f"question(s) in {questions} (the official evaluation needs all): {_some(missing)}"
+            f"question(s) in {questions} (the official evaluation needs all): {some_ids(missing)}"
         )
 
     # Official order: the annotation file's.
@@ -320,126 +319,49 @@ def evaluate_files(questions: Path, annotations: Path, predictions: Path) -> dic
 
 def load_questions(path: Path) -> dict[int, dict[str, Any]]:
     """Read a VQA questions file: question id -> question entry, in file order."""
-    path = Path(path)
-    data = _load_json(path, "VQA questions")
-    if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-        raise UserError(
-            f"{path}: expected a VQA questions file, a JSON object with a list 'questions'"
-        )
-    if not data["questions"]:
+    questions = _by_question_id(Path(path), "VQA questions", "questions")
+    if not questions:
         raise UserError(f"{path}: no questions (the 'questions' list is empty)")
-    questions: dict[int, dict[str, Any]] = {}
-    for index, entry in enumerate(data["questions"]):
-        if not isinstance(entry, dict):
-            raise UserError(
-                f"{path}: questions[{index}] is a JSON {_json_type(entry)}, not an object"
-            )
-        qid = entry.get("question_id")
-        if not _is_int(qid):
-            raise UserError(f"{path}: questions[{index}] has no integer 'question_id'")
-        if qid in questions:
-            raise UserError(f"{path}: question_id {qid} appears more than once in 'questions'")
-        questions[qid] = entry
     return questions
 
 
 def load_annotations(path: Path) -> dict[int, dict[str, Any]]:
     """Read a VQA annotations file: question id -> annotation, in file order."""
-    path = Path(path)
-    data = _load_json(path, "VQA annotations")
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise UserError(
-            f"{path}: expected a VQA annotations file, a JSON object with a list 'annotations'"
-        )
-    annotations: dict[int, dict[str, Any]] = {}
-    for index, entry in enumerate(data["annotations"]):
+    return _by_question_id(Path(path), "VQA annotations", "annotations", _annotation_problem)
+
+
+def _by_question_id(path: Path, what: str, key: str, problem_of=None) -> dict[int, dict[str, Any]]:
+    """The entries of the list `key` of a VQA file, by question id (unique), validated."""
+    data = load_json(path, what)
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise UserError(f"{path}: expected a {what} file, a JSON object with a list '{key}'")
+    entries: dict[int, dict[str, Any]] = {}
+    for index, entry in enumerate(data[key]):
         if not isinstance(entry, dict):
-            raise UserError(
-                f"{path}: annotations[{index}] is a JSON {_json_type(entry)}, not an object"
-            )
+            raise UserError(f"{path}: {key}[{index}] is a JSON {json_type(entry)}, not an object")
         qid = entry.get("question_id")
-        if not _is_int(qid):
-            raise UserError(f"{path}: annotations[{index}] has no integer 'question_id'")
-        problem = _annotation_problem(entry)
+        if not is_int(qid):
+            raise UserError(f"{path}: {key}[{index}] has no integer 'question_id'")
+        problem = problem_of(entry) if problem_of else None
         if problem:
-            raise UserError(f"{path}: annotations[{index}] (question {qid}) {problem}")
-        if qid in annotations:
-            raise UserError(
-                f"{path}: question_id {qid} appears more than once in 'annotations'"
-            )
-        annotations[qid] = entry
-    return annotations
+            raise UserError(f"{path}: {key}[{index}] (question {qid}) {problem}")
+        if qid in entries:
+            raise UserError(f"{path}: question_id {qid} appears more than once in '{key}'")
+        entries[qid] = entry
+    return entries
 
 
 def load_predictions(path: Path) -> dict[int, str]:
     """Read a VQA results file: ``[{"question_id": int, "answer": str}]``."""
-    path = Path(path)
-    data = _load_json(path, "VQA predictions")
-    if not isinstance(data, list):
-        raise UserError(
-            f"{path}: expected a JSON list of {{\"question_id\": int, \"answer\": str}} "
-            f"objects, got a JSON {_json_type(data)}"
-        )
-    if not data:
-        raise UserError(f"{path}: no predictions (the list is empty)")
-    answers: dict[int, str] = {}
-    first_entry: dict[int, int] = {}
-    for index, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise UserError(f"{path}: entry {index} is a JSON {_json_type(entry)}, not an object")
-        if "question_id" not in entry or "answer" not in entry:
-            raise UserError(f"{path}: entry {index} needs both 'question_id' and 'answer'")
-        qid, answer = entry["question_id"], entry["answer"]
-        if not _is_int(qid):
-            raise UserError(
-                f"{path}: entry {index} has a 'question_id' of type {_json_type(qid)}, "
-                "not an integer"
-            )
-        if not isinstance(answer, str):
-            raise UserError(
-                f"{path}: entry {index} has an 'answer' of type {_json_type(answer)}, "
-                "not a string"
-            )
-        if qid in answers:
-            raise UserError(
-                f"{path}: question_id {qid} has more than one answer (entries "
-                f"{first_entry[qid]} and {index}); give exactly one per question"
-            )
-        answers[qid] = answer
-        first_entry[qid] = index
-    return answers
+    return load_results(path, "VQA predictions", "question_id", "answer", "question")
 
 
-def _load_json(path: Path, what: str) -> Any:
-    if not path.exists():
-        raise UserError(f"{what} file not found: {path}")
-    if not path.is_file():
-        raise UserError(f"{what} path is not a file: {path}")
-    try:
-        with path.open(encoding="utf-8") as file:
-            return json.load(file)
-    except json.JSONDecodeError as error:
-        raise UserError(
-            f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
-        ) from error
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return "number"
-    return names.get(type(value), type(value).__name__)
 
 
-def _some(ids: list[Any]) -> str:
-    shown = ", ".join(str(i) for i in ids[:_MAX_IDS_IN_MESSAGE])
-    return shown + (", ..." if len(ids) > _MAX_IDS_IN_MESSAGE else "")
 
 
 # ---------------------------------------------------------------------------------------
@@ -488,7 +410,7 @@ def answer_floor(
     unannotated = [qid for qid in eval_questions if qid not in eval_annotations]
     if unannotated:
         raise UserError(
-            f"no annotation for {len(unannotated)} eval question id(s): {_some(unannotated)}"
+            f"no annotation for {len(unannotated)} eval question id(s): {some_ids(unannotated)}"
         )
     predictions: dict[int, str] = {}
     unseen: dict[str, list[Any]] = {}
@@ -505,6 +427,6 @@ def answer_floor(
         kind, qids = next(iter(unseen.items()))
         raise UserError(
             f"answer type '{kind}' of {len(qids)} eval question(s) never occurs in the "
-            f"training annotations: {_some(qids)}"
+            f"training annotations: {some_ids(qids)}"
         )
     return {**vqa_accuracy(eval_questions, eval_annotations, predictions), "answers": answers}
