@@ -26,6 +26,11 @@ class Captioning(Task):
         super().__init__(cfg, data_root, images)
         self._floors: dict[tuple, dict] = {}  # the floor depends on the data only: score it once
 
+    @classmethod
+    def check(cls, cfg: CaptionConfig, data_root) -> None:
+        for split in ("train", "val", cfg.split):  # train: the floor; val: evaluations during training
+            CaptionSplit(data_root, split)
+
     def floor(self, split: CaptionSplit, ids: list[int]) -> dict:
         key = (split.split, tuple(ids))
         if key not in self._floors:

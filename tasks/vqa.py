@@ -26,6 +26,15 @@ class VQAConfig(DecodingConfig):
             raise ValueError(f"prompt must contain {{}} where the question goes, got {self.prompt!r}")
 
 
+def _paths(root, split: str):
+    q, a = root / "vqa" / f"questions_{split}.json", root / "vqa" / f"annotations_{split}.json"
+    for path in (q, a):
+        if not path.is_file():
+            raise UserError(f"VQA file not found: {path} (the vqa task needs vqa/questions_{{split}}.json "
+                            f"and vqa/annotations_{{split}}.json under the data root)")
+    return q, a
+
+
 @TASKS.register("vqa")
 class VQA(Task):
     Config = VQAConfig
@@ -34,12 +43,13 @@ class VQA(Task):
         super().__init__(cfg, data_root, images)
         self._floors: dict[tuple, dict] = {}  # depends on the data only: computed once per split
 
+    @classmethod
+    def check(cls, cfg: VQAConfig, data_root) -> None:
+        for split in ("train", "val", cfg.split):  # train: the answer floor; val: evaluations during training
+            _paths(data_root, split)
+
     def _files(self, split: str):
-        q, a = self.root / "vqa" / f"questions_{split}.json", self.root / "vqa" / f"annotations_{split}.json"
-        for path in (q, a):
-            if not path.is_file():
-                raise UserError(f"VQA file not found: {path} (the vqa task needs vqa/questions_{{split}}.json "
-                                f"and vqa/annotations_{{split}}.json under the data root)")
+        q, a = _paths(self.root, split)
         return load_questions(q), load_annotations(a)
 
     def evaluate(self, method: Method, split: str, limit: int | None = None) -> tuple[dict, list[dict]]:

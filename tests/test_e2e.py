@@ -170,3 +170,18 @@ def test_run_reports_vqa_and_its_samples_rescore(experiment, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == evaluate_vqa_files(q, a, tmp_path / "res.json")
     assert json.loads(proc.stdout)["overall"] == vqa["overall"]
+
+
+def test_missing_task_files_fail_before_training(tiny_overrides, tmp_path):
+    """A data root without VQA files: a one-line error before the backbones or any method train."""
+    import shutil
+
+    cache = Path(next(o for o in tiny_overrides if o.startswith("experiment.cache=")).split("=", 1)[1].strip("'"))
+    (world,) = (cache / "world").iterdir()
+    root = tmp_path / "data"
+    shutil.copytree(world, root, ignore=shutil.ignore_patterns("vqa"))
+    sets = [a for o in [*tiny_overrides, f"data.root='{root}'"] for a in ("--set", o)]
+    proc = cli("run", *sets, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 2 and "VQA file not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert "frozen backbones" not in proc.stderr  # nothing was pre-trained for this data root
+    assert not (tmp_path / "out" / "baseline-seed0").exists()

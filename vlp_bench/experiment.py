@@ -114,6 +114,8 @@ def prepare(cfg: BenchConfig, progress: bool = True):
     else:
         say(f"tiny world in {cache} (built once, then cached)")
         root = build_world(cfg.world, cache, progress=progress)
+    for name in cfg.experiment.tasks:  # missing task files fail before any long work
+        TASKS.get(name).check(cfg.tasks[name], root)
     say("frozen backbones (tiny ones are pre-trained once, then cached)")
     backbones = load_backbones(cfg.vision, cfg.llm, root, cache, device, progress)
     return root, backbones, device

@@ -18,6 +18,10 @@ class Task:
         self.root = Path(data_root)
         self.images = images
 
+    @classmethod
+    def check(cls, cfg, data_root: Path) -> None:
+        """Raise UserError if the data this task needs is missing (run before any training)."""
+
     def evaluate(self, method: Method, split: str, limit: int | None = None) -> tuple[dict, list[dict]]:
         """-> (metrics for results.json, per-sample rows for samples_<task>.jsonl)."""
         raise NotImplementedError
