@@ -26,6 +26,8 @@ class BaselineConfig:
 
 @METHODS.register("baseline")
 class Baseline(FrozenLLMMethod):
+    """No merging: every visual token goes through the bridge to the LLM (METHODS.md 2.1)."""
+
     Config = BaselineConfig
 
     def __init__(self, cfg: BaselineConfig, backbones):

@@ -38,6 +38,8 @@ class Blip2Config:
 
 @METHODS.register("blip2")
 class Blip2(FrozenLLMMethod):
+    """Q-Former, stage 1 (ITC + ITM + ITG, no LLM) then stage 2 (LM loss) (METHODS.md 2.3)."""
+
     Config = Blip2Config
 
     def __init__(self, cfg: Blip2Config, backbones):
@@ -139,4 +141,6 @@ class Blip2OneStageConfig(Blip2Config):
 
 @METHODS.register("blip2-1stage")
 class Blip2OneStage(Blip2):
+    """BLIP-2's Q-Former without stage 1: the ablation (METHODS.md 2.3)."""
+
     Config = Blip2OneStageConfig

@@ -36,6 +36,8 @@ PAPER_INPUT_TOKENS = 257
 
 @METHODS.register("simvlg")
 class SimVLG(Baseline):
+    """ToMe token merging in every bridge layer (METHODS.md 2.2)."""
+
     Config = SimVLGConfig
 
     @classmethod

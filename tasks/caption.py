@@ -20,6 +20,8 @@ class CaptionConfig(DecodingConfig):
 
 @TASKS.register("caption")
 class Captioning(Task):
+    """Image captioning, official coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) and floor."""
+
     Config = CaptionConfig
 
     def __init__(self, cfg: CaptionConfig, data_root, images):

@@ -37,6 +37,8 @@ def _paths(root, split: str):
 
 @TASKS.register("vqa")
 class VQA(Task):
+    """Zero-shot VQA, official VQAv2 accuracy and answer-type floor."""
+
     Config = VQAConfig
 
     def __init__(self, cfg: VQAConfig, data_root, images):

@@ -185,3 +185,8 @@ def test_missing_task_files_fail_before_training(tiny_overrides, tmp_path):
     assert proc.returncode == 2 and "VQA file not found" in proc.stderr and "Traceback" not in proc.stderr
     assert "frozen backbones" not in proc.stderr  # nothing was pre-trained for this data root
     assert not (tmp_path / "out" / "baseline-seed0").exists()
+
+
+def test_config_json_names_the_output_directory(experiment):
+    out, _, _ = experiment
+    assert json.loads((out / "baseline-seed0" / "config.json").read_text())["experiment"]["out"] == str(out)

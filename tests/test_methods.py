@@ -37,6 +37,7 @@ def _batch(n=3):
 
 def test_registry_entries_are_complete(method):
     assert dataclasses.is_dataclass(method.Config)
+    assert type(method).__dict__.get("__doc__"), "`vlp-bench list` shows the class docstring"
     assert type(method).name in METHODS.names()
     assert method.stages(10) and sum(s.steps for s in method.stages(10)) == 10
 

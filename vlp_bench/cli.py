@@ -75,8 +75,8 @@ def list_():
     for registry in (METHODS, TASKS):
         typer.echo(f"{registry.kind}s:")
         for name in registry.names():
-            doc = (sys.modules[registry.get(name).__module__].__doc__ or "").strip().splitlines()
-            typer.echo(f"  {name:<12} {doc[0] if doc else ''}")
+            doc = (registry.get(name).__doc__ or "").strip().splitlines()
+            typer.echo(f"  {name:<14} {doc[0] if doc else ''}")
 
 
 @evaluate_app.command("caption")

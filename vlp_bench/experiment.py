@@ -3,6 +3,7 @@ every (method, seed) run and write its records. `vlp-bench run` is a thin wrappe
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -125,6 +126,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[Path]:
     """Train and evaluate every (method, seed); returns the run directories."""
     exp = cfg.experiment
     out = Path(exp.out) if exp.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    exp = dataclasses.replace(exp, out=str(out))  # the saved config names the directory actually used
+    cfg = dataclasses.replace(cfg, experiment=exp)
     planned = [(m, seed, out / f"{m}-seed{seed}") for m in exp.methods for seed in exp.seeds]
     taken = [d for _, _, d in planned if (d / "results.json").exists()]
     if taken:  # never overwrite finished work
