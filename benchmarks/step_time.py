@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from vlp_bench.data import CaptionSplit, ImageLoader, train_batches
+from vlp_bench.data import CaptionSplit, ImageLoader, TrainBatches
 from vlp_bench.experiment import load_config, prepare
 from vlp_bench.registry import METHODS
 from vlp_bench.trainer import _sync
@@ -37,7 +37,7 @@ def main() -> None:
     cfg = load_config(args.config, args.set)
     root, backbones, device = prepare(cfg, progress=False)
     images = ImageLoader(backbones.vision.image_size, backbones.vision.mean, backbones.vision.std)
-    batches = train_batches(CaptionSplit(root, "train"), images, cfg.train.batch_size, seed=0)
+    batches = TrainBatches(CaptionSplit(root, "train"), images, cfg.train.batch_size, seed=0)
     fixed = [{**next(batches), "prompt": cfg.experiment.prompt} for _ in range(4)]  # same data for all
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 

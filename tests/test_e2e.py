@@ -100,7 +100,7 @@ def test_finished_runs_are_never_overwritten(experiment):
     out, _, sets = experiment
     before = (out / "baseline-seed0" / "results.json").read_text()
     proc = cli("run", *sets, "--out", str(out), cwd=out)
-    assert proc.returncode == 2 and "already holds a run's results" in proc.stderr
+    assert proc.returncode == 2 and "already holds a run; choose another --out, or continue it with" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (out / "baseline-seed0" / "results.json").read_text() == before
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlp_bench.data import CaptionSplit, ImageLoader, train_batches
+from vlp_bench.data import CaptionSplit, ImageLoader, TrainBatches
 from vlp_bench.errors import UserError
 from vlp_bench.progress import interactive, progress_bar
 
@@ -175,7 +175,7 @@ def _pretrain_tiny_vit(cfg: VisionConfig, train: CaptionSplit, out: Path, progre
     model = _tiny_vit(cfg, len(vocab))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.05)
     loader = ImageLoader(cfg.image_size, (0.5,) * 3, (0.5,) * 3)
-    batches = train_batches(train, loader, min(cfg.pretrain_batch, len(train)), cfg.seed)
+    batches = TrainBatches(train, loader, min(cfg.pretrain_batch, len(train)), cfg.seed)
     bar = progress_bar(range(cfg.pretrain_steps), "pre-train tiny ViT", progress)
     for step in bar:
         batch = next(batches)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -35,8 +37,19 @@ def run(
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods (overrides experiment.methods)."),
     seeds: Optional[int] = typer.Option(None, help="Run each method with seeds 0..N-1 (overrides experiment.seeds)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Experiment directory (default: runs/<date-time>)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the unfinished runs of this experiment directory."),
 ):
     """Train and evaluate each method; write one run directory per (method, seed)."""
+    from vlp_bench.experiment import resume_config, run as run_experiment
+    from vlp_bench.reports.summary import load_results, summary_table
+
+    if resume is not None:
+        if config or set_ or methods or seeds or out:
+            raise UserError("--resume continues an experiment with its saved config; give it no other option")
+        dirs = run_experiment(resume_config(resume), resume=True)
+        typer.echo(summary_table(load_results(dirs)))
+        typer.echo(f"results in {resume}")
+        return
     overrides = list(set_ or [])
     if methods is not None:
         names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -47,12 +60,7 @@ def run(
         overrides.append(f"experiment.seeds={list(range(seeds))}")
     if out is not None:
         overrides.append("experiment.out=" + json.dumps(str(out)))
-    cfg = _config(config, overrides)
-
-    from vlp_bench.experiment import run as run_experiment
-    from vlp_bench.reports.summary import load_results, summary_table
-
-    dirs = run_experiment(cfg)
+    dirs = run_experiment(_config(config, overrides))
 
     typer.echo(summary_table(load_results(dirs)))
     typer.echo(f"results in {dirs[0].parent}")
@@ -103,10 +111,26 @@ def evaluate_vqa(
     typer.echo(json.dumps(evaluate_files(questions, annotations, predictions), indent=2))
 
 
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceback of errors too.")):
+    global DEBUG
+    DEBUG = debug
+
+
+DEBUG = False
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt  # a run killed politely writes status "interrupted" and keeps its checkpoint
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _sigterm)
     try:
         app()
     except UserError as e:
+        if DEBUG:
+            traceback.print_exc()
         print(f"vlp-bench: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

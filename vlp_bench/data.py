@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -79,19 +78,43 @@ class ImageLoader:
         return torch.stack([self(p) for p in paths])
 
 
-def train_batches(split: CaptionSplit, loader: ImageLoader, batch_size: int, seed: int) -> Iterator[dict]:
-    """Endless shuffled batches of (image, one of its captions drawn at random), fully seeded."""
-    if batch_size > len(split):
-        raise UserError(f"batch size {batch_size} exceeds the {len(split)} images of split '{split.split}'")
-    g = torch.Generator().manual_seed(seed)
-    ids = split.image_ids
-    while True:  # one pass = one epoch in a fresh order; the ragged last batch is dropped
-        order = torch.randperm(len(ids), generator=g).tolist()
-        for start in range(0, len(ids) - batch_size + 1, batch_size):
-            chosen = [ids[i] for i in order[start : start + batch_size]]
-            picks = torch.randint(0, 1 << 30, (batch_size,), generator=g).tolist()
-            yield {
-                "image_ids": chosen,
-                "images": loader.batch([split.image_path(i) for i in chosen]),
-                "captions": [split.refs[i][p % len(split.refs[i])] for i, p in zip(chosen, picks)],
-            }
+class TrainBatches:
+    """Endless shuffled batches of (image, one of its captions drawn at random), fully seeded.
+
+    An epoch visits the images in a fresh random order; the ragged last batch is dropped. The
+    sampling position is part of `state_dict()`, so a resumed run sees exactly the batches an
+    uninterrupted one would. `extra` is added to every batch (e.g. the training prompt)."""
+
+    def __init__(self, split: CaptionSplit, loader: ImageLoader, batch_size: int, seed: int,
+                 extra: dict | None = None):
+        if batch_size > len(split):
+            raise UserError(f"batch size {batch_size} exceeds the {len(split)} images of split '{split.split}'")
+        self.split, self.loader, self.batch_size, self.extra = split, loader, batch_size, extra or {}
+        self.g = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+        self.pos = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        ids, bs = self.split.image_ids, self.batch_size
+        if not self.order or self.pos + bs > len(ids):  # a new epoch
+            self.order = torch.randperm(len(ids), generator=self.g).tolist()
+            self.pos = 0
+        chosen = [ids[i] for i in self.order[self.pos : self.pos + bs]]
+        self.pos += bs
+        picks = torch.randint(0, 1 << 30, (bs,), generator=self.g).tolist()
+        return {
+            **self.extra,
+            "image_ids": chosen,
+            "images": self.loader.batch([self.split.image_path(i) for i in chosen]),
+            "captions": [self.split.refs[i][p % len(self.split.refs[i])] for i, p in zip(chosen, picks)],
+        }
+
+    def state_dict(self) -> dict:
+        return {"generator": self.g.get_state(), "order": torch.tensor(self.order, dtype=torch.long), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.g.set_state(state["generator"])
+        self.order, self.pos = state["order"].tolist(), int(state["pos"])

@@ -4,6 +4,7 @@ every (method, seed) run and write its records. `vlp-bench run` is a thin wrappe
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -15,7 +16,7 @@ import torch
 
 from vlp_bench.backbones import LLMConfig, VisionConfig, load_backbones
 from vlp_bench.config import apply_overrides, from_dict, load_toml, suggest, to_dict
-from vlp_bench.data import CaptionSplit, DataConfig, ImageLoader, train_batches
+from vlp_bench.data import CaptionSplit, DataConfig, ImageLoader, TrainBatches
 from vlp_bench.errors import UserError
 from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.results import SCHEMA_VERSION, MetricsLog, atomic_write_json, env_info, write_jsonl
@@ -62,7 +63,10 @@ def _resolve_plugins(tables: dict, registry, section: str) -> dict:
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> BenchConfig:
     """bench.toml (or nothing: the defaults) + --set overrides -> a validated BenchConfig."""
     data = load_toml(path) if path is not None else {}
-    apply_overrides(data, list(overrides))
+    return load_config_dict(apply_overrides(data, list(overrides)))
+
+
+def load_config_dict(data: dict) -> BenchConfig:
     cfg = from_dict(BenchConfig, data)
     cfg.methods = _resolve_plugins(cfg.methods, METHODS, "methods")
     cfg.tasks = _resolve_plugins(cfg.tasks, TASKS, "tasks")
@@ -122,16 +126,49 @@ def prepare(cfg: BenchConfig, progress: bool = True):
     return root, backbones, device
 
 
-def run(cfg: BenchConfig, progress: bool = True) -> list[Path]:
-    """Train and evaluate every (method, seed); returns the run directories."""
+FINAL = ("finished", "failed")  # a run in one of these states is done; "running"/"interrupted" can resume
+
+
+def run_status(run_dir: Path) -> str | None:
+    """The status in a run directory's results.json, or None when it has none."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return "interrupted" if (run_dir / "config.json").is_file() else None
+    try:
+        return json.loads(path.read_text()).get("status")
+    except (json.JSONDecodeError, OSError):
+        return "interrupted"
+
+
+def resume_config(out: Path) -> BenchConfig:
+    """The config an experiment directory was started with (OUT/experiment.json)."""
+    path = Path(out) / "experiment.json"
+    if not path.is_file():
+        raise UserError(f"nothing to resume in {out}: no experiment.json (was it made by `vlp-bench run`?)")
+    try:
+        return load_config_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON: {e}") from None
+
+
+def run(cfg: BenchConfig, progress: bool = True, resume: bool = False) -> list[Path]:
+    """Train and evaluate every (method, seed); returns the run directories. With `resume`, runs
+    that finished or failed are kept, the others continue from their last checkpoint."""
     exp = cfg.experiment
     out = Path(exp.out) if exp.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     exp = dataclasses.replace(exp, out=str(out))  # the saved config names the directory actually used
     cfg = dataclasses.replace(cfg, experiment=exp)
     planned = [(m, seed, out / f"{m}-seed{seed}") for m in exp.methods for seed in exp.seeds]
-    taken = [d for _, _, d in planned if (d / "results.json").exists()]
-    if taken:  # never overwrite finished work
-        raise UserError(f"{taken[0]} already holds a run's results; choose another --out")
+    if not resume:
+        taken = [d for _, _, d in planned if run_status(d) is not None]
+        if taken:  # never overwrite earlier work
+            raise UserError(f"{taken[0]} already holds a run; choose another --out, or continue it with "
+                            f"`vlp-bench run --resume {out}`")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "experiment.json", to_dict(cfg))
+    except OSError as e:
+        raise UserError(f"cannot write to the output directory {out}: {e.strerror or e}") from None
     root, backbones, device = prepare(cfg, progress)
     for name in exp.methods:  # configs that cannot work with these backbones fail before any training
         try:
@@ -143,6 +180,9 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[Path]:
     train_split = CaptionSplit(root, "train")
     env = env_info(device)
     for method_name, seed, run_dir in planned:
+        if resume and run_status(run_dir) in FINAL:
+            say(f"run {run_dir}: already {run_status(run_dir)}, kept")
+            continue
         say(f"run {run_dir}")
         _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, images, device, env, progress)
     return [d for _, _, d in planned]
@@ -153,18 +193,22 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, ima
     atomic_write_json(run_dir / "config.json", resolved)
     record = {"schema_version": SCHEMA_VERSION, "run_id": run_dir.name, "method": method_name, "seed": seed,
               "status": "running", "config": resolved, "metrics": {}, "cost": {}, "method_info": {}, "env": env}
+    atomic_write_json(run_dir / "results.json", record)  # a killed run says "running" and can resume
     log = MetricsLog(run_dir / "metrics.jsonl")
+    checkpoint = run_dir / "checkpoint.pt"
     try:
         torch.manual_seed(seed)
         method = METHODS.get(method_name)(cfg.methods[method_name], backbones).to(device)
-        prompt = cfg.experiment.prompt
-        batches = ({**b, "prompt": prompt} for b in train_batches(train_split, images, cfg.train.batch_size, seed))
+        batches = TrainBatches(train_split, images, cfg.train.batch_size, seed,
+                               extra={"prompt": cfg.experiment.prompt})
 
         def evaluate(step: int) -> dict:
             return {name: task.evaluate(method, "val", cfg.train.eval_images)[0] for name, task in tasks.items()}
 
         t0 = time.perf_counter()
-        record["cost"] = train(method, batches, cfg.train, device, log, evaluate, progress)
+        if checkpoint.is_file():
+            say(f"resuming {run_dir.name} from its checkpoint")
+        record["cost"] = train(method, batches, cfg.train, device, log, evaluate, progress, checkpoint)
         for name, task in tasks.items():
             say(f"evaluate {name} on {task.cfg.split}")
             metrics, samples = task.evaluate(method, task.cfg.split)
@@ -177,9 +221,14 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, ima
         record["status"] = "finished"
     except UserError:
         raise
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say so, keep the checkpoint, stop the experiment
+        record["status"] = "interrupted"
+        atomic_write_json(run_dir / "results.json", record)
+        raise
     except Exception as e:  # one failing method must not sink the experiment
         record["status"] = "failed"
         record["error"] = f"{type(e).__name__}: {e}"
         record["traceback"] = traceback.format_exc()
         say(f"run {run_dir.name} FAILED: {record['error']}")
     atomic_write_json(run_dir / "results.json", record)
+    checkpoint.unlink(missing_ok=True)  # the run is over: its results are complete

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import resource
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable
 
 import torch
 
+from vlp_bench.data import TrainBatches
 from vlp_bench.method import Method
 from vlp_bench.progress import progress_bar
 from vlp_bench.results import MetricsLog
@@ -39,6 +42,7 @@ class TrainConfig:
     eval_every: int = 250  # steps between validation evaluations (0 = final only): a learning curve of a few points
     eval_images: int = 100  # validation images per periodic evaluation (the final one uses the whole test split)
     warmup_exclude: int = 5  # first steps of each stage left out of the median step time
+    checkpoint_every: int = 250  # steps between checkpoints (0 = none): a killed run loses at most this many
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -46,8 +50,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0 or self.eval_every < 0 or self.eval_images < 1:
-            raise ValueError("warmup_steps and eval_every must be >= 0, eval_images >= 1")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.checkpoint_every < 0 or self.eval_images < 1:
+            raise ValueError("warmup_steps, eval_every and checkpoint_every must be >= 0, eval_images >= 1")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -74,28 +78,38 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def train(method: Method, batches: Iterator[dict], cfg: TrainConfig, device: torch.device, log: MetricsLog,
-          evaluate: Callable[[int], dict] | None = None, progress: bool = True) -> dict:
-    """Train `method` for cfg.steps optimizer steps; returns the cost summary for results.json."""
+def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch.device, log: MetricsLog,
+          evaluate: Callable[[int], dict] | None = None, progress: bool = True,
+          checkpoint: Path | None = None) -> dict:
+    """Train `method` for cfg.steps optimizer steps; returns the cost summary for results.json.
+
+    With `checkpoint`, the state (trainable weights, optimizer, data position, RNG, cost counters,
+    metrics rows) is saved there every cfg.checkpoint_every steps, and training resumes from it when
+    the file exists: the resumed run ends exactly as an uninterrupted one, counting each step once."""
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     schedule = [(stage, s) for stage in method.stages(cfg.steps) for s in range(stage.steps)]
     total = len(schedule)
-    step = samples = 0
-    wall = 0.0
-    step_times: list[float] = []
-    tokens_to_llm = None
-    window: list[float] = []
+    st = {"step": 0, "samples": 0, "wall": 0.0, "step_times": [], "window": [], "per_stage": [],
+          "tokens_to_llm": None}
+    opt_state = None
+    if checkpoint is not None and checkpoint.is_file():
+        st, opt_state = load_checkpoint(checkpoint, method, batches, log, device)
     current = None
-    per_stage: list[dict] = []  # cost of each stage, so that e.g. BLIP-2's stage 1 is counted
-    for stage, s in progress_bar(schedule, f"train {method.name}", progress):
+    for i, (stage, s) in enumerate(progress_bar(schedule, f"train {method.name}", progress)):
+        if i < st["step"]:
+            continue  # done before the checkpoint this run resumed from
         if stage is not current:  # a new stage: its own parameters, optimizer and schedule
             current = stage
-            per_stage.append({"name": stage.name, "steps": 0, "samples": 0, "train_wall_s": 0.0})
+            if not st["per_stage"] or st["per_stage"][-1]["name"] != stage.name:
+                st["per_stage"].append({"name": stage.name, "steps": 0, "samples": 0, "train_wall_s": 0.0})
             params = method.trainable_parameters(stage)
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            if opt_state is not None:
+                opt.load_state_dict(opt_state)
+                opt_state = None
             method.train()
-        method.set_progress(step / total)
+        method.set_progress(st["step"] / total)
         lr = lr_at(s, stage.steps, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -109,44 +123,75 @@ def train(method: Method, batches: Iterator[dict], cfg: TrainConfig, device: tor
                 out = method.training_loss(batch, stage)
             (out.loss / cfg.grad_accum).backward()
             loss_sum += out.loss.detach().float().item() / cfg.grad_accum
-            samples += len(batch["images"])
-            per_stage[-1]["samples"] += len(batch["images"])
-            tokens_to_llm = out.tokens_to_llm
+            st["samples"] += len(batch["images"])
+            st["per_stage"][-1]["samples"] += len(batch["images"])
+            st["tokens_to_llm"] = out.tokens_to_llm
         if not math.isfinite(loss_sum):
-            raise NonFiniteLoss(f"loss is {loss_sum} at step {step} (stage {stage.name})")
+            raise NonFiniteLoss(f"loss is {loss_sum} at step {st['step']} (stage {stage.name})")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
         dt = time.perf_counter() - t0
-        wall += dt
-        per_stage[-1]["steps"] += 1
-        per_stage[-1]["train_wall_s"] += dt
+        st["wall"] += dt
+        st["per_stage"][-1]["steps"] += 1
+        st["per_stage"][-1]["train_wall_s"] += dt
         if s >= cfg.warmup_exclude:
-            step_times.append(dt)
-        step += 1
-        window.append(loss_sum)
+            st["step_times"].append(dt)
+        st["step"] += 1
+        step = st["step"]
+        st["window"].append(loss_sum)
         if step % cfg.log_every == 0 or step == total:
-            log.append({"step": step, "stage": stage.name, "samples": samples, "wall_s": round(wall, 4),
-                        "loss": sum(window) / len(window), "lr": lr, "tokens_to_llm": tokens_to_llm})
-            window = []
+            log.append({"step": step, "stage": stage.name, "samples": st["samples"], "wall_s": round(st["wall"], 4),
+                        "loss": sum(st["window"]) / len(st["window"]), "lr": lr, "tokens_to_llm": st["tokens_to_llm"]})
+            st["window"] = []
         if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
             method.eval()
-            log.append({"step": step, "samples": samples, "wall_s": round(wall, 4), "eval": evaluate(step)})
+            log.append({"step": step, "samples": st["samples"], "wall_s": round(st["wall"], 4), "eval": evaluate(step)})
             method.train()
+        if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            save_checkpoint(checkpoint, method, opt, batches, log, st)
     method.eval()
-    median = statistics.median(step_times) if step_times else (wall / max(step, 1))
+    times = st["step_times"]
+    median = statistics.median(times) if times else (st["wall"] / max(st["step"], 1))
     batch_per_step = cfg.batch_size * cfg.grad_accum
     return {
-        "steps": step,
-        "samples_seen": samples,
-        "train_wall_s": wall,
+        "steps": st["step"],
+        "samples_seen": st["samples"],
+        "train_wall_s": st["wall"],
         "median_step_s": median,
         "samples_per_s": batch_per_step / median if median > 0 else None,
-        "tokens_to_llm": tokens_to_llm,
+        "tokens_to_llm": st["tokens_to_llm"],
         "trainable_params": sum(p.numel() for p in method.parameters() if p.requires_grad),
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
-        "stages": per_stage,
+        "stages": st["per_stage"],
     }
+
+
+def save_checkpoint(path: Path, method: Method, opt, batches: TrainBatches, log: MetricsLog, st: dict) -> None:
+    """One file, written to a temporary name and renamed: a kill never leaves half a checkpoint."""
+    state = {
+        "weights": {n: p.detach().cpu() for n, p in method.named_parameters() if p.requires_grad},
+        "optimizer": opt.state_dict(), "batches": batches.state_dict(), "train": st, "rows": log.rows,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, method: Method, batches: TrainBatches, log: MetricsLog, device) -> tuple[dict, dict]:
+    state = torch.load(path, map_location="cpu", weights_only=True)  # no pickle of arbitrary objects
+    params = dict(method.named_parameters())
+    with torch.no_grad():
+        for name, value in state["weights"].items():
+            params[name].copy_(value.to(device))
+    batches.load_state_dict(state["batches"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    log.rows = list(state["rows"])
+    return state["train"], state["optimizer"]
