@@ -80,3 +80,63 @@ def test_non_finite_loss_stops_training(tmp_path):
         method.inp.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteLoss, match="loss is nan at step 0"):
         run(tmp_path, "nan", TrainConfig(steps=3, batch_size=4), method)
+
+
+@pytest.mark.parametrize("stop_at", [2, 3])  # 2 = the end of stage "one": stage "two" needs a fresh optimizer
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_two_stage_run(tmp_path, stop_at):
+    from vlp_bench.data import TrainBatches
+
+    class Batches(TrainBatches):  # the trainer's sampler interface over the synthetic batches
+        def __init__(self):
+            self.it, self.n = batches(), 0
+
+        def __next__(self):
+            self.n += 1
+            return next(self.it)
+
+        def state_dict(self):
+            return {"n": torch.tensor(self.n)}
+
+        def load_state_dict(self, state):
+            for _ in range(int(state["n"])):
+                next(self)
+
+    def two_stage():
+        method = small_baseline()
+        first = list(method.inp.parameters())
+        method.stages = lambda total: [Stage("one", 2), Stage("two", total - 2)]
+        method.trainable_parameters = lambda stage: first if stage.name == "one" else \
+            [p for n, p in method.named_parameters() if p.requires_grad and not n.startswith("inp.")]
+        return method
+
+    cfg = TrainConfig(steps=6, batch_size=4, log_every=1, checkpoint_every=stop_at, warmup_steps=1)
+    ref_log = MetricsLog(tmp_path / "ref.jsonl")
+    ref = two_stage()
+    train(ref, Batches(), cfg, torch.device("cpu"), ref_log, progress=False)
+
+    ckpt = tmp_path / "c.pt"
+
+    class Killed(Exception):
+        pass
+
+    first_log = MetricsLog(tmp_path / "a.jsonl")
+    killer = two_stage()
+    original = killer.training_loss
+    calls = []
+
+    def dies_after_checkpoint(batch, stage):
+        calls.append(1)
+        if len(calls) > stop_at:
+            raise Killed
+        return original(batch, stage)
+
+    killer.training_loss = dies_after_checkpoint
+    with pytest.raises(Killed):
+        train(killer, Batches(), cfg, torch.device("cpu"), first_log, progress=False, checkpoint=ckpt)
+    resumed = two_stage()
+    log = MetricsLog(tmp_path / "b.jsonl")
+    cost = train(resumed, Batches(), cfg, torch.device("cpu"), log, progress=False, checkpoint=ckpt)
+    assert [r["loss"] for r in log.rows] == [r["loss"] for r in ref_log.rows]
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), resumed.parameters()))
+    assert cost["steps"] == 6 and cost["samples_seen"] == 24
+    assert [(s["name"], s["steps"]) for s in cost["stages"]] == [("one", 2), ("two", 4)]

@@ -92,9 +92,9 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     total = len(schedule)
     st = {"step": 0, "samples": 0, "wall": 0.0, "step_times": [], "window": [], "per_stage": [],
           "tokens_to_llm": None}
-    opt_state = None
+    opt_state = opt_stage = None
     if checkpoint is not None and checkpoint.is_file():
-        st, opt_state = load_checkpoint(checkpoint, method, batches, log, device)
+        st, opt_state, opt_stage = load_checkpoint(checkpoint, method, batches, log, device)
     current = None
     for i, (stage, s) in enumerate(progress_bar(schedule, f"train {method.name}", progress)):
         if i < st["step"]:
@@ -105,9 +105,9 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
                 st["per_stage"].append({"name": stage.name, "steps": 0, "samples": 0, "train_wall_s": 0.0})
             params = method.trainable_parameters(stage)
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            if opt_state is not None:
+            if opt_state is not None and opt_stage == stage.name:  # a checkpoint at a stage's end: fresh optimizer
                 opt.load_state_dict(opt_state)
-                opt_state = None
+            opt_state = None
             method.train()
         method.set_progress(st["step"] / total)
         lr = lr_at(s, stage.steps, cfg)
@@ -131,7 +131,7 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        method.zero_grad(set_to_none=True)  # all of them: a later stage must not inherit stale gradients
         _sync(device)
         dt = time.perf_counter() - t0
         st["wall"] += dt
@@ -151,7 +151,7 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
             log.append({"step": step, "samples": st["samples"], "wall_s": round(st["wall"], 4), "eval": evaluate(step)})
             method.train()
         if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            save_checkpoint(checkpoint, method, opt, batches, log, st)
+            save_checkpoint(checkpoint, method, opt, stage.name, batches, log, st)
     method.eval()
     times = st["step_times"]
     median = statistics.median(times) if times else (st["wall"] / max(st["step"], 1))
@@ -170,11 +170,13 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     }
 
 
-def save_checkpoint(path: Path, method: Method, opt, batches: TrainBatches, log: MetricsLog, st: dict) -> None:
+def save_checkpoint(path: Path, method: Method, opt, stage: str, batches: TrainBatches, log: MetricsLog,
+                    st: dict) -> None:
     """One file, written to a temporary name and renamed: a kill never leaves half a checkpoint."""
     state = {
         "weights": {n: p.detach().cpu() for n, p in method.named_parameters() if p.requires_grad},
-        "optimizer": opt.state_dict(), "batches": batches.state_dict(), "train": st, "rows": log.rows,
+        "optimizer": opt.state_dict(), "stage": stage, "batches": batches.state_dict(), "train": st,
+        "rows": log.rows,
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -183,7 +185,8 @@ def save_checkpoint(path: Path, method: Method, opt, batches: TrainBatches, log:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, method: Method, batches: TrainBatches, log: MetricsLog, device) -> tuple[dict, dict]:
+def load_checkpoint(path: Path, method: Method, batches: TrainBatches, log: MetricsLog,
+                    device) -> tuple[dict, dict, str]:
     state = torch.load(path, map_location="cpu", weights_only=True)  # no pickle of arbitrary objects
     params = dict(method.named_parameters())
     with torch.no_grad():
@@ -194,4 +197,4 @@ def load_checkpoint(path: Path, method: Method, batches: TrainBatches, log: Metr
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     log.rows = list(state["rows"])
-    return state["train"], state["optimizer"]
+    return state["train"], state["optimizer"], state["stage"]
