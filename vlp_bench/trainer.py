@@ -105,8 +105,8 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
                 st["per_stage"].append({"name": stage.name, "steps": 0, "samples": 0, "train_wall_s": 0.0})
             params = method.trainable_parameters(stage)
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            if opt_state is not None and opt_stage == stage.name:  # a checkpoint at a stage's end: fresh optimizer
-                opt.load_state_dict(opt_state)
+            if opt_state is not None and opt_stage == stage.name:  # saved at the end of an earlier
+                opt.load_state_dict(opt_state)  # stage, it does not belong here: this stage starts fresh
             opt_state = None
             method.train()
         method.set_progress(st["step"] / total)
