@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlp_bench.method import FrozenLLMMethod, Stage, StepOutput
+from vlp_bench.method import FrozenLLMMethod, Stage, StepOutput, pad_rows
 from vlp_bench.qformer import QFormer, attention_mask
 from vlp_bench.registry import METHODS
 
@@ -82,12 +82,7 @@ class Blip2(FrozenLLMMethod):
     def _text(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         eos, L = self.tokenizer.eos_token_id, self.cfg.max_text_len
         rows = [(self.tokenizer(c, add_special_tokens=False).input_ids + [eos])[:L] for c in captions]
-        n = max(map(len, rows))
-        ids = torch.full((len(rows), n), self.tokenizer.pad_token_id, dtype=torch.long)
-        valid = torch.zeros((len(rows), n), dtype=torch.bool)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(row)
-            valid[r, : len(row)] = True
+        ids, valid = pad_rows(rows, self.tokenizer.pad_token_id)
         return ids.to(device), valid.to(device)
 
     def itc_itm_itg(self, visual: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -77,3 +77,13 @@ def test_batched_generation_with_prompts_of_different_lengths_matches_one_by_one
     together = method.generate(images, prompts, DEC)
     alone = [method.generate(images[i : i + 1], [p], DEC)[0] for i, p in enumerate(prompts)]
     assert together == alone
+
+
+def test_pad_rows_right_and_left():
+    from vlp_bench.method import pad_rows
+
+    ids, valid = pad_rows([[5, 6, 7], [8], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
+    assert valid.tolist() == [[True] * 3, [True, False, False], [False] * 3]
+    ids, valid = pad_rows([[5, 6, 7], [8]], pad_id=0, left=True)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and valid.tolist() == [[True] * 3, [False, False, True]]

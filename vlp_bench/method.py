@@ -111,22 +111,31 @@ def _embed(llm: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return llm.get_input_embeddings()(ids)
 
 
+def pad_rows(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows -> (ids (B, L), valid (B, L) bool), padded on the right (or the left)."""
+    L = max(map(len, rows))
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(rows), L), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        if row:
+            span = slice(L - len(row), L) if left else slice(0, len(row))
+            ids[r, span] = torch.tensor(row)
+            valid[r, span] = True
+    return ids, valid
+
+
 def prefix_lm_loss(llm, tokenizer, prefix: torch.Tensor, prompt: str, targets: list[str]) -> torch.Tensor:
     """Causal LM loss of `targets` (+ EOS) after [soft prefix][prompt]; prefix and prompt get no loss."""
     device = prefix.device
     prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids if prompt else []
     rows = [prompt_ids + tokenizer(" " + t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
             for t in targets]
-    L = max(map(len, rows))
-    ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), L), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for r, row in enumerate(rows):  # right padding: pads come after the text and get no loss
-        ids[r, : len(row)] = torch.tensor(row)
-        labels[r, len(prompt_ids) : len(row)] = torch.tensor(row[len(prompt_ids):])
-        mask[r, : len(row)] = 1
-    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+    ids, valid = pad_rows(rows, tokenizer.pad_token_id)  # right padding: pads come last and get no loss
+    labels = ids.masked_fill(~valid, -100)
+    labels[:, : len(prompt_ids)] = -100  # nor does the prompt
+    ids, labels, mask = ids.to(device), labels.to(device), valid.long().to(device)
     B, P, _ = prefix.shape
+    L = ids.shape[1]
     embeds = torch.cat([prefix.to(_embed(llm, ids[:1, :1]).dtype), _embed(llm, ids)], dim=1)
     attn = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), mask], dim=1)
     logits = llm(inputs_embeds=embeds, attention_mask=attn).logits  # (B, P + L, V)
@@ -139,19 +148,13 @@ def generate_from_prefix(llm, tokenizer, prefix: torch.Tensor, prompts: list[str
     """Beam search through the frozen LLM from [soft prefix][prompt]; prompts are left-padded."""
     device = prefix.device
     prompt_ids = [tokenizer(p, add_special_tokens=True).input_ids if p else [] for p in prompts]
-    L = max(map(len, prompt_ids))
+    ids, valid = pad_rows(prompt_ids, tokenizer.pad_token_id, left=True)
+    ids, text_mask = ids.to(device), valid.long().to(device)
     B, P, _ = prefix.shape
-    ids = torch.full((B, L), tokenizer.pad_token_id, dtype=torch.long, device=device)
-    text_mask = torch.zeros((B, L), dtype=torch.long, device=device)
-    for r, row in enumerate(prompt_ids):
-        if row:
-            ids[r, L - len(row):] = torch.tensor(row, device=device)
-            text_mask[r, L - len(row):] = 1
     # left padding: [pads][prefix][prompt] so every row ends where generation starts
-    pad_len = (text_mask == 0).sum(1)
     embeds = torch.cat([prefix.to(_embed(llm, ids[:1, :1]).dtype), _embed(llm, ids)], dim=1)
     attn = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), text_mask], dim=1)
-    if int(pad_len.max()) > 0:  # move each row's pads to the front
+    if not bool(valid.all()):  # move each row's pads to the front
         order = torch.argsort(attn, dim=1, stable=True)
         embeds = torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds))
         attn = torch.gather(attn, 1, order)
