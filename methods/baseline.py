@@ -29,6 +29,7 @@ class Baseline(FrozenLLMMethod):
     """No merging: every visual token goes through the bridge to the LLM (METHODS.md 2.1)."""
 
     Config = BaselineConfig
+    paper_config = BaselineConfig(width=768, depth=12, heads=12)  # SimVLG's 12-layer BERT-base-sized bridge
 
     def __init__(self, cfg: BaselineConfig, backbones):
         super().__init__(cfg, backbones)

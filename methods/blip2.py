@@ -5,6 +5,7 @@ loss only. `blip2-1stage` skips stage 1 (the ablation where OPT's zero-shot VQA 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,9 @@ class Blip2(FrozenLLMMethod):
     """Q-Former, stage 1 (ITC + ITM + ITG, no LLM) then stage 2 (LM loss) (METHODS.md 2.3)."""
 
     Config = Blip2Config
+    # BLIP-2's Q-Former (BERT-base, 32 queries, ITC dim 256); stage 1 is 250k of its 330k steps
+    paper_config = Blip2Config(width=768, depth=12, heads=12, num_queries=32, cross_every=2, embed_dim=256,
+                               max_text_len=32, stage1_fraction=250 / 330)
 
     def __init__(self, cfg: Blip2Config, backbones):
         super().__init__(cfg, backbones)
@@ -69,6 +73,11 @@ class Blip2(FrozenLLMMethod):
     def bridge(self, visual: torch.Tensor) -> torch.Tensor:
         queries = self.qformer(image=visual)  # (B, Q, width): queries only
         return self.llm_proj(queries)  # (B, Q, llm_dim)
+
+    def shape_key(self, batch: dict, stage: Stage):
+        if stage.name != "stage1":
+            return super().shape_key(batch, stage)
+        return self._text(batch["captions"], "cpu")[0].shape[1]  # the Q-Former's text length
 
     def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
         if stage.name != "stage1":
@@ -139,3 +148,4 @@ class Blip2OneStage(Blip2):
     """BLIP-2's Q-Former without stage 1: the ablation (METHODS.md 2.3)."""
 
     Config = Blip2OneStageConfig
+    paper_config = Blip2OneStageConfig(**{**dataclasses.asdict(Blip2.paper_config), "stage1_fraction": 0.0})

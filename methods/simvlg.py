@@ -39,6 +39,7 @@ class SimVLG(Baseline):
     """ToMe token merging in every bridge layer (METHODS.md 2.2)."""
 
     Config = SimVLGConfig
+    paper_config = PAPER
 
     @classmethod
     def check(cls, cfg: SimVLGConfig, backbones) -> None:
@@ -54,6 +55,9 @@ class SimVLG(Baseline):
 
     def set_progress(self, fraction: float) -> None:
         self.scale = curriculum_scale(fraction, self.cfg.curriculum_start, self.cfg.curriculum_ramp)
+
+    def shape_key(self, batch, stage):
+        return super().shape_key(batch, stage), tuple(self.current_schedule())
 
     def current_schedule(self) -> list[int]:
         scale = self.scale if self.training else 1.0  # inference always uses the full schedule

@@ -1,4 +1,6 @@
-"""A plain-text summary table of finished runs, printed at the end of `vlp-bench run`."""
+"""Plain-text tables of finished runs, printed at the end of `vlp-bench run` and by `vlp-bench
+summary`: quality and cost per run, then time- and FLOPs-to-target per method. A pure function of
+the result files (results.json and metrics.jsonl), so it can be recomputed with another target."""
 
 from __future__ import annotations
 
@@ -6,7 +8,21 @@ import json
 from pathlib import Path
 
 from vlp_bench.errors import UserError
-from vlp_bench.results import SCHEMA_VERSION
+from vlp_bench.results import READABLE_VERSIONS, read_jsonl
+from vlp_bench.targets import speedups
+
+
+def run_dirs(paths) -> list[Path]:
+    """Run directories from run directories and/or experiment directories (which hold runs)."""
+    out = []
+    for p in map(Path, paths):
+        if (p / "results.json").is_file():
+            out.append(p)
+        elif p.is_dir() and (inner := sorted(d for d in p.iterdir() if (d / "results.json").is_file())):
+            out.extend(inner)
+        else:
+            raise UserError(f"{p}: not a run directory (no results.json) nor an experiment directory holding runs")
+    return out
 
 
 def load_results(run_dirs) -> list[dict]:
@@ -15,9 +31,13 @@ def load_results(run_dirs) -> list[dict]:
         path = Path(d) / "results.json"
         if not path.is_file():
             raise UserError(f"no results.json in {d} (run not finished, or not a run directory)")
-        rec = json.loads(path.read_text())
-        if rec.get("schema_version") != SCHEMA_VERSION:
-            raise UserError(f"{path}: schema_version {rec.get('schema_version')} is not {SCHEMA_VERSION}")
+        try:
+            rec = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON: {e}") from None
+        if rec.get("schema_version") not in READABLE_VERSIONS:
+            raise UserError(f"{path}: schema_version {rec.get('schema_version')} is not one this vlp-bench "
+                            f"reads {READABLE_VERSIONS}")
         out.append(rec)
     return out
 
@@ -26,9 +46,14 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [header, *rows])
+
+
 def summary_table(results: list[dict]) -> str:
     header = ["run", "status", "CIDEr", "floor", "x floor", "BLEU-4", "VQA %", "VQA floor", "tokens->LLM",
-              "train s", "samples/s"]
+              "train s", "samples/s", "GFLOP/sample"]
     rows = []
     for r in results:
         cap = r.get("metrics", {}).get("caption", {})
@@ -36,13 +61,47 @@ def summary_table(results: list[dict]) -> str:
         cider = cap.get("CIDEr")
         vqa = r.get("metrics", {}).get("vqa", {})
         cost = r.get("cost", {})
+        per_sample = cost.get("train_flops_per_sample")
         rows.append([
             r["run_id"], r["status"], _fmt(cider, ".3f"), _fmt(floor, ".3f"),
             _fmt(cider / floor if cider is not None and floor else None, ".2f"), _fmt(cap.get("Bleu_4"), ".3f"),
             _fmt(vqa.get("overall"), ".2f"), _fmt(vqa.get("floor", {}).get("overall"), ".2f"),
             _fmt(cost.get("tokens_to_llm"), "d"), _fmt(cost.get("train_wall_s"), ".1f"),
-            _fmt(cost.get("samples_per_s"), ".1f"),
+            _fmt(cost.get("samples_per_s"), ".1f"), _fmt(per_sample / 1e9 if per_sample else None, ".3f"),
         ])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [header, *rows]]
-    return "\n".join(lines)
+    return _table(header, rows)
+
+
+def compute_speedups(dirs: list[Path], results: list[dict], metric: str, target: float | None,
+                     reference: str | None) -> dict:
+    """targets.speedups over these runs; runs are keyed by directory, so experiments can be mixed."""
+    records = [{**r, "run_id": str(d)} for d, r in zip(dirs, results)]
+    if reference is None and any(r["method"] == "baseline" for r in records):
+        reference = "baseline"  # the method every acceleration claims to beat
+    rows = {str(d): read_jsonl(Path(d) / "metrics.jsonl") if (Path(d) / "metrics.jsonl").is_file() else []
+            for d in dirs}
+    try:
+        return speedups(records, rows, metric=metric, target=target, reference=reference)
+    except ValueError as e:
+        raise UserError(f"time-to-target: {e}") from None
+
+
+def _ratio(s: dict | None) -> str:
+    if s is None:
+        return "-"
+    ci = "" if s["ci_low"] is None else f" [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
+    return f"{s['value']:.2f}x{ci}"
+
+
+def speedup_table(sp: dict) -> str:
+    lines = [f"target: {sp['metric']} >= {sp['target']:.4g} on the validation curve "
+             f"({'the final value of ' + sp['reference'] if sp['target_source'] == 'reference final' else 'given'}); "
+             f"speed-ups vs {sp['reference']}, 95% bootstrap CI over seeds"]
+    header = ["method", "reached", "time to target s", "time speed-up", "TFLOP to target", "FLOPs speed-up"]
+    rows = []
+    for name, m in sp["methods"].items():
+        reached = f"{m['reached']}/{m['seeds']}"
+        t, f = m["time_to_target_s"]["mean"], m["flops_to_target"]["mean"]
+        rows.append([name, reached, "not reached" if t is None else f"{t:.1f}", _ratio(m["time_speedup"]),
+                     "not reached" if f is None else f"{f / 1e12:.3f}", _ratio(m["flops_speedup"])])
+    return "\n".join(lines) + "\n" + _table(header, rows)

@@ -54,3 +54,20 @@ def test_timm_model_from_a_local_checkpoint(tmp_path):
 def test_vision_errors(cfg, message, tmp_path):
     with pytest.raises(UserError, match=message):
         load_vision(cfg, tmp_path, tmp_path)
+
+
+def test_feature_layer_reads_an_earlier_block_and_runs_no_later_one():
+    from vlp_bench import flops
+    from vlp_bench.backbones import VisionEncoder, _tiny_vit
+
+    torch.manual_seed(0)
+    vit = _tiny_vit(VisionConfig(width=32, depth=3, heads=2), 0).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        for blk in vit.blocks[:2]:  # the penultimate block's output, no final norm
+            x = blk(x)
+        enc = VisionEncoder(vit, 64, (0.5,) * 3, (0.5,) * 3, feature_layer=-2)
+        assert torch.allclose(enc(images), x, atol=1e-6)
+        full = flops.count(VisionEncoder(vit, 64, (0.5,) * 3, (0.5,) * 3), images).total
+        assert flops.count(enc, images).total < full  # the last block does not run

@@ -51,8 +51,20 @@ def test_run_writes_valid_records(experiment):
     assert [r["step"] for r in steps] == [2, 4, 6]
     assert all(r["samples"] == r["step"] * 8 for r in steps)
     evals = [r for r in rows if "eval" in r]
-    assert evals[0]["step"] == 4 and evals[0]["eval"]["caption"]["images"] == 4
-    assert evals[-1].get("final") and evals[-1]["eval"]["caption"]["CIDEr"] == cap["CIDEr"]
+    curve = [r for r in evals if r["split"] == "val"]  # the learning curve: untrained, every 4 steps, last
+    assert [r["step"] for r in curve] == [0, 4, 6] and curve[0]["wall_s"] == curve[0]["flops"] == 0
+    assert all(r["eval"]["caption"]["images"] == 4 for r in curve)
+    assert evals[-1].get("final") and evals[-1]["split"] == "test"
+    assert evals[-1]["eval"]["caption"]["CIDEr"] == cap["CIDEr"]
+    # FLOPs: cumulative in the rows, totals and per-sample by part in results.json
+    flops = [r["flops"] for r in rows if "flops" in r]
+    assert flops == sorted(flops) and steps[-1]["flops"] == cost["train_flops"] == evals[-1]["flops"]
+    assert cost["flops_unit"].startswith("FLOP") and cost["train_flops_per_sample"] == cost["train_flops"] / 48
+    assert cost["train_flops"] == cost["train_flops_forward"] + cost["train_flops_backward"]
+    assert set(cost["flops_by_part"]) == {"vision", "bridge", "llm"}
+    assert cost["flops_by_part"]["vision"]["backward"] == 0 and cost["flops_by_part"]["llm"]["backward"] > 0
+    assert 1 <= cost["flop_counts"] <= 6 and cost["median_step_s"] > 0 and cost["samples_per_s"] > 0
+    assert cost["mfu"] is None  # CPU: no tensor-core peak to compare against
     samples = read_jsonl(run / "samples_caption.jsonl")
     assert len(samples) == 16 and all(len(s["references"]) == 5 for s in samples)
     assert "baseline-seed0" in proc.stdout and "finished" in proc.stdout  # the summary table
@@ -190,3 +202,25 @@ def test_missing_task_files_fail_before_training(tiny_overrides, tmp_path):
 def test_config_json_names_the_output_directory(experiment):
     out, _, _ = experiment
     assert json.loads((out / "baseline-seed0" / "config.json").read_text())["experiment"]["out"] == str(out)
+
+
+def test_summary_recomputes_time_to_target_from_the_files(experiment):
+    out, proc, _ = experiment
+    assert "target: caption.CIDEr >=" in proc.stdout  # printed at the end of the run
+    res = cli("summary", str(out), "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    sp = json.loads(res.stdout)["speedups"]
+    curve = [r for r in read_jsonl(out / "baseline-seed0" / "metrics.jsonl") if r.get("split") == "val"]
+    assert sp["reference"] == "baseline" and sp["target"] == curve[-1]["eval"]["caption"]["CIDEr"]
+    base = sp["methods"]["baseline"]
+    assert base["reached"] == 1 and 0 <= base["flops_to_target"]["mean"] <= curve[-1]["flops"]
+    if curve[0]["eval"]["caption"]["CIDEr"] >= sp["target"]:  # 6 tiny steps may not beat the untrained model
+        assert base["time_to_target_s"]["mean"] == 0 and base["time_speedup"] is None  # 0/0: no ratio
+    else:
+        assert base["time_speedup"]["value"] == 1.0 and base["time_speedup"]["ci_low"] is None  # 1 seed
+    never = cli("summary", str(out / "baseline-seed0"), "--target", "1000")
+    assert never.returncode == 0 and "not reached" in never.stdout
+    bad = cli("summary", str(out), "--reference", "simvlg")
+    assert bad.returncode == 2 and "reference method 'simvlg' has no finished run" in bad.stderr
+    missing = cli("summary", str(out / "nope"))
+    assert missing.returncode == 2 and "not a run directory" in missing.stderr

@@ -51,11 +51,12 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_overrides, tmp_
     b = json.loads((run / "results.json").read_text())
     assert b["status"] == "finished"
     assert {k: b["metrics"]["caption"][k] for k in METRIC_NAMES} == {k: a["metrics"]["caption"][k] for k in METRIC_NAMES}
-    for key in ("steps", "samples_seen", "tokens_to_llm"):
-        assert b["cost"][key] == a["cost"][key]
+    for key in ("steps", "samples_seen", "tokens_to_llm", "train_flops", "flops_by_part"):
+        assert b["cost"][key] == a["cost"][key]  # each step counted once, FLOPs included
     assert [(s["name"], s["steps"], s["samples"]) for s in b["cost"]["stages"]] == [("train", 40, 320)]
     rows_a, rows_b = (read_jsonl(d / "baseline-seed0" / "metrics.jsonl") for d in (tmp_path / "ref", killed))
-    assert [(r["step"], r.get("loss")) for r in rows_a] == [(r["step"], r.get("loss")) for r in rows_b]
+    assert [(r["step"], r.get("loss"), r.get("flops")) for r in rows_a] == \
+        [(r["step"], r.get("loss"), r.get("flops")) for r in rows_b]
     assert not (run / "checkpoint.pt").exists()  # removed once the run finished
 
 
@@ -85,12 +86,14 @@ def test_a_crash_during_a_write_leaves_the_previous_file_intact(tmp_path, monkey
 
 
 class _Diverges(Baseline):
-    """Test-only: its loss becomes NaN at the third step."""
+    """Test-only: its loss becomes NaN at the third step (step 2) of the tiny 6-step run."""
+
+    def set_progress(self, fraction):
+        self.step = round(fraction * 6)
 
     def training_loss(self, batch, stage):
         out = super().training_loss(batch, stage)
-        self.calls = getattr(self, "calls", 0) + 1
-        return StepOutput(out.loss * float("nan"), out.tokens_to_llm) if self.calls >= 3 else out
+        return StepOutput(out.loss * float("nan"), out.tokens_to_llm) if self.step >= 2 else out
 
 
 def test_a_diverging_method_is_isolated_while_the_others_finish(tiny_overrides, tmp_path):

@@ -103,12 +103,13 @@ class VisionEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         m = self.model
-        if self.feature_layer == -1 or not hasattr(m, "blocks"):
+        if self.feature_layer == -1 or not hasattr(m, "forward_intermediates"):
             x = m.forward_features(images)
-        else:  # stop early, without the final norm (BLIP-2 reads the penultimate block)
-            x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
-            for blk in m.blocks[: len(m.blocks) + 1 + self.feature_layer]:
-                x = blk(x)
+        else:  # run the blocks up to that one only, without the final norm (BLIP-2 reads the penultimate)
+            (spatial, prefix), = m.forward_intermediates(
+                images, indices=[len(m.blocks) + self.feature_layer], return_prefix_tokens=True, norm=False,
+                stop_early=True, output_fmt="NLC", intermediates_only=True)
+            x = torch.cat([prefix, spatial], dim=1)  # CLS (and registers) first, as forward_features
         if x.ndim == 4:  # convolutional models: (B, C, H, W) -> (B, HW, C)
             x = x.flatten(2).transpose(1, 2)
         return x  # (B, N, D)

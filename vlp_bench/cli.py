@@ -41,13 +41,13 @@ def run(
 ):
     """Train and evaluate each method; write one run directory per (method, seed)."""
     from vlp_bench.experiment import resume_config, run as run_experiment
-    from vlp_bench.reports.summary import load_results, summary_table
 
     if resume is not None:
         if config or set_ or methods or seeds or out:
             raise UserError("--resume continues an experiment with its saved config; give it no other option")
-        dirs = run_experiment(resume_config(resume), resume=True)
-        typer.echo(summary_table(load_results(dirs)))
+        cfg = resume_config(resume)
+        dirs = run_experiment(cfg, resume=True)
+        _print_summary(dirs, cfg.target)
         typer.echo(f"results in {resume}")
         return
     overrides = list(set_ or [])
@@ -60,10 +60,79 @@ def run(
         overrides.append(f"experiment.seeds={list(range(seeds))}")
     if out is not None:
         overrides.append("experiment.out=" + json.dumps(str(out)))
-    dirs = run_experiment(_config(config, overrides))
-
-    typer.echo(summary_table(load_results(dirs)))
+    cfg = _config(config, overrides)
+    dirs = run_experiment(cfg)
+    _print_summary(dirs, cfg.target)
     typer.echo(f"results in {dirs[0].parent}")
+
+
+def _print_summary(dirs, target, as_json: bool = False, strict: bool = False) -> None:
+    """The per-run table, then time- and FLOPs-to-target per method. After a run (not strict), a
+    target that cannot be computed (e.g. no learning curve) is a note, never a failure."""
+    from vlp_bench.reports.summary import compute_speedups, load_results, speedup_table, summary_table
+
+    results = load_results(dirs)
+    try:
+        sp = compute_speedups(dirs, results, target.metric, target.value or None, target.reference or None)
+    except UserError as e:
+        if strict:
+            raise
+        sp, why = None, str(e)
+    if as_json:
+        typer.echo(json.dumps({"runs": [{"dir": str(d), "results": r} for d, r in zip(dirs, results)],
+                               "speedups": sp}, indent=2))
+        return
+    typer.echo(summary_table(results))
+    typer.echo("")
+    typer.echo(speedup_table(sp) if sp else f"no speed-ups: {why}")
+
+
+@app.command()
+def summary(
+    runs: list[Path] = typer.Argument(..., help="Run directories, or experiment directories holding them."),
+    metric: Optional[str] = typer.Option(None, help="task.key of the learning curve (default: target.metric)."),
+    target: Optional[float] = typer.Option(None, help="Target value (default: the reference's final value)."),
+    reference: Optional[str] = typer.Option(None, help="Reference method (default: the first method)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the runs and speed-ups as JSON."),
+):
+    """Re-print the tables of finished runs: quality, cost, time- and FLOPs-to-target."""
+    from vlp_bench.experiment import TargetConfig
+    from vlp_bench.reports.summary import run_dirs
+
+    cfg = TargetConfig(metric=metric or TargetConfig.metric, value=target or 0.0, reference=reference or "")
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    _print_summary(run_dirs(runs), cfg, as_json, strict=True)
+
+
+@app.command()
+def flops(
+    preset: str = typer.Option("tiny", help="Scale: tiny (the tiny world and methods as configured: bench.toml, "
+                                            "--set) or paper (ViT-g/14, OPT-2.7B, each method's paper config)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: experiment.methods)."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """FLOPs of one training sample per method, by part and pass, on the meta device (no weights)."""
+    from vlp_bench import costmodel
+
+    cfg = _config(config, set_)
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else cfg.experiment.methods
+    from vlp_bench.registry import METHODS
+
+    for name in names:
+        METHODS.get(name)  # unknown names: a one-line error with a suggestion
+    if preset == "tiny":
+        scale = costmodel.tiny_scale(cfg)
+    elif preset == "paper":
+        scale = costmodel.paper_scale()
+    else:
+        raise UserError(f"unknown preset '{preset}' (use tiny or paper)")
+    table = costmodel.cost_table(scale, names)
+    typer.echo(json.dumps(table, indent=2) if as_json else costmodel.format_table(table))
 
 
 @app.command()

@@ -37,6 +37,22 @@ class ExperimentConfig:
 
 
 @dataclass
+class TargetConfig:
+    """Time- and FLOPs-to-target (vlp_bench/targets.py), read from the validation learning curves."""
+
+    metric: str = "caption.CIDEr"  # task.key of the curve; CIDEr is the captioning metric the papers report
+    value: float = 0.0  # 0 = the reference method's final validation value (mean over its seeds)
+    reference: str = ""  # the method speed-ups are measured against; "" = baseline when it ran, else the first
+
+    def validate(self) -> None:
+        task, dot, key = self.metric.partition(".")
+        if not (task and dot and key):
+            raise ValueError(f"metric must be task.key (e.g. caption.CIDEr), got '{self.metric}'")
+        if self.value < 0:
+            raise ValueError(f"value must be >= 0 (0 = the reference's final value), got {self.value}")
+
+
+@dataclass
 class BenchConfig:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -44,6 +60,7 @@ class BenchConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
     methods: dict = field(default_factory=dict)  # [methods.NAME] tables, resolved into each method's Config
     tasks: dict = field(default_factory=dict)  # [tasks.NAME] tables, resolved into each task's Config
 
@@ -78,6 +95,9 @@ def load_config_dict(data: dict) -> BenchConfig:
         raise UserError("experiment.methods and experiment.seeds must not be empty")
     if len(set(cfg.experiment.methods)) != len(cfg.experiment.methods):
         raise UserError(f"experiment.methods lists a method twice: {cfg.experiment.methods}")
+    if cfg.target.reference and cfg.target.reference not in cfg.experiment.methods:
+        raise UserError(f"target.reference '{cfg.target.reference}' is not one of experiment.methods "
+                        f"{cfg.experiment.methods}")
     return cfg
 
 
@@ -215,7 +235,8 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, ima
             record["metrics"][name] = metrics
             write_jsonl(run_dir / f"samples_{name}.jsonl", samples)
         log.append({"step": record["cost"]["steps"], "samples": record["cost"]["samples_seen"],
-                    "wall_s": round(record["cost"]["train_wall_s"], 4), "eval": record["metrics"], "final": True})
+                    "wall_s": round(record["cost"]["train_wall_s"], 4), "flops": record["cost"].get("train_flops"),
+                    "split": "test", "eval": record["metrics"], "final": True})
         record["cost"]["total_wall_s"] = time.perf_counter() - t0
         record["method_info"] = method.info()
         record["status"] = "finished"

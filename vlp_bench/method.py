@@ -46,6 +46,7 @@ class DecodingConfig:
 class Method(nn.Module):
     name: ClassVar[str]  # set by the registry
     Config: ClassVar[type]
+    paper_config: ClassVar[object | None] = None  # the config at its paper's scale (`vlp-bench flops --preset paper`)
 
     def __init__(self, cfg, backbones: Backbones):
         super().__init__()
@@ -80,6 +81,17 @@ class Method(nn.Module):
         """Method-specific facts for results.json (`method_info`), e.g. per-layer token counts."""
         return {}
 
+    def flop_parts(self) -> tuple[dict[str, nn.Module], str]:
+        """The FLOP breakdown's parts (vlp_bench.flops): the frozen encoders; all else is the bridge."""
+        return {"vision": self.vision, "llm": self.llm}, "bridge"
+
+    def shape_key(self, batch: dict, stage: Stage):
+        """A hashable value that, with the image tensor's shape, fixes every tensor shape of
+        training_loss(batch, stage): the trainer counts a step's FLOPs once per distinct key and
+        reuses the count. None, the default, counts every step (exact, but each count is an extra
+        forward and backward). tests/test_flops.py checks every registered method's key."""
+        return None
+
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompts: list[str], dec: DecodingConfig) -> list[str]:
         raise NotImplementedError
@@ -96,6 +108,10 @@ class FrozenLLMMethod(Method):
         with torch.no_grad():
             visual = self.vision(images)
         return self.bridge(visual)
+
+    def shape_key(self, batch: dict, stage: Stage):
+        _, rows = lm_rows(self.tokenizer, batch["prompt"], batch["captions"])
+        return max(map(len, rows))  # the padded text length; the bridge's output length is fixed
 
     def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
         prefix = self.visual_prefix(batch["images"])
@@ -124,12 +140,17 @@ def pad_rows(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[to
     return ids, valid
 
 
+def lm_rows(tokenizer, prompt: str, targets: list[str]) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, one row per target: prompt ids + target ids + EOS)."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids if prompt else []
+    return prompt_ids, [prompt_ids + tokenizer(" " + t, add_special_tokens=False).input_ids
+                        + [tokenizer.eos_token_id] for t in targets]
+
+
 def prefix_lm_loss(llm, tokenizer, prefix: torch.Tensor, prompt: str, targets: list[str]) -> torch.Tensor:
     """Causal LM loss of `targets` (+ EOS) after [soft prefix][prompt]; prefix and prompt get no loss."""
     device = prefix.device
-    prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids if prompt else []
-    rows = [prompt_ids + tokenizer(" " + t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            for t in targets]
+    prompt_ids, rows = lm_rows(tokenizer, prompt, targets)
     ids, valid = pad_rows(rows, tokenizer.pad_token_id)  # right padding: pads come last and get no loss
     labels = ids.masked_fill(~valid, -100)
     labels[:, : len(prompt_ids)] = -100  # nor does the prompt
@@ -138,6 +159,8 @@ def prefix_lm_loss(llm, tokenizer, prefix: torch.Tensor, prompt: str, targets: l
     L = ids.shape[1]
     embeds = torch.cat([prefix.to(_embed(llm, ids[:1, :1]).dtype), _embed(llm, ids)], dim=1)
     attn = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), mask], dim=1)
+    if bool(valid.all()):  # no padding: the causal mask alone (same result; and no data-dependent
+        attn = None  # mask check, so the meta device of `vlp-bench flops` can run it)
     logits = llm(inputs_embeds=embeds, attention_mask=attn).logits  # (B, P + L, V)
     # text token j sits at position P + j and is predicted by the logits at position P + j - 1
     return F.cross_entropy(logits[:, P - 1 : P + L - 1].float().reshape(B * L, -1), labels.reshape(-1))

@@ -6,7 +6,7 @@ OUT/<run-id>/
     samples_caption.jsonl  per image: generated caption and references (re-scorable)
     results.json           the summary below (written last: its presence means the run finished)
 
-results.json, schema_version 1 (docs/results-schema.md describes every field):
+results.json, schema_version 2 (docs/results-schema.md describes every field):
     {schema_version, run_id, method, seed, status, config, metrics: {caption: {...}},
      cost: {...}, env: {...}}
 """
@@ -21,7 +21,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: FLOPs and the validation learning curve (step 0 .. last); see the docs
+READABLE_VERSIONS = (1, 2)  # version 1 records read fine: their FLOP fields are just absent
 
 
 def atomic_write_text(path: Path, text: str) -> None:

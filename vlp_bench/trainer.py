@@ -5,6 +5,10 @@ AdamW with linear warm-up and cosine decay per stage, gradient clipping and accu
 autocast on CUDA, periodic evaluation (excluded from the training clock), seeded and deterministic
 on CPU. Wall-clock is read after synchronising the device; the first steps are excluded from the
 median step time (warm-up: allocator, kernel selection).
+
+FLOPs (vlp_bench.flops) are counted on the real batches as they ran: a step's forward and backward
+is replayed once under the counter for each new shape (Method.shape_key), outside the clock, with
+the RNG restored and no gradient written, so counting changes neither the result nor the timing.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from typing import Callable
 import torch
 
 from vlp_bench.data import TrainBatches
-from vlp_bench.method import Method
+from vlp_bench.flops import UNIT, FlopCount, FlopCounter
+from vlp_bench.method import Method, Stage, StepOutput
 from vlp_bench.progress import progress_bar
 from vlp_bench.results import MetricsLog
 
@@ -43,6 +48,8 @@ class TrainConfig:
     eval_images: int = 100  # validation images per periodic evaluation (the final one uses the whole test split)
     warmup_exclude: int = 5  # first steps of each stage left out of the median step time
     checkpoint_every: int = 250  # steps between checkpoints (0 = none): a killed run loses at most this many
+    count_flops: bool = True  # count each step's FLOPs (once per new shape, outside the clock); false = no FLOPs
+    peak_tflops: float = 0.0  # device peak for MFU; 0 = look the CUDA device up (bf16 dense), none on CPU
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -52,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.checkpoint_every < 0 or self.eval_images < 1:
             raise ValueError("warmup_steps, eval_every and checkpoint_every must be >= 0, eval_images >= 1")
+        if self.peak_tflops < 0:
+            raise ValueError(f"peak_tflops must be >= 0, got {self.peak_tflops}")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -69,6 +78,34 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets, matched
+# in order against torch.cuda.get_device_name(); set train.peak_tflops for anything else.
+PEAK_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.5), ("H100", 989.4), ("A100", 312.0),
+               ("L40S", 362.05), ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.2)]
+
+
+def peak_flops_per_s(device: torch.device, cfg: TrainConfig) -> float | None:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None  # no meaningful tensor-core peak for a CPU: MFU is reported on CUDA only
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS if key in name), None)
+
+
+def count_step(method: Method, batch: dict, stage: Stage, autocast) -> tuple[FlopCount, StepOutput]:
+    """The FLOPs of one forward and backward of training_loss(batch, stage), by part and pass.
+    The RNG is restored afterwards and gradients are returned rather than stored, so the real step
+    that follows runs exactly as if this replay had not happened."""
+    leaves = [p for p in method.parameters() if p.requires_grad]  # the leaves .backward() reaches
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices), FlopCounter(*method.flop_parts()) as counter:
+        with autocast:
+            out = method.training_loss(batch, stage)
+        torch.autograd.grad(out.loss, leaves, allow_unused=True)
+    return counter.result, out
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -91,18 +128,22 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     schedule = [(stage, s) for stage in method.stages(cfg.steps) for s in range(stage.steps)]
     total = len(schedule)
     st = {"step": 0, "samples": 0, "wall": 0.0, "step_times": [], "window": [], "per_stage": [],
-          "tokens_to_llm": None}
+          "tokens_to_llm": None, "flops": {}, "timed_flops": 0, "flop_counts": 0}
+    flop_cache: dict = {}  # (stage, image shape, method.shape_key) -> FlopCount of one micro-batch
     opt_state = opt_stage = None
     if checkpoint is not None and checkpoint.is_file():
         st, opt_state, opt_stage = load_checkpoint(checkpoint, method, batches, log, device)
     current = None
+    if evaluate is not None and cfg.eval_every and st["step"] == 0:  # the learning curve starts untrained
+        _evaluate(method, evaluate, log, st)
     for i, (stage, s) in enumerate(progress_bar(schedule, f"train {method.name}", progress)):
         if i < st["step"]:
             continue  # done before the checkpoint this run resumed from
         if stage is not current:  # a new stage: its own parameters, optimizer and schedule
             current = stage
             if not st["per_stage"] or st["per_stage"][-1]["name"] != stage.name:
-                st["per_stage"].append({"name": stage.name, "steps": 0, "samples": 0, "train_wall_s": 0.0})
+                st["per_stage"].append({"name": stage.name, "steps": 0, "samples": 0, "train_wall_s": 0.0,
+                                        "flops": {}})
             params = method.trainable_parameters(stage)
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             if opt_state is not None and opt_stage == stage.name:  # saved at the end of an earlier
@@ -115,10 +156,21 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
             group["lr"] = lr
         _sync(device)
         t0 = time.perf_counter()
-        loss_sum = 0.0
+        loss_sum, paused, step_flops = 0.0, 0.0, FlopCount()
         for _ in range(cfg.grad_accum):
             batch = next(batches)
             batch["images"] = batch["images"].to(device, non_blocking=True)
+            if cfg.count_flops:  # off the clock
+                _sync(device)
+                c0 = time.perf_counter()
+                key = method.shape_key(batch, stage)
+                key = None if key is None else (stage.name, tuple(batch["images"].shape), key)
+                if key is None or key not in flop_cache:
+                    flop_cache[key] = count_step(method, batch, stage, autocast)[0]
+                    st["flop_counts"] += 1
+                step_flops = step_flops + flop_cache[key]
+                _sync(device)
+                paused += time.perf_counter() - c0
             with autocast:
                 out = method.training_loss(batch, stage)
             (out.loss / cfg.grad_accum).backward()
@@ -133,29 +185,33 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
         opt.step()
         method.zero_grad(set_to_none=True)  # all of them: a later stage must not inherit stale gradients
         _sync(device)
-        dt = time.perf_counter() - t0
+        dt = time.perf_counter() - t0 - paused
         st["wall"] += dt
         st["per_stage"][-1]["steps"] += 1
         st["per_stage"][-1]["train_wall_s"] += dt
+        _accumulate(st["flops"], step_flops)
+        _accumulate(st["per_stage"][-1]["flops"], step_flops)
         if s >= cfg.warmup_exclude:
             st["step_times"].append(dt)
+            st["timed_flops"] += step_flops.total
         st["step"] += 1
         step = st["step"]
         st["window"].append(loss_sum)
         if step % cfg.log_every == 0 or step == total:
             log.append({"step": step, "stage": stage.name, "samples": st["samples"], "wall_s": round(st["wall"], 4),
+                        "flops": _total(st["flops"]), "step_flops": step_flops.total,
                         "loss": sum(st["window"]) / len(st["window"]), "lr": lr, "tokens_to_llm": st["tokens_to_llm"]})
             st["window"] = []
-        if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-            method.eval()
-            log.append({"step": step, "samples": st["samples"], "wall_s": round(st["wall"], 4), "eval": evaluate(step)})
-            method.train()
+        if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+            _evaluate(method, evaluate, log, st)
         if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
             save_checkpoint(checkpoint, method, opt, stage.name, batches, log, st)
     method.eval()
     times = st["step_times"]
     median = statistics.median(times) if times else (st["wall"] / max(st["step"], 1))
     batch_per_step = cfg.batch_size * cfg.grad_accum
+    achieved = st["timed_flops"] / sum(times) if cfg.count_flops and times and sum(times) > 0 else None
+    peak = peak_flops_per_s(device, cfg)
     return {
         "steps": st["step"],
         "samples_seen": st["samples"],
@@ -166,8 +222,46 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
         "trainable_params": sum(p.numel() for p in method.parameters() if p.requires_grad),
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
-        "stages": st["per_stage"],
+        **(flop_summary(st["flops"], st["samples"]) if cfg.count_flops else {}),
+        "flop_counts": st["flop_counts"],
+        "achieved_flops_per_s": achieved,
+        "peak_flops_per_s": peak,
+        "mfu": achieved / peak if achieved is not None and peak else None,
+        "stages": [_stage_summary(stage, cfg.count_flops) for stage in st["per_stage"]],
     }
+
+
+def _stage_summary(stage: dict, with_flops: bool) -> dict:
+    out = {k: v for k, v in stage.items() if k != "flops"}
+    return {**out, **flop_summary(stage["flops"], stage["samples"])} if with_flops else out
+
+
+def flop_summary(by_part: dict, samples: int) -> dict:
+    """results.json's FLOP fields from by_part[part][pass] totals over `samples` samples."""
+    count = FlopCount({k: dict(v) for k, v in by_part.items()})
+    samples = max(samples, 1)
+    return {"flops_unit": UNIT, "train_flops": count.total, "train_flops_forward": count.forward,
+            "train_flops_backward": count.backward, "train_flops_per_sample": count.total / samples,
+            "flops_by_part": count.by_part, "flops_per_sample_by_part": count.scaled(1 / samples)}
+
+
+def _accumulate(into: dict, count: FlopCount) -> None:
+    """Add a FlopCount into a plain by_part dict (kept plain: it goes into checkpoints)."""
+    for part, passes in count.by_part.items():
+        for pass_, n in passes.items():
+            into.setdefault(part, {"forward": 0, "backward": 0})[pass_] += n
+
+
+def _total(by_part: dict) -> int:
+    return sum(n for passes in by_part.values() for n in passes.values())
+
+
+def _evaluate(method: Method, evaluate: Callable[[int], dict], log: MetricsLog, st: dict) -> None:
+    """One point of the learning curve (validation subset), at the training cost spent so far."""
+    method.eval()
+    log.append({"step": st["step"], "samples": st["samples"], "wall_s": round(st["wall"], 4),
+                "flops": _total(st["flops"]), "split": "val", "eval": evaluate(st["step"])})
+    method.train()
 
 
 def save_checkpoint(path: Path, method: Method, opt, stage: str, batches: TrainBatches, log: MetricsLog,

@@ -1,0 +1,158 @@
+"""`vlp-bench flops`: the FLOPs of one training sample of each method at a named scale, counted
+on the meta device (real module shapes, no weights, no memory), by part and pass.
+
+This is where a claimed speed-up meets arithmetic: if a method's per-sample cost is not 5x lower
+than another's, a 5x wall-clock gain has to come from somewhere else (fewer steps, a skipped
+stage, a better kernel). Per-sample figures of a multi-stage method are the mean over its stages,
+weighted by their share of the training steps.
+
+Presets:
+- tiny: the tiny world's backbones and the methods as configured (bench.toml and --set).
+- paper: EVA ViT-g/14 at 224 px (257 tokens, penultimate block read, as BLIP-2), OPT-2.7B, the
+  12-layer 768-wide bridge, SimVLG's r = 19, BLIP-2's Q-Former with 32 queries; captions of 32
+  tokens, no prompt (pre-training). Each method file gives its paper-scale config (`paper_config`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from vlp_bench.backbones import Backbones, VisionEncoder, _tiny_vit, freeze
+from vlp_bench.errors import UserError
+from vlp_bench.flops import PASSES, UNIT
+from vlp_bench.registry import METHODS
+from vlp_bench.trainer import count_step
+
+REFERENCE = "baseline"  # ratios are the baseline's cost over each method's
+BATCH = 8  # samples per counted step: costs are per sample; >= 2 for BLIP-2's in-batch negatives
+
+
+class LengthTokenizer:
+    """Stands in for a tokenizer where only lengths matter: one token per whitespace word (a BOS
+    first when asked for special tokens), ids that are valid for a vocabulary of `vocab_size`."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 1, 2
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        return SimpleNamespace(input_ids=[self.bos_token_id] * add_special_tokens + [3] * len(text.split()))
+
+
+@dataclass
+class Scale:
+    """Everything a per-sample cost depends on besides the method."""
+
+    name: str
+    backbones: Backbones
+    image_size: int
+    caption_words: int  # + EOS = the caption's tokens
+    prompt: str
+    method_configs: dict  # method name -> its Config at this scale
+
+
+def _meta_llm_tiny(cfg, vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=cfg.width, intermediate_size=4 * cfg.width, num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, max_position_embeddings=1024,
+        tie_word_embeddings=True, attn_implementation="sdpa"))
+
+
+def tiny_scale(bench) -> Scale:
+    """The tiny world as configured; captions of the world's typical length."""
+    with torch.device("meta"):
+        vision = VisionEncoder(_tiny_vit(bench.vision, 0), bench.vision.image_size, (0.5,) * 3, (0.5,) * 3,
+                               bench.vision.feature_layer)
+        llm = _meta_llm_tiny(bench.llm, bench.llm.vocab_size)
+    tokenizer = LengthTokenizer(bench.llm.vocab_size)
+    # 7 + EOS: the default tiny world's captions are 7.9 tokens long on average (median 7, max 25)
+    return Scale("tiny", Backbones(freeze(vision), freeze(llm), tokenizer), bench.vision.image_size, 7,
+                 bench.experiment.prompt, dict(bench.methods))
+
+
+def paper_scale() -> Scale:
+    import timm
+    from transformers import OPTConfig, OPTForCausalLM
+
+    with torch.device("meta"):
+        vit = timm.create_model("eva_giant_patch14_clip_224", pretrained=False, num_classes=0)
+        vision = VisionEncoder(vit, 224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711),
+                               feature_layer=-2)
+        opt = OPTForCausalLM(OPTConfig(  # OPT-2.7B as published
+            vocab_size=50272, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
+            word_embed_proj_dim=2560, max_position_embeddings=2048, attn_implementation="sdpa"))
+    configs = {name: METHODS.get(name).paper_config for name in METHODS.names()
+               if METHODS.get(name).paper_config is not None}
+    return Scale("paper", Backbones(freeze(vision), freeze(opt), LengthTokenizer(50272)), 224, 31, "", configs)
+
+
+def per_sample_costs(scale: Scale, names: list[str]) -> dict:
+    """{method: {tokens_to_llm, stages: [...], per_sample: by_part, total, ratio}} at this scale."""
+    results = {}
+    for name in dict.fromkeys([REFERENCE, *names]):  # the reference first: every ratio needs it
+        cls = METHODS.get(name)
+        if name not in scale.method_configs:
+            raise UserError(f"method '{name}' has no {scale.name}-scale config (set `paper_config` in its file)")
+        cfg = scale.method_configs[name]
+        try:
+            cls.check(cfg, scale.backbones)
+        except ValueError as e:
+            raise UserError(f"methods.{name} at {scale.name} scale: {e}") from None
+        with torch.device("meta"):
+            method = cls(cfg, scale.backbones)
+        method.train()
+        batch = {"images": torch.empty(BATCH, 3, scale.image_size, scale.image_size, device="meta"),
+                 "prompt": scale.prompt, "captions": [" ".join(["w"] * scale.caption_words)] * BATCH}
+        stages, mean, total_steps = [], {}, 10_000
+        for stage in method.stages(total_steps):
+            count, out = count_step(method, batch, stage, contextlib.nullcontext())
+            share = stage.steps / total_steps
+            per = count.scaled(1 / BATCH)
+            stages.append({"name": stage.name, "share": share, "tokens_to_llm": out.tokens_to_llm,
+                           "per_sample": per, "total": count.total / BATCH})
+            for part, passes in per.items():
+                for pass_, n in passes.items():
+                    mean.setdefault(part, dict.fromkeys(PASSES, 0.0))[pass_] += share * n
+        fwd, bwd = (sum(p[k] for p in mean.values()) for k in PASSES)
+        results[name] = {"tokens_to_llm": stages[-1]["tokens_to_llm"], "stages": stages, "per_sample": mean,
+                         "forward": fwd, "backward": bwd, "total": fwd + bwd}
+    ref = results[REFERENCE]["total"]
+    for r in results.values():
+        r["ratio_to_baseline"] = ref / r["total"]
+    return {name: results[name] for name in dict.fromkeys([*names, REFERENCE]) if name in results}
+
+
+def cost_table(scale: Scale, names: list[str]) -> dict:
+    return {"preset": scale.name, "unit": UNIT, "per": "training sample", "batch": BATCH,
+            "image_size": scale.image_size, "caption_tokens": scale.caption_words + 1, "prompt": scale.prompt,
+            "vision_tokens": scale.backbones.vision.num_tokens, "methods": per_sample_costs(scale, names)}
+
+
+def format_table(table: dict) -> str:
+    """A plain-text table in GFLOP per sample."""
+    parts = ["vision", "bridge", "llm"]
+    header = ["method", "tokens->LLM", *[f"{p} {d}" for p in parts for d in ("fwd", "bwd")], "total",
+              "baseline / method"]
+    rows = []
+    for name, m in table["methods"].items():
+        cells = [m["per_sample"].get(p, {}).get(d, 0.0) / 1e9 for p in parts for d in ("forward", "backward")]
+        rows.append([name, str(m["tokens_to_llm"]), *[f"{c:.4g}" for c in cells], f"{m['total'] / 1e9:.4g}",
+                     f"{m['ratio_to_baseline']:.2f}x"])
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(line, widths)))
+             for line in [header, *rows]]
+    title = (f"{table['preset']} preset: GFLOP per training sample ({table['unit']}); "
+             f"{table['vision_tokens']} vision tokens, captions of {table['caption_tokens']} tokens (with EOS)"
+             f"{' after the prompt ' + repr(table['prompt']) if table['prompt'] else ''}; "
+             f"multi-stage methods are weighted by their share of steps")
+    return "\n".join([title, *lines])

@@ -1,0 +1,208 @@
+"""Count the floating-point operations a piece of code executes, attention included.
+
+    result = flops.count(fn, *args, **kwargs)   # runs fn(*args, **kwargs) once
+    result.total, result.forward, result.backward, result.by_part["llm"]["backward"]
+
+Unit: FLOP, 2 per multiply-add (so a (m, k) @ (k, n) product is 2*m*k*n). fvcore counts
+multiply-adds ("flops" that are MACs: half of these), only the forward, and nothing inside
+`scaled_dot_product_attention`; this counter counts the backward too when `fn` runs one.
+
+What is counted: the matrix products that dominate a transformer's cost, as they execute at the
+aten level (mm, addmm, bmm, baddbmm, convolutions and every scaled-dot-product attention kernel,
+forward and backward), using PyTorch's own formulas (torch.utils.flop_counter) plus the CPU fused
+attention kernels PyTorch's counter leaves at 0. Elementwise work (norms, softmax, activations) is
+not counted, as in every MFU convention; causal attention counts the full score matrix, as fused
+kernels are credited by PyTorch's counter and PaLM's MFU formula. Shapes are the real ones of this
+call, so token merging, curricula and padding are counted as they ran. Works on the meta device
+(shapes without memory), which is how `vlp-bench flops` costs paper-scale models; there attention
+is costed as the fused kernel a real device runs (backward: 5 products, the scores recomputed), not
+as the unfused fallback the meta device would otherwise decompose it into (4).
+
+Breakdown: by part, where parts are modules (`parts={"vision": m.vision, "llm": m.llm}`); an
+operation belongs to the innermost part whose forward is running, or whose backward is running
+(from the moment gradients reach the part's outputs until they reach its inputs); anything else
+belongs to `rest`. `count()` takes the parts from the object `fn` is bound to when it has a
+`flop_parts()` method (every vlp-bench Method), else from the direct children of a module `fn`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.utils import flop_counter as _tfc
+from torch.utils._pytree import tree_flatten
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.hooks import RemovableHandle
+
+UNIT = "FLOP (2 per multiply-add)"
+PASSES = ("forward", "backward")
+aten = torch.ops.aten
+
+
+def _cpu_sdpa(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return _tfc.sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    return _tfc.sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+# PyTorch's formulas (shape-based, 2 FLOPs per multiply-add), plus the CPU fused attention kernels
+# that torch.utils.flop_counter does not register (it reports 0 for attention on CPU).
+FORMULAS = {**_tfc.flop_registry,
+            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward}
+
+
+@dataclass
+class FlopCount:
+    """FLOPs by part and pass: by_part[part][pass], pass in ("forward", "backward")."""
+
+    by_part: dict[str, dict[str, int]] = field(default_factory=dict)
+    unit: str = UNIT
+
+    @property
+    def forward(self) -> int:
+        return sum(p["forward"] for p in self.by_part.values())
+
+    @property
+    def backward(self) -> int:
+        return sum(p["backward"] for p in self.by_part.values())
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward
+
+    def add(self, part: str, pass_: str, flops: int) -> None:
+        self.by_part.setdefault(part, dict.fromkeys(PASSES, 0))[pass_] += int(flops)
+
+    def __add__(self, other: FlopCount) -> FlopCount:
+        out = FlopCount({k: dict(v) for k, v in self.by_part.items()})
+        for part, passes in other.by_part.items():
+            for pass_, n in passes.items():
+                out.add(part, pass_, n)
+        return out
+
+    def scaled(self, factor: float) -> dict:
+        """by_part with every figure times `factor` (e.g. 1 / batch size: per sample), as floats."""
+        return {part: {p: n * factor for p, n in passes.items()} for part, passes in self.by_part.items()}
+
+    def to_dict(self) -> dict:
+        return {"unit": self.unit, "total": self.total, "forward": self.forward, "backward": self.backward,
+                "by_part": {k: dict(v) for k, v in self.by_part.items()}}
+
+
+class _FusedAttentionOnMeta(TorchFunctionMode):
+    """On the meta device, route scaled_dot_product_attention to the fused kernel (which has meta
+    shapes forward and backward), so meta counts equal those of a real run."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and args[0].is_meta:
+            return _fused_attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False):
+    if enable_gqa and key.shape[-3] != query.shape[-3]:  # grouped keys: one per query head, as run
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
+    return aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _grad_tensors(obj) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+class FlopCounter(TorchDispatchMode):
+    """A dispatch mode that adds up FLOPs by part and pass; `result` is the FlopCount so far."""
+
+    def __init__(self, parts: dict[str, nn.Module] | None = None, rest: str = "other"):
+        super().__init__()
+        self.parts = dict(parts or {})
+        self.rest = rest
+        self.result = FlopCount()
+        self._forward: list[str] = []  # parts whose forward is running, innermost last
+        self._backward: list[str] = []  # parts whose backward is running
+        self._handles: list[RemovableHandle] = []
+
+    def _current(self) -> str:
+        stack = self._backward if _in_backward() else self._forward
+        return stack[-1] if stack else self.rest
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = FORMULAS.get(func._overloadpacket)
+        if formula is not None:
+            self.result.add(self._current(), "backward" if _in_backward() else "forward",
+                            formula(*args, **kwargs, out_val=out))
+        return out
+
+    def _hook(self, name: str, module: nn.Module) -> None:
+        def pre(mod, args, kwargs):
+            self._forward.append(name)
+            inputs = _grad_tensors((args, kwargs))
+            if inputs:  # its backward ends when the gradients of all its inputs are computed
+                self._handles.append(torch.autograd.graph.register_multi_grad_hook(
+                    inputs, lambda grads: _remove_last(self._backward, name)))
+
+        def post(mod, args, kwargs, output):
+            _remove_last(self._forward, name)
+            outputs = _grad_tensors(output)
+            if outputs:  # and starts when the first gradient reaches one of its outputs
+                self._handles.append(torch.autograd.graph.register_multi_grad_hook(
+                    outputs, lambda grad: self._backward.append(name), mode="any"))
+
+        self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(post, with_kwargs=True))
+
+    def __enter__(self):
+        for name, module in self.parts.items():
+            self._hook(name, module)
+        self._meta = _FusedAttentionOnMeta()
+        self._meta.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        out = super().__exit__(*exc)
+        self._meta.__exit__(*exc)
+        return out
+
+
+def _remove_last(stack: list[str], name: str) -> None:
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] == name:
+            del stack[i]
+            return
+
+
+def default_parts(fn) -> tuple[dict[str, nn.Module], str]:
+    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+    if owner is not None and hasattr(owner, "flop_parts"):
+        return owner.flop_parts()
+    if isinstance(owner, nn.Module):
+        return dict(owner.named_children()), "other"
+    return {}, "other"
+
+
+def count(fn, *args, **kwargs) -> FlopCount:
+    """Run fn(*args, **kwargs) once and return the FLOPs it executed (see the module docstring)."""
+    parts, rest = default_parts(fn)
+    with FlopCounter(parts, rest) as counter:
+        fn(*args, **kwargs)
+    return counter.result
