@@ -92,7 +92,7 @@ def summary(
     runs: list[Path] = typer.Argument(..., help="Run directories, or experiment directories holding them."),
     metric: Optional[str] = typer.Option(None, help="task.key of the learning curve (default: target.metric)."),
     target: Optional[float] = typer.Option(None, help="Target value (default: the reference's final value)."),
-    reference: Optional[str] = typer.Option(None, help="Reference method (default: the first method)."),
+    reference: Optional[str] = typer.Option(None, help="Reference method (default: baseline if it ran, else the first)."),
     as_json: bool = typer.Option(False, "--json", help="Print the runs and speed-ups as JSON."),
 ):
     """Re-print the tables of finished runs: quality, cost, time- and FLOPs-to-target."""
@@ -118,11 +118,10 @@ def flops(
 ):
     """FLOPs of one training sample per method, by part and pass, on the meta device (no weights)."""
     from vlp_bench import costmodel
+    from vlp_bench.registry import METHODS
 
     cfg = _config(config, set_)
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else cfg.experiment.methods
-    from vlp_bench.registry import METHODS
-
     for name in names:
         METHODS.get(name)  # unknown names: a one-line error with a suggestion
     if preset == "tiny":
