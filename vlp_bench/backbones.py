@@ -285,20 +285,24 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, pad_token=eos)
 
 
-def _pretrain_tiny_lm(cfg: LLMConfig, root: Path, out: Path, progress: bool) -> None:
+def tiny_llama(cfg: LLMConfig, vocab: int, eos_id: int = 0, pad_id: int = 0) -> nn.Module:
+    """The tiny LM's architecture (untrained), also built on the meta device by `vlp-bench flops`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=cfg.width, intermediate_size=4 * cfg.width,
+        num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+        max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=eos_id,
+        eos_token_id=eos_id, pad_token_id=pad_id,
+    ))
+
+
+def _pretrain_tiny_lm(cfg: LLMConfig, root: Path, out: Path, progress: bool) -> None:
     rng = random.Random(cfg.seed)
     docs = _lm_documents(root, rng, cfg.pretrain_steps * cfg.pretrain_batch)
     tokenizer = _train_tokenizer(docs[:20000], cfg.vocab_size)
     torch.manual_seed(cfg.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.width, intermediate_size=4 * cfg.width,
-        num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-        max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
     bar = progress_bar(range(cfg.pretrain_steps), "pre-train tiny LM", progress)
     for step in bar:

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vlp_bench.backbones import Backbones, VisionEncoder, _tiny_vit, freeze
+from vlp_bench.backbones import Backbones, VisionEncoder, _tiny_vit, freeze, tiny_llama
 from vlp_bench.errors import UserError
 from vlp_bench.flops import PASSES, UNIT
 from vlp_bench.registry import METHODS
@@ -59,21 +59,12 @@ class Scale:
     method_configs: dict  # method name -> its Config at this scale
 
 
-def _meta_llm_tiny(cfg, vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=cfg.width, intermediate_size=4 * cfg.width, num_hidden_layers=cfg.depth,
-        num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, max_position_embeddings=1024,
-        tie_word_embeddings=True, attn_implementation="sdpa"))
-
-
 def tiny_scale(bench) -> Scale:
     """The tiny world as configured; captions of the world's typical length."""
     with torch.device("meta"):
         vision = VisionEncoder(_tiny_vit(bench.vision, 0), bench.vision.image_size, (0.5,) * 3, (0.5,) * 3,
                                bench.vision.feature_layer)
-        llm = _meta_llm_tiny(bench.llm, bench.llm.vocab_size)
+        llm = tiny_llama(bench.llm, bench.llm.vocab_size)
     tokenizer = LengthTokenizer(bench.llm.vocab_size)
     # 7 + EOS: the default tiny world's captions are 7.9 tokens long on average (median 7, max 25)
     return Scale("tiny", Backbones(freeze(vision), freeze(llm), tokenizer), bench.vision.image_size, 7,

@@ -79,12 +79,12 @@ class FlopCount:
     def add(self, part: str, pass_: str, flops: int) -> None:
         self.by_part.setdefault(part, dict.fromkeys(PASSES, 0))[pass_] += int(flops)
 
-    def __add__(self, other: FlopCount) -> FlopCount:
-        out = FlopCount({k: dict(v) for k, v in self.by_part.items()})
+    def update(self, other: FlopCount) -> FlopCount:
+        """Add `other` into this count, in place (into the by_part dict it was built on)."""
         for part, passes in other.by_part.items():
             for pass_, n in passes.items():
-                out.add(part, pass_, n)
-        return out
+                self.add(part, pass_, n)
+        return self
 
     def scaled(self, factor: float) -> dict:
         """by_part with every figure times `factor` (e.g. 1 / batch size: per sample), as floats."""

@@ -168,7 +168,7 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
                 if key is None or key not in flop_cache:
                     flop_cache[key] = count_step(method, batch, stage, autocast)[0]
                     st["flop_counts"] += 1
-                step_flops = step_flops + flop_cache[key]
+                step_flops.update(flop_cache[key])
                 _sync(device)
                 paused += time.perf_counter() - c0
             with autocast:
@@ -189,8 +189,8 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
         st["wall"] += dt
         st["per_stage"][-1]["steps"] += 1
         st["per_stage"][-1]["train_wall_s"] += dt
-        _accumulate(st["flops"], step_flops)
-        _accumulate(st["per_stage"][-1]["flops"], step_flops)
+        FlopCount(st["flops"]).update(step_flops)  # st holds plain dicts (they go into checkpoints),
+        FlopCount(st["per_stage"][-1]["flops"]).update(step_flops)  # updated in place
         if s >= cfg.warmup_exclude:
             st["step_times"].append(dt)
             st["timed_flops"] += step_flops.total
@@ -199,7 +199,7 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
         st["window"].append(loss_sum)
         if step % cfg.log_every == 0 or step == total:
             log.append({"step": step, "stage": stage.name, "samples": st["samples"], "wall_s": round(st["wall"], 4),
-                        "flops": _total(st["flops"]), "step_flops": step_flops.total,
+                        "flops": FlopCount(st["flops"]).total, "step_flops": step_flops.total,
                         "loss": sum(st["window"]) / len(st["window"]), "lr": lr, "tokens_to_llm": st["tokens_to_llm"]})
             st["window"] = []
         if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
@@ -238,29 +238,18 @@ def _stage_summary(stage: dict, with_flops: bool) -> dict:
 
 def flop_summary(by_part: dict, samples: int) -> dict:
     """results.json's FLOP fields from by_part[part][pass] totals over `samples` samples."""
-    count = FlopCount({k: dict(v) for k, v in by_part.items()})
+    count = FlopCount(by_part)
     samples = max(samples, 1)
     return {"flops_unit": UNIT, "train_flops": count.total, "train_flops_forward": count.forward,
             "train_flops_backward": count.backward, "train_flops_per_sample": count.total / samples,
             "flops_by_part": count.by_part, "flops_per_sample_by_part": count.scaled(1 / samples)}
 
 
-def _accumulate(into: dict, count: FlopCount) -> None:
-    """Add a FlopCount into a plain by_part dict (kept plain: it goes into checkpoints)."""
-    for part, passes in count.by_part.items():
-        for pass_, n in passes.items():
-            into.setdefault(part, {"forward": 0, "backward": 0})[pass_] += n
-
-
-def _total(by_part: dict) -> int:
-    return sum(n for passes in by_part.values() for n in passes.values())
-
-
 def _evaluate(method: Method, evaluate: Callable[[int], dict], log: MetricsLog, st: dict) -> None:
     """One point of the learning curve (validation subset), at the training cost spent so far."""
     method.eval()
     log.append({"step": st["step"], "samples": st["samples"], "wall_s": round(st["wall"], 4),
-                "flops": _total(st["flops"]), "split": "val", "eval": evaluate(st["step"])})
+                "flops": FlopCount(st["flops"]).total, "split": "val", "eval": evaluate(st["step"])})
     method.train()
 
 
