@@ -101,7 +101,30 @@ class VisionEncoder(nn.Module):
                     self._num_tokens = self(probe).shape[1]
         return self._num_tokens
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens (CLS, registers); 0 for models without them."""
+        return getattr(self.model, "num_prefix_tokens", 0)
+
+    def can_drop_patches(self) -> bool:
+        m = self.model
+        return all(hasattr(m, a) for a in ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm"))
+
+    def _forward_kept(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m._pos_embed(m.patch_embed(images))  # (B, prefix + patches, D), positions added
+        p = self.num_prefix_tokens
+        kept = x[:, p:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        x = m.norm_pre(torch.cat([x[:, :p], kept], dim=1))
+        for blk in m.blocks[: len(m.blocks) + 1 + self.feature_layer]:
+            x = blk(x)
+        return m.norm(x) if self.feature_layer == -1 else x
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D) tokens. With `keep` (B, K) patch indices, the encoder runs on the prefix tokens
+        and those patches only, as FLIP feeds a ViT: dropped patches cost nothing (can_drop_patches)."""
+        if keep is not None:
+            return self._forward_kept(images, keep)
         m = self.model
         if self.feature_layer == -1 or not hasattr(m, "forward_intermediates"):
             x = m.forward_features(images)

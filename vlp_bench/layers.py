@@ -45,6 +45,11 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
+def projector(in_dim: int, out_dim: int) -> nn.Sequential:
+    """LLaVA-1.5's vision-to-LLM projector: Linear -> GELU -> Linear, at the LLM's width."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
 def mlp(dim: int, ratio: float = 4.0) -> nn.Sequential:
     hidden = int(dim * ratio)
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
