@@ -82,8 +82,7 @@ class Blip2(FrozenLLMMethod):
     def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
         if stage.name != "stage1":
             return super().training_loss(batch, stage)
-        with torch.no_grad():
-            visual = self.vision(batch["images"])
+        visual = self.encode(batch["images"], stage)
         ids, valid = self._text(batch["captions"], visual.device)
         loss = self.itc_itm_itg(visual, ids, valid)
         return StepOutput(loss, 0)  # stage 1 sends nothing to the LLM

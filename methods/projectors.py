@@ -51,10 +51,11 @@ class Pool(FrozenLLMMethod):
 
     Config = PoolConfig
     paper_config = PoolConfig(grid=6)  # 36 tokens from ViT-g's 16 x 16 patches, near BLIP-2's 32 queries
+    needs_patch_grid = True  # vision sides that drop patches (FLIP) cannot feed it
 
     @classmethod
     def check(cls, cfg: PoolConfig, backbones) -> None:
-        patches = backbones.vision.num_tokens - backbones.vision.num_prefix_tokens
+        patches = cls.input_tokens(cfg, backbones.vision) - backbones.vision.num_prefix_tokens
         side = math.isqrt(patches)
         if side * side != patches:
             raise ValueError(f"pool needs a square patch grid; the vision encoder gives {patches} patch tokens")

@@ -43,7 +43,7 @@ class SimVLG(Baseline):
 
     @classmethod
     def check(cls, cfg: SimVLGConfig, backbones) -> None:
-        n, schedule = backbones.vision.num_tokens, layer_schedule(cfg.r, cfg.depth)
+        n, schedule = cls.input_tokens(cfg, backbones.vision), layer_schedule(cfg.r, cfg.depth)
         if sum(schedule) >= n - 1:  # per layer, r is clamped to half the mergeable tokens, as in ToMe
             raise ValueError(f"merge schedule {schedule} removes {sum(schedule)} tokens but the vision "
                              f"encoder gives {n} (CLS + {n - 1} mergeable)")
@@ -71,6 +71,6 @@ class SimVLG(Baseline):
         return self.out(self.norm(x))  # (B, N', llm_dim), N' after merging
 
     def info(self) -> dict:
-        counts = token_counts(self.vision.num_tokens, self.schedule)
-        return {"merge_schedule": self.schedule, "variant": self.cfg.variant,
+        counts = token_counts(self.input_tokens(self.cfg, self.vision), self.schedule)
+        return {**super().info(), "merge_schedule": self.schedule, "variant": self.cfg.variant,
                 "tokens_per_layer": counts, "tokens_to_llm": counts[-1]}

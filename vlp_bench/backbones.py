@@ -106,25 +106,40 @@ class VisionEncoder(nn.Module):
         """Tokens before the patch tokens (CLS, registers); 0 for models without them."""
         return getattr(self.model, "num_prefix_tokens", 0)
 
-    def can_drop_patches(self) -> bool:
-        m = self.model
-        return all(hasattr(m, a) for a in ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm"))
+    def is_plain_vit(self) -> bool:
+        """A timm VisionTransformer, whose blocks vlp-bench runs itself for FLIP's patch dropping and
+        ToMe inside the encoder (EVA and other families have other block signatures: not yet)."""
+        from timm.models.vision_transformer import VisionTransformer
 
-    def _forward_kept(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return isinstance(self.model, VisionTransformer)
+
+    def _forward_blocks(self, images: torch.Tensor, keep: torch.Tensor | None, merge) -> torch.Tensor:
+        from vlp_bench.merging import TokenMerger, merged_block
+
         m = self.model
         x = m._pos_embed(m.patch_embed(images))  # (B, prefix + patches, D), positions added
         p = self.num_prefix_tokens
-        kept = x[:, p:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-        x = m.norm_pre(torch.cat([x[:, :p], kept], dim=1))
-        for blk in m.blocks[: len(m.blocks) + 1 + self.feature_layer]:
-            x = blk(x)
+        if keep is not None:
+            kept = x[:, p:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :p], kept], dim=1)
+        x = m.norm_pre(x)
+        blocks = m.blocks[: len(m.blocks) + 1 + self.feature_layer]
+        if merge is None:
+            for blk in blocks:
+                x = blk(x)
+        else:
+            schedule, variant = merge
+            merger = TokenMerger(x, variant, protected=p)  # CLS and registers are never merged
+            for blk, r in zip(blocks, schedule):
+                x = merged_block(blk, x, merger, r)
         return m.norm(x) if self.feature_layer == -1 else x
 
-    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, N, D) tokens. With `keep` (B, K) patch indices, the encoder runs on the prefix tokens
-        and those patches only, as FLIP feeds a ViT: dropped patches cost nothing (can_drop_patches)."""
-        if keep is not None:
-            return self._forward_kept(images, keep)
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None, merge=None) -> torch.Tensor:
+        """(B, N, D) tokens. With `keep` (B, K) patch indices the encoder runs on the prefix tokens
+        and those patches only, as FLIP feeds a ViT (dropped patches cost nothing); with `merge`
+        = (per-block r, variant) its blocks merge tokens as ToMe does. Both need is_plain_vit()."""
+        if keep is not None or merge is not None:
+            return self._forward_blocks(images, keep, merge)
         m = self.model
         if self.feature_layer == -1 or not hasattr(m, "forward_intermediates"):
             x = m.forward_features(images)

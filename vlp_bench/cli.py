@@ -118,12 +118,12 @@ def flops(
 ):
     """FLOPs of one training sample per method, by part and pass, on the meta device (no weights)."""
     from vlp_bench import costmodel
-    from vlp_bench.registry import METHODS
 
-    cfg = _config(config, set_)
-    names = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else cfg.experiment.methods
-    for name in names:
-        METHODS.get(name)  # unknown names: a one-line error with a suggestion
+    overrides = list(set_ or [])
+    if methods is not None:  # configured like a run of these methods (compositions included)
+        overrides.append("experiment.methods=" + json.dumps([m.strip() for m in methods.split(",") if m.strip()]))
+    cfg = _config(config, overrides)  # unknown methods: a one-line error with a suggestion
+    names = cfg.experiment.methods
     if preset == "tiny":
         scale = costmodel.tiny_scale(cfg)
     elif preset == "paper":
@@ -152,7 +152,7 @@ def list_():
         typer.echo(f"{registry.kind}s:")
         for name in registry.names():
             doc = (registry.get(name).__doc__ or "").strip().splitlines()
-            typer.echo(f"  {name:<14} {doc[0] if doc else ''}")
+            typer.echo(f"  {name:<16} {doc[0] if doc else ''}")
 
 
 @evaluate_app.command("caption")

@@ -65,15 +65,23 @@ class BenchConfig:
     tasks: dict = field(default_factory=dict)  # [tasks.NAME] tables, resolved into each task's Config
 
 
-def _resolve_plugins(tables: dict, registry, section: str) -> dict:
-    """Validate every [section.NAME] table against the registered plug-in's Config."""
-    resolved = {}
-    for name, table in tables.items():
-        if name not in registry:
+def _resolve_plugins(tables: dict, registry, section: str, wanted: list[str] = ()) -> dict:
+    """Validate every [section.NAME] table against the registered plug-in's Config; every plug-in
+    (and every composition named in `wanted`) gets its config, so configs saved with results are
+    complete. A composition "bridge+side" starts from its parts as configured here."""
+    for name in tables:
+        if "+" not in name and name not in registry:
             raise UserError(f"[{section}.{name}]: unknown {registry.kind} '{name}'{suggest(name, registry.names())}")
-        resolved[name] = from_dict(registry.get(name).Config, table, f"{section}.{name}")
-    for name in registry.names():  # every plug-in gets its defaults, so configs saved with results are complete
-        resolved.setdefault(name, registry.get(name).Config())
+    resolved: dict = {}
+    names = dict.fromkeys([*registry.names(), *tables, *wanted])
+    for name in sorted(names, key=lambda n: "+" in n):  # the parts before their compositions
+        cls = registry.get(name)
+        base = {}
+        if getattr(cls, "parts", None):
+            bridge, side = cls.parts
+            own = {f.name for f in dataclasses.fields(registry.get(side).Options)}
+            base = {**{k: v for k, v in to_dict(resolved[side]).items() if k in own}, **to_dict(resolved[bridge])}
+        resolved[name] = from_dict(cls.Config, {**base, **tables.get(name, {})}, f"{section}.{name}")
     return resolved
 
 
@@ -85,12 +93,12 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> BenchCon
 
 def load_config_dict(data: dict) -> BenchConfig:
     cfg = from_dict(BenchConfig, data)
-    cfg.methods = _resolve_plugins(cfg.methods, METHODS, "methods")
-    cfg.tasks = _resolve_plugins(cfg.tasks, TASKS, "tasks")
     for name in cfg.experiment.methods:
-        METHODS.get(name)  # unknown names fail here, before any work
+        METHODS.get(name)  # unknown names (and impossible compositions) fail here, before any work
     for name in cfg.experiment.tasks:
         TASKS.get(name)
+    cfg.methods = _resolve_plugins(cfg.methods, METHODS, "methods", cfg.experiment.methods)
+    cfg.tasks = _resolve_plugins(cfg.tasks, TASKS, "tasks")
     if not cfg.experiment.methods or not cfg.experiment.seeds:
         raise UserError("experiment.methods and experiment.seeds must not be empty")
     if len(set(cfg.experiment.methods)) != len(cfg.experiment.methods):

@@ -151,3 +151,21 @@ class TokenMerger:
             self.merged = True
         self.counts.append(x.shape[1])
         return x
+
+
+def merged_block(block, x: torch.Tensor, merger: TokenMerger, r: int) -> torch.Tensor:
+    """A timm ViT block with ToMe between its attention and its MLP: timm's own attention runs
+    (with proportional attention as its mask) and its keys, caught from the qkv projection, are the
+    matching metric. This is how ToMe runs inside a frozen pre-trained ViT."""
+    caught = {}
+    handle = block.attn.qkv.register_forward_hook(lambda mod, inp, out: caught.setdefault("qkv", out))
+    try:
+        a = block.attn(block.norm1(x), attn_mask=merger.attn_bias())
+    finally:
+        handle.remove()
+    B, T, _ = x.shape
+    heads = block.attn.num_heads
+    keys = caught["qkv"].reshape(B, T, 3, heads, -1)[:, :, 1].transpose(1, 2)  # (B, H, T, hd)
+    x = x + block.drop_path1(block.ls1(a))
+    x = merger(x, block.attn.k_norm(keys), r)
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))

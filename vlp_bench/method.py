@@ -12,6 +12,7 @@ A method is a small file in methods/ with a `Config` dataclass and, for the froz
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -104,23 +105,63 @@ class FrozenLLMMethod(Method):
         """(B, N, vision_dim) -> (B, P, llm_dim)."""
         raise NotImplementedError
 
-    def visual_prefix(self, images: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def input_tokens(cls, cfg, vision) -> int:
+        """Tokens per image that encode() hands the bridge at evaluation (vision sides change it)."""
+        return vision.num_tokens
+
+    def encode(self, images: torch.Tensor, stage: Stage | None = None) -> torch.Tensor:
+        """The frozen encoder's tokens (B, N, vision_dim) for a training stage, or for evaluation
+        (stage None). Vision-side methods (`VisionSide`) change what runs here."""
         with torch.no_grad():
-            visual = self.vision(images)
-        return self.bridge(visual)
+            return self.vision(images)
+
+    def visual_prefix(self, images: torch.Tensor, stage: Stage | None = None) -> torch.Tensor:
+        return self.bridge(self.encode(images, stage))
 
     def shape_key(self, batch: dict, stage: Stage):
         _, rows = lm_rows(self.tokenizer, batch["prompt"], batch["captions"])
         return max(map(len, rows))  # the padded text length; the bridge's output length is fixed
 
     def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
-        prefix = self.visual_prefix(batch["images"])
+        prefix = self.visual_prefix(batch["images"], stage)
         loss = prefix_lm_loss(self.llm, self.tokenizer, prefix, batch["prompt"], batch["captions"])
         return StepOutput(loss, prefix.shape[1])
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompts: list[str], dec: DecodingConfig) -> list[str]:
         return generate_from_prefix(self.llm, self.tokenizer, self.visual_prefix(images), prompts, dec)
+
+
+class VisionSide(FrozenLLMMethod):
+    """A change to what the frozen encoder does (ToMe inside the ViT, FLIP's masking), written as
+    a mixin over `encode`, so it stacks onto any bridge method: `compose()` builds "bridge+side".
+    A side defines `Options` (a dataclass of its own settings) and may override `encode`,
+    `input_tokens`, `stages`, `check` (calling super()) and `info` (adding to super().info())."""
+
+    Options: ClassVar[type]
+
+
+def compose(name: str, bridge: type, side: type) -> type:
+    """The method `name` = bridge method + vision side: the side's encode in front of the bridge's
+    bridge, one config holding both parts' settings."""
+    if not (isinstance(bridge, type) and issubclass(bridge, FrozenLLMMethod)) or issubclass(bridge, VisionSide):
+        raise ValueError(f"'{name}': the first part must be a frozen-LLM bridge method (e.g. baseline, simvlg, "
+                         f"blip2), not '{bridge.name}'")
+    options = getattr(side, "Options", None)
+    if options is None or not issubclass(side, FrozenLLMMethod):
+        raise ValueError(f"'{name}': '{side.name}' is not a vision-side method that can be stacked onto a bridge")
+    config = dataclasses.make_dataclass(f"{bridge.Config.__name__}_{options.__name__}", [],
+                                        bases=(options, bridge.Config))
+    side_mixin = next(c for c in side.__mro__ if VisionSide in c.__bases__)  # the side without its bridge
+    paper = None
+    if bridge.paper_config is not None and side.paper_config is not None:  # each part at its paper scale
+        own = {f.name for f in dataclasses.fields(options)}
+        paper = config(**{**dataclasses.asdict(bridge.paper_config),
+                          **{k: v for k, v in dataclasses.asdict(side.paper_config).items() if k in own}})
+    doc = f"{bridge.name} + {side.name}: {(side_mixin.__doc__ or '').strip().splitlines()[0]}"
+    return type(name.replace("+", "_").replace("-", "_"), (side_mixin, bridge),
+                {"Config": config, "paper_config": paper, "__doc__": doc, "parts": (bridge.name, side.name)})
 
 
 def _embed(llm: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,10 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, package: str):
+    def __init__(self, kind: str, package: str, composer: str = ""):
         self.kind = kind
         self.package = package  # every module of this package is imported to populate the registry
+        self.composer = composer  # "module:function" building entry "a+b" from entries a and b
         self._entries: dict[str, T] = {}
         self._loaded = False
 
@@ -45,6 +46,8 @@ class Registry(Generic[T]):
         for info in pkgutil.iter_modules(pkg.__path__):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{self.package}.{info.name}")
+        for name in getattr(pkg, "COMPOSITIONS", ()):  # compositions listed (and tested) like any entry
+            self.compose(name)
 
     def names(self) -> list[str]:
         self._load()
@@ -52,15 +55,33 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         self._load()
+        if name not in self._entries and self.composer and "+" in name:
+            return self.compose(name)
         if name not in self._entries:
             known = ", ".join(self.names())
             raise UserError(f"unknown {self.kind} '{name}'{suggest(name, self._entries)}; known: {known}")
         return self._entries[name]
 
+    def compose(self, name: str) -> T:
+        """Entry "a+b" (e.g. simvlg+tome-vit), built from a and b by the composer and registered."""
+        parts = name.split("+")
+        if len(parts) != 2:
+            raise UserError(f"{self.kind} '{name}': a composition has exactly two parts, 'a+b'")
+        first, second = (self.get(p) for p in parts)
+        module, _, func = self.composer.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module), func)(name, first, second)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return self.register(name)(obj)
+
     def __contains__(self, name: str) -> bool:
-        self._load()
-        return name in self._entries
+        try:
+            self.get(name)
+        except UserError:
+            return False
+        return True
 
 
-METHODS: Registry = Registry("method", "vlp_bench.methods")
+METHODS: Registry = Registry("method", "vlp_bench.methods", composer="vlp_bench.method:compose")
 TASKS: Registry = Registry("task", "vlp_bench.tasks")
