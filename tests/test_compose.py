@@ -91,7 +91,8 @@ def test_a_composition_starts_from_its_parts_as_configured():
     on_demand = cfg.methods["baseline+tome-vit"]
     assert (on_demand.depth, on_demand.vit_r) == (3, 4)  # the bridge's settings, the side's own ones
     assert cfg.methods["simvlg+tome-vit"].vit_r == 2  # its own table wins
-    assert cfg.methods["simvlg+tome-vit"].r == cfg.methods["simvlg"].r
+    assert cfg.methods["simvlg+tome-vit"].r == 4 != cfg.methods["simvlg"].r  # the pair's own default
+    assert cfg.methods["simvlg+tome-vit"].width == cfg.methods["simvlg"].width  # the rest from its parts
 
 
 def test_paper_scale_cost_of_a_composition():

@@ -78,3 +78,15 @@ def test_flops_cli_tiny_and_paper(tiny_overrides):
 def test_flops_bad_input_is_one_line(args, message):
     proc = cli("flops", *args)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_method_as_configured_by_default_fits_the_default_tiny_backbones():
+    """bench.toml's defaults must make every registered method (compositions too) runnable."""
+    from vlp_bench.experiment import load_config
+    from vlp_bench.registry import METHODS
+
+    cfg = load_config(None)
+    names = METHODS.names()
+    table = costmodel.cost_table(costmodel.tiny_scale(cfg), names)  # runs each method's check() first
+    assert set(table["methods"]) == set(names)
+    assert table["methods"]["simvlg+tome-vit"]["tokens_to_llm"] == table["methods"]["simvlg"]["tokens_to_llm"]

@@ -68,7 +68,8 @@ class BenchConfig:
 def _resolve_plugins(tables: dict, registry, section: str, wanted: list[str] = ()) -> dict:
     """Validate every [section.NAME] table against the registered plug-in's Config; every plug-in
     (and every composition named in `wanted`) gets its config, so configs saved with results are
-    complete. A composition "bridge+side" starts from its parts as configured here."""
+    complete. A composition "bridge+side" starts from its parts as configured here (and the pair's
+    own defaults, methods/__init__.py)."""
     for name in tables:
         if "+" not in name and name not in registry:
             raise UserError(f"[{section}.{name}]: unknown {registry.kind} '{name}'{suggest(name, registry.names())}")
@@ -80,7 +81,8 @@ def _resolve_plugins(tables: dict, registry, section: str, wanted: list[str] = (
         if getattr(cls, "parts", None):
             bridge, side = cls.parts
             own = {f.name for f in dataclasses.fields(registry.get(side).Options)}
-            base = {**{k: v for k, v in to_dict(resolved[side]).items() if k in own}, **to_dict(resolved[bridge])}
+            base = {**{k: v for k, v in to_dict(resolved[side]).items() if k in own}, **to_dict(resolved[bridge]),
+                    **cls.config_defaults}
         resolved[name] = from_dict(cls.Config, {**base, **tables.get(name, {})}, f"{section}.{name}")
     return resolved
 

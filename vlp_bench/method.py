@@ -151,8 +151,13 @@ def compose(name: str, bridge: type, side: type) -> type:
     options = getattr(side, "Options", None)
     if options is None or not issubclass(side, FrozenLLMMethod):
         raise ValueError(f"'{name}': '{side.name}' is not a vision-side method that can be stacked onto a bridge")
-    config = dataclasses.make_dataclass(f"{bridge.Config.__name__}_{options.__name__}", [],
-                                        bases=(options, bridge.Config))
+    from vlp_bench.methods import COMPOSITIONS
+
+    defaults = dict(COMPOSITIONS.get(name, {}))  # a registered pair's own defaults, e.g. a smaller r
+    config = dataclasses.make_dataclass(f"{bridge.Config.__name__}_{options.__name__}", [], bases=(options, bridge.Config))
+    types = {f.name: f.type for f in dataclasses.fields(config)}
+    config = dataclasses.make_dataclass(config.__name__, [(k, types[k], dataclasses.field(default=v))
+                                                          for k, v in defaults.items()], bases=(config,))
     side_mixin = next(c for c in side.__mro__ if VisionSide in c.__bases__)  # the side without its bridge
     paper = None
     if bridge.paper_config is not None and side.paper_config is not None:  # each part at its paper scale
@@ -161,7 +166,8 @@ def compose(name: str, bridge: type, side: type) -> type:
                           **{k: v for k, v in dataclasses.asdict(side.paper_config).items() if k in own}})
     doc = f"{bridge.name} + {side.name}: {(side_mixin.__doc__ or '').strip().splitlines()[0]}"
     return type(name.replace("+", "_").replace("-", "_"), (side_mixin, bridge),
-                {"Config": config, "paper_config": paper, "__doc__": doc, "parts": (bridge.name, side.name)})
+                {"Config": config, "paper_config": paper, "__doc__": doc, "parts": (bridge.name, side.name),
+                 "config_defaults": defaults})
 
 
 def _embed(llm: nn.Module, ids: torch.Tensor) -> torch.Tensor:
