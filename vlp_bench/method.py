@@ -154,10 +154,10 @@ def compose(name: str, bridge: type, side: type) -> type:
     from vlp_bench.methods import COMPOSITIONS
 
     defaults = dict(COMPOSITIONS.get(name, {}))  # a registered pair's own defaults, e.g. a smaller r
-    config = dataclasses.make_dataclass(f"{bridge.Config.__name__}_{options.__name__}", [], bases=(options, bridge.Config))
-    types = {f.name: f.type for f in dataclasses.fields(config)}
-    config = dataclasses.make_dataclass(config.__name__, [(k, types[k], dataclasses.field(default=v))
-                                                          for k, v in defaults.items()], bases=(config,))
+    types = {f.name: f.type for c in (options, bridge.Config) for f in dataclasses.fields(c)}
+    config = dataclasses.make_dataclass(f"{bridge.Config.__name__}_{options.__name__}",
+                                        [(k, types[k], dataclasses.field(default=v)) for k, v in defaults.items()],
+                                        bases=(options, bridge.Config))
     side_mixin = next(c for c in side.__mro__ if VisionSide in c.__bases__)  # the side without its bridge
     paper = None
     if bridge.paper_config is not None and side.paper_config is not None:  # each part at its paper scale
