@@ -107,3 +107,11 @@ def test_paper_scale_cost_of_a_composition():
     assert m["simvlg+flip"]["total"] < m["flip"]["total"]
     eva = cli("flops", "--preset", "paper", "--methods", "tome-vit")
     assert eva.returncode == 2 and "needs a timm VisionTransformer, not Eva" in eva.stderr
+
+
+def test_compositions_built_on_demand_are_usable_but_not_listed():
+    listed = METHODS.names()
+    assert {"simvlg+tome-vit", "simvlg+flip"} <= set(listed)  # the registered ones
+    cls = METHODS.get("mlp+tome-vit")
+    assert cls.name == "mlp+tome-vit" and cls is METHODS.get("mlp+tome-vit") and "mlp+tome-vit" in METHODS
+    assert METHODS.names() == listed

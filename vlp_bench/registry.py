@@ -26,6 +26,7 @@ class Registry(Generic[T]):
         self.package = package  # every module of this package is imported to populate the registry
         self.composer = composer  # "module:function" building entry "a+b" from entries a and b
         self._entries: dict[str, T] = {}
+        self._composed: dict[str, T] = {}  # built on demand: usable by name, not listed
         self._loaded = False
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -47,7 +48,7 @@ class Registry(Generic[T]):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{self.package}.{info.name}")
         for name in getattr(pkg, "COMPOSITIONS", ()):  # compositions listed (and tested) like any entry
-            self.compose(name)
+            self.register(name)(self.compose(name))
 
     def names(self) -> list[str]:
         self._load()
@@ -56,14 +57,16 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         self._load()
         if name not in self._entries and self.composer and "+" in name:
-            return self.compose(name)
+            if name not in self._composed:
+                self._composed[name] = self.compose(name)
+            return self._composed[name]
         if name not in self._entries:
             known = ", ".join(self.names())
             raise UserError(f"unknown {self.kind} '{name}'{suggest(name, self._entries)}; known: {known}")
         return self._entries[name]
 
     def compose(self, name: str) -> T:
-        """Entry "a+b" (e.g. simvlg+tome-vit), built from a and b by the composer and registered."""
+        """Entry "a+b" (e.g. simvlg+tome-vit), built from entries a and b by the composer."""
         parts = name.split("+")
         if len(parts) != 2:
             raise UserError(f"{self.kind} '{name}': a composition has exactly two parts, 'a+b'")
@@ -73,7 +76,8 @@ class Registry(Generic[T]):
             obj = getattr(importlib.import_module(module), func)(name, first, second)
         except ValueError as e:
             raise UserError(str(e)) from None
-        return self.register(name)(obj)
+        obj.name = name
+        return obj
 
     def __contains__(self, name: str) -> bool:
         try:
