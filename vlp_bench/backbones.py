@@ -107,11 +107,11 @@ class VisionEncoder(nn.Module):
         return getattr(self.model, "num_prefix_tokens", 0)
 
     def is_plain_vit(self) -> bool:
-        """A timm VisionTransformer, whose blocks vlp-bench runs itself for FLIP's patch dropping and
-        ToMe inside the encoder (EVA and other families have other block signatures: not yet)."""
-        from timm.models.vision_transformer import VisionTransformer
+        """A timm VisionTransformer of plain blocks, which vlp-bench runs itself for FLIP's patch
+        dropping and ToMe inside the encoder (EVA, parallel or post-norm blocks: not yet)."""
+        from timm.models.vision_transformer import Block, VisionTransformer
 
-        return isinstance(self.model, VisionTransformer)
+        return isinstance(self.model, VisionTransformer) and all(type(b) is Block for b in self.model.blocks)
 
     def _forward_blocks(self, images: torch.Tensor, keep: torch.Tensor | None, merge) -> torch.Tensor:
         from vlp_bench.merging import TokenMerger, merged_block
