@@ -23,7 +23,7 @@ import torch
 
 from vlp_bench.backbones import Backbones, VisionEncoder, _tiny_vit, freeze, tiny_llama
 from vlp_bench.errors import UserError
-from vlp_bench.flops import PASSES, UNIT
+from vlp_bench.flops import UNIT, FlopCount
 from vlp_bench.registry import METHODS
 from vlp_bench.trainer import count_step
 
@@ -104,19 +104,17 @@ def per_sample_costs(scale: Scale, names: list[str]) -> dict:
         method.train()
         batch = {"images": torch.empty(BATCH, 3, scale.image_size, scale.image_size, device="meta"),
                  "prompt": scale.prompt, "captions": [" ".join(["w"] * scale.caption_words)] * BATCH}
-        stages, mean, total_steps = [], {}, 10_000
+        stages, mean, total_steps = [], FlopCount(), 10_000
         for stage in method.stages(total_steps):
             count, out = count_step(method, batch, stage, contextlib.nullcontext())
             share = stage.steps / total_steps
             per = count.scaled(1 / BATCH)
             stages.append({"name": stage.name, "share": share, "tokens_to_llm": out.tokens_to_llm,
                            "per_sample": per, "total": count.total / BATCH})
-            for part, passes in per.items():
-                for pass_, n in passes.items():
-                    mean.setdefault(part, dict.fromkeys(PASSES, 0.0))[pass_] += share * n
-        fwd, bwd = (sum(p[k] for p in mean.values()) for k in PASSES)
-        results[name] = {"tokens_to_llm": stages[-1]["tokens_to_llm"], "stages": stages, "per_sample": mean,
-                         "forward": fwd, "backward": bwd, "total": fwd + bwd}
+            mean.update(FlopCount(FlopCount(per).scaled(share)))
+        results[name] = {"tokens_to_llm": stages[-1]["tokens_to_llm"], "stages": stages,
+                         "per_sample": mean.by_part, "forward": mean.forward, "backward": mean.backward,
+                         "total": mean.total}
     ref = results[REFERENCE]["total"]
     for r in results.values():
         r["ratio_to_baseline"] = ref / r["total"]

@@ -76,8 +76,8 @@ class FlopCount:
     def total(self) -> int:
         return self.forward + self.backward
 
-    def add(self, part: str, pass_: str, flops: int) -> None:
-        self.by_part.setdefault(part, dict.fromkeys(PASSES, 0))[pass_] += int(flops)
+    def add(self, part: str, pass_: str, flops: float) -> None:
+        self.by_part.setdefault(part, dict.fromkeys(PASSES, 0))[pass_] += flops
 
     def update(self, other: FlopCount) -> FlopCount:
         """Add `other` into this count, in place (into the by_part dict it was built on)."""
@@ -89,10 +89,6 @@ class FlopCount:
     def scaled(self, factor: float) -> dict:
         """by_part with every figure times `factor` (e.g. 1 / batch size: per sample), as floats."""
         return {part: {p: n * factor for p, n in passes.items()} for part, passes in self.by_part.items()}
-
-    def to_dict(self) -> dict:
-        return {"unit": self.unit, "total": self.total, "forward": self.forward, "backward": self.backward,
-                "by_part": {k: dict(v) for k, v in self.by_part.items()}}
 
 
 class _FusedAttentionOnMeta(TorchFunctionMode):
@@ -147,7 +143,7 @@ class FlopCounter(TorchDispatchMode):
         formula = FORMULAS.get(func._overloadpacket)
         if formula is not None:
             self.result.add(self._current(), "backward" if _in_backward() else "forward",
-                            formula(*args, **kwargs, out_val=out))
+                            int(formula(*args, **kwargs, out_val=out)))
         return out
 
     def _hook(self, name: str, module: nn.Module) -> None:
