@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # A tiny experiment: the same code path as the default one, sized to finish in seconds.
 TINY = [
+    "experiment.methods=['baseline']",  # one method unless a test names others
     "world.n_train=96", "world.n_val=16", "world.n_test=16",
     "vision.pretrain_steps=20", "vision.width=32", "vision.depth=1", "vision.heads=2",
     "llm.pretrain_steps=20", "llm.width=32", "llm.depth=1", "llm.heads=2", "llm.vocab_size=400",

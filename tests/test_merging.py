@@ -176,3 +176,31 @@ def test_curriculum_applies_in_training_only():
     assert sim.bridge(v).shape[1] == 65 - 10
     sim.eval()
     assert sim.bridge(v).shape[1] == 65 - 20  # inference always uses the full schedule
+
+
+@pytest.mark.parametrize("name", ["simvlg", "tome-vit", "simvlg+tome-vit"])
+def test_source_tracking_partitions_the_patches_and_changes_nothing(name):
+    """ToMe's source tracking (the report's picture): each token reaching the LLM holds a disjoint
+    set of input tokens, their number is the token's size, and tracking leaves the output unchanged."""
+    from vlp_bench.merging import token_groups, track_sources
+    from vlp_bench.registry import METHODS
+
+    cls = METHODS.get(name)
+    method = cls(from_dict(cls.Config, {"width": 32, "heads": 2}), random_backbones()).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = method.visual_prefix(images)
+        with track_sources() as mergers:
+            tracked = method.visual_prefix(images)
+    assert torch.equal(plain, tracked) and mergers
+    for m in mergers:  # every input token sits in exactly one output token, whose size counts them
+        assert torch.equal(m.source.sum(dim=1), torch.ones(2, m.source.shape[-1]))
+        assert torch.equal(m.source.sum(dim=-1), m.size[..., 0])
+    groups = token_groups(mergers)
+    assert groups.shape == (2, 65) and (groups[:, 0] == 0).all()  # CLS alone, first
+    for b in range(2):  # every token that reaches the LLM holds at least one patch
+        assert groups[b].unique().tolist() == list(range(plain.shape[1]))
+    baseline = Baseline(from_dict(Baseline.Config, {"width": 32, "heads": 2}), random_backbones()).eval()
+    with torch.no_grad(), track_sources() as none:
+        baseline.visual_prefix(images)
+    assert none == []  # nothing merged, nothing tracked

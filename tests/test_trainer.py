@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,16 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_two_stage_run(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), resumed.parameters()))
     assert cost["steps"] == 6 and cost["samples_seen"] == 24
     assert [(s["name"], s["steps"]) for s in cost["stages"]] == [("one", 2), ("two", 4)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="per-run peak RSS needs Linux's /proc")
+def test_peak_memory_is_measured_per_run():
+    """The runs of an experiment share one process: each run's peak starts from its own start."""
+    from vlp_bench.trainer import peak_memory_bytes, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2**20)  # 256 MiB, then freed
+    del big
+    before = peak_memory_bytes(cpu)
+    assert reset_peak_memory(cpu) == "run_peak_rss"
+    assert peak_memory_bytes(cpu) < before - 128 * 2**20

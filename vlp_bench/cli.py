@@ -47,8 +47,7 @@ def run(
             raise UserError("--resume continues an experiment with its saved config; give it no other option")
         cfg = resume_config(resume)
         dirs = run_experiment(cfg, resume=True)
-        _print_summary(dirs, cfg.target)
-        typer.echo(f"results in {resume}")
+        _after_run(resume, dirs, cfg)
         return
     overrides = list(set_ or [])
     if methods is not None:
@@ -62,8 +61,30 @@ def run(
         overrides.append("experiment.out=" + json.dumps(str(out)))
     cfg = _config(config, overrides)
     dirs = run_experiment(cfg)
+    _after_run(dirs[0].parent, dirs, cfg)
+
+
+def _after_run(out: Path, dirs, cfg) -> None:
+    """The tables on stdout; then, in the experiment directory, the methods' paper-scale costs
+    (flops-paper.json, once) and report.html. Neither of the last two can fail a finished run."""
+    from vlp_bench import costmodel
+    from vlp_bench.experiment import say
+    from vlp_bench.reports import html
+
     _print_summary(dirs, cfg.target)
-    typer.echo(f"results in {dirs[0].parent}")
+    paper = out / "flops-paper.json"
+    try:
+        if not paper.is_file():
+            say("paper-scale costs of these methods (flops-paper.json)")
+            table = costmodel.costable_table(costmodel.paper_scale(), cfg.experiment.methods)
+            paper.write_text(json.dumps(table, indent=2))
+        say("report")
+        report = html.write(dirs, out / "report.html", metric=cfg.target.metric, target=cfg.target.value or None,
+                            reference=cfg.target.reference or None, flops_files=[paper] if paper.is_file() else [])
+        typer.echo(f"report: {report}")
+    except Exception as e:  # noqa: BLE001 - the runs are done and saved; say what went wrong, keep them
+        say(f"the report could not be written ({type(e).__name__}: {e}); `vlp-bench report {out}` retries")
+    typer.echo(f"results in {out}")
 
 
 def _print_summary(dirs, target, as_json: bool = False, strict: bool = False) -> None:
@@ -105,6 +126,41 @@ def summary(
     except ValueError as e:
         raise UserError(str(e)) from None
     _print_summary(run_dirs(runs), cfg, as_json, strict=True)
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories, or experiment directories holding them."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: EXPERIMENT/report.html for "
+                                                               "one experiment directory, else ./report.html)."),
+    metric: Optional[str] = typer.Option(None, help="task.key of the learning curve (default: target.metric)."),
+    target: Optional[float] = typer.Option(None, help="Target value (default: the reference's final value)."),
+    reference: Optional[str] = typer.Option(None, help="Reference method (default: baseline if it ran, else the first)."),
+    flops_: Optional[list[Path]] = typer.Option(None, "--flops", help="A `vlp-bench flops --json` table to show "
+                                                "(repeatable; default: the flops-*.json of the experiment directories)."),
+):
+    """Write the self-contained HTML speed-up report of finished runs (from their result files only)."""
+    from vlp_bench.experiment import TargetConfig
+    from vlp_bench.reports import html
+    from vlp_bench.reports.summary import run_dirs
+
+    cfg = TargetConfig(metric=metric or TargetConfig.metric, value=target or 0.0, reference=reference or "")
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    dirs = run_dirs(runs)
+    experiments = [p for p in runs if not (p / "results.json").is_file()]
+    if flops_ is None:
+        flops_ = sorted(f for p in experiments for f in p.glob("flops-*.json"))
+    for f in flops_:
+        if not f.is_file():
+            raise UserError(f"--flops {f}: no such file")
+    if out is None:
+        out = experiments[0] / "report.html" if len(runs) == 1 and experiments else Path("report.html")
+    path = html.write(dirs, out, metric=cfg.metric, target=cfg.value or None, reference=cfg.reference or None,
+                      flops_files=flops_, strict=any(x is not None for x in (metric, target, reference)))
+    typer.echo(f"report: {path}")
 
 
 @app.command()

@@ -127,6 +127,24 @@ def cost_table(scale: Scale, names: list[str]) -> dict:
             "vision_tokens": scale.backbones.vision.num_tokens, "methods": per_sample_costs(scale, names)}
 
 
+def costable_table(scale: Scale, names: list[str]) -> dict:
+    """cost_table of the methods this scale can cost; the others are listed under "skipped" with
+    the reason (no config at this scale, or one its backbones cannot run), so a report can say so."""
+    ok, skipped = [], {}
+    for name in names:
+        cfg = scale.method_configs.get(name)
+        if cfg is None:
+            skipped[name] = f"no {scale.name}-scale config (`paper_config` in its file)"
+            continue
+        try:
+            METHODS.get(name).check(cfg, scale.backbones)
+        except ValueError as e:
+            skipped[name] = str(e)
+            continue
+        ok.append(name)
+    return {**cost_table(scale, ok), "skipped": skipped}
+
+
 def format_table(table: dict) -> str:
     """A plain-text table in GFLOP per sample."""
     parts = ["vision", "bridge", "llm"]

@@ -26,7 +26,8 @@ from vlp_bench.world import WorldConfig, build_world
 
 @dataclass
 class ExperimentConfig:
-    methods: list[str] = field(default_factory=lambda: ["baseline"])  # registry names, see `vlp-bench list`
+    # the seeds' central comparison (SimVLG and BLIP-2 against the no-merge baseline); `vlp-bench list`
+    methods: list[str] = field(default_factory=lambda: ["baseline", "simvlg", "blip2"])
     seeds: list[int] = field(default_factory=lambda: [0])  # one run per (method, seed)
     tasks: list[str] = field(default_factory=lambda: ["caption", "vqa"])  # evaluated after training (and during, on val)
     out: str = ""  # "" = runs/<date-time>
@@ -249,6 +250,8 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, ima
                     "split": "test", "eval": record["metrics"], "final": True})
         record["cost"]["total_wall_s"] = time.perf_counter() - t0
         record["method_info"] = method.info()
+        if "caption" in tasks:  # the report's picture of what merging does, beside the captions
+            _save_token_groups(method, tasks["caption"], run_dir)
         record["status"] = "finished"
     except UserError:
         raise
@@ -263,3 +266,44 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, ima
         say(f"run {run_dir.name} FAILED: {record['error']}")
     atomic_write_json(run_dir / "results.json", record)
     checkpoint.unlink(missing_ok=True)  # the run is over: its results are complete
+
+
+TOKEN_GROUP_IMAGES = 4  # a few evaluation images: enough to see the pattern, small enough to embed
+
+
+def _save_token_groups(method, task, run_dir: Path) -> None:
+    """For the first caption-evaluation images, which patches each token reaching the LLM holds
+    (ToMe's source tracking through every merge, in the ViT and in the bridge), with the image as
+    the encoder saw it: token_groups.json and token_groups/ID.png. Methods that merge nothing (or
+    do not hand the LLM a visual prefix) write nothing."""
+    from PIL import Image
+
+    from vlp_bench.merging import token_groups, track_sources
+
+    vision = getattr(method, "vision", None)
+    grid = getattr(getattr(getattr(vision, "model", None), "patch_embed", None), "grid_size", None)
+    if not hasattr(method, "visual_prefix") or grid is None:
+        return
+    data = CaptionSplit(task.root, task.cfg.split)
+    ids = data.image_ids[:TOKEN_GROUP_IMAGES]
+    images = task.images.batch([data.image_path(i) for i in ids]).to(next(method.parameters()).device)
+    method.eval()
+    with torch.no_grad(), track_sources() as mergers:
+        prefix = method.visual_prefix(images)
+    if not mergers:
+        return
+    groups = token_groups(mergers).cpu()  # (B, prefix + patches) -> index of the token to the LLM
+    p, (gh, gw) = vision.num_prefix_tokens, grid
+    if groups.shape[1] != p + gh * gw or groups.max() >= prefix.shape[1]:
+        return  # not a plain patch grid, or tokens added after merging: nothing honest to draw
+    (run_dir / "token_groups").mkdir(exist_ok=True)
+    rows = []
+    for k, image_id in enumerate(ids):
+        with Image.open(data.image_path(image_id)) as im:
+            im.convert("RGB").resize((vision.image_size,) * 2, Image.BICUBIC).save(
+                run_dir / "token_groups" / f"{image_id}.png")
+        rows.append({"image_id": image_id, "file": f"token_groups/{image_id}.png",
+                     "groups": groups[k, p:].view(gh, gw).tolist(), "prefix_groups": groups[k, :p].tolist()})
+    atomic_write_json(run_dir / "token_groups.json", {
+        "split": task.cfg.split, "image_size": vision.image_size, "grid": [gh, gw], "prefix_tokens": p,
+        "tokens_to_llm": prefix.shape[1], "images": rows})

@@ -18,6 +18,7 @@ Variants (an ablation switch):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Literal, Sequence
 
 import torch
@@ -130,6 +131,11 @@ class TokenMerger:
         self.size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=x.dtype)
         self.merged = False
         self.counts = [x.shape[1]]
+        self.source = None  # (B, T, T_in) 0/1: which input tokens each token holds, under track_sources()
+        if _TRACKING:
+            self.source = torch.eye(x.shape[1], device=x.device).expand(x.shape[0], -1, -1)
+            for found in _TRACKING:
+                found.append(self)
 
     def attn_bias(self) -> torch.Tensor | None:
         """Proportional attention: + log(size) on each key's logit (tome only; None until a merge)."""
@@ -148,9 +154,45 @@ class TokenMerger:
             else:
                 x = apply_merge(x, plan, "mean")
                 self.size = apply_merge(self.size, plan, "sum")
+            if self.source is not None:
+                self.source = apply_merge(self.source, plan, "amax")
             self.merged = True
         self.counts.append(x.shape[1])
         return x
+
+
+# ----------------------------------------------------------------------------- source tracking
+
+_TRACKING: list[list] = []  # the lists of the open track_sources() contexts
+
+
+@contextmanager
+def track_sources():
+    """ToMe's source tracking: every TokenMerger made inside records, in its `source`, which of its
+    input tokens each of its output tokens holds. Yields the mergers in the order they were made.
+
+        with torch.no_grad(), track_sources() as mergers:
+            method.visual_prefix(images)
+        groups = token_groups(mergers)
+    """
+    found: list[TokenMerger] = []
+    _TRACKING.append(found)
+    try:
+        yield found
+    finally:
+        _TRACKING.remove(found)
+
+
+def token_groups(mergers: Sequence[TokenMerger]) -> torch.Tensor:
+    """(B, T_in) long: for each input token of the first merger, the output token of the last one
+    that holds it. Mergers run one after the other (ToMe in the ViT, then in the bridge), each on the
+    tokens the previous one output."""
+    source = mergers[0].source
+    for m in mergers[1:]:
+        if m.source.shape[-1] != source.shape[1]:
+            raise ValueError(f"a merger over {m.source.shape[-1]} tokens follows one that output {source.shape[1]}")
+        source = m.source @ source
+    return source.argmax(dim=1)
 
 
 def merged_block(block, x: torch.Tensor, merger: TokenMerger, r: int) -> torch.Tensor:

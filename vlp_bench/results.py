@@ -21,6 +21,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from vlp_bench.errors import UserError
+
 SCHEMA_VERSION = 2  # 2: FLOPs and the validation learning curve (step 0 .. last); see the docs
 READABLE_VERSIONS = (1, 2)  # version 1 records read fine: their FLOP fields are just absent
 
@@ -49,7 +51,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except ValueError as e:  # bad JSON or bad UTF-8: name the file, never a traceback
+        raise UserError(f"{path}: not a JSON-lines file ({type(e).__name__}: {e})") from None
 
 
 class MetricsLog:

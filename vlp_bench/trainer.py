@@ -108,11 +108,28 @@ def count_step(method: Method, batch: dict, stage: Stage, autocast) -> tuple[Flo
     return counter.result, out
 
 
+def reset_peak_memory(device: torch.device) -> str:
+    """Start a run's peak-memory window (the runs of an experiment share one process); returns the
+    kind of peak that peak_memory_bytes() will then read."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "cuda_max_allocated"
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS (VmHWM) to the current RSS
+        return "run_peak_rss"
+    except OSError:
+        return "process_max_rss"  # elsewhere: the peak since the process started, earlier runs included
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch.device, log: MetricsLog,
@@ -127,6 +144,7 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
                 else contextlib.nullcontext())
     schedule = [(stage, s) for stage in method.stages(cfg.steps) for s in range(stage.steps)]
     total = len(schedule)
+    memory_kind = reset_peak_memory(device)
     st = {"step": 0, "samples": 0, "wall": 0.0, "step_times": [], "window": [], "per_stage": [],
           "tokens_to_llm": None, "flops": {}, "timed_flops": 0, "flop_counts": 0}
     flop_cache: dict = {}  # (stage, image shape, method.shape_key) -> FlopCount of one micro-batch
@@ -221,7 +239,7 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
         "tokens_to_llm": st["tokens_to_llm"],
         "trainable_params": sum(p.numel() for p in method.parameters() if p.requires_grad),
         "peak_memory_bytes": peak_memory_bytes(device),
-        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+        "peak_memory_kind": memory_kind,
         **(flop_summary(st["flops"], st["samples"]) if cfg.count_flops else {}),
         "flop_counts": st["flop_counts"],
         "achieved_flops_per_s": achieved,
