@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -124,6 +125,23 @@ def test_token_groups_show_what_reached_the_llm(experiment):
         assert (out / "simvlg-seed0" / im["file"]).is_file()
         assert html.escape(captions[im["image_id"]]) in page
     assert page.count('src="data:image/png;base64,') == len(tg["images"])
+
+
+def test_report_is_a_pure_function_of_the_result_files(experiment, tmp_path):
+    """Regenerated from a copy of the files (no model, no data root), the page is the same but
+    for the time it was generated."""
+    out, _ = experiment
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("report.html"))
+    dirs = sorted(d for d in copy.iterdir() if (d / "results.json").is_file())
+    pages = [report.render(dirs, flops_files=[copy / "flops-paper.json"]) for _ in range(2)]
+    original = (out / "report.html").read_text()
+
+    def strip(page: str) -> str:  # the generation time, and the directories (the copy's own)
+        page = re.sub(r"Generated [^<]*? from", "Generated from", page)
+        return page.replace(str(copy), "OUT").replace(str(out), "OUT")
+
+    assert strip(pages[0]) == strip(pages[1]) == strip(original)
 
 
 def test_report_command_rescore_and_errors(experiment, tmp_path):
