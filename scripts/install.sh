@@ -5,12 +5,15 @@
 # this project's CI machines they install from local disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+apt_install() {  # Debian packages, as root or through password-less sudo; fails when neither works
+  local run=()
+  [ "$(id -u)" = 0 ] || { command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && run=(sudo); } || return 1
+  command -v apt-get >/dev/null 2>&1 || return 1
+  ("${run[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${run[@]}" apt-get install -y -qq "$@") >/dev/null
+}
 if ! command -v java >/dev/null 2>&1; then  # pycocoevalcap's tokenizer and METEOR run on Java
-  if command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless) >/dev/null
-  else
-    echo "install: Java (17+) is required by pycocoevalcap; please install it" >&2; exit 2
-  fi
+  apt_install openjdk-17-jre-headless || {
+    echo "install: Java (17+) is required by pycocoevalcap; please install it" >&2; exit 2; }
 fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -20,11 +23,8 @@ fi
 if [ "${1:-}" = "test" ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
   if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
-    if command -v apt-get >/dev/null 2>&1; then
-      (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null
-    else
-      echo "install: the report's browser test needs Chromium; install it, or the test is skipped" >&2
-    fi
+    apt_install chromium || {  # the report's browser test (CI=true makes its absence a failure)
+      echo "install: the report's browser test needs Chromium; install it, or the test is skipped" >&2; }
   fi
 else
   .venv/bin/python -m pip install -q -e .
