@@ -383,6 +383,52 @@ def merge_pictures(runs: list[Run]) -> list[dict]:
     return out
 
 
+def search_section(path: Path, uid: str = "search") -> dict:
+    """A `vlp-bench search` study (its search.json): the trials against their cost with the Pareto
+    front (or the best trial), the front's settings, parameter importances."""
+    sns = _setup_plots()
+    import matplotlib.pyplot as plt
+
+    try:
+        summary = json.loads(Path(path).read_text())
+        trials, metric, mode = summary["trials"], summary["metric"], summary["mode"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a `vlp-bench search` summary ({type(e).__name__}: {e})") from None
+    done = [t for t in trials if t["state"] == "COMPLETE"]
+    best = set(summary.get("best", []))
+    rows = []
+    for t in sorted(done, key=lambda t: t["user_attrs"].get("train_flops", 0)):
+        a = t["user_attrs"]
+        rows.append({"trial": t["number"], "on front" if mode == "pareto" else "best": "yes" if t["number"] in best else "",
+                     **{k: (f"{v:.3g}" if isinstance(v, float) else str(v)) for k, v in t["params"].items()},
+                     "tokens to LLM": a.get("tokens_to_llm"), f"{metric} (val)": f"{t['values'][0]:.3f}",
+                     f"{metric} (test)": f"{a.get('test_' + metric, float('nan')):.3f}",
+                     "train TFLOP": f"{a.get('train_flops', 0) / 1e12:.3f}", "train s": f"{a.get('train_wall_s', 0):.1f}"})
+    figure = None
+    if done:
+        frame = pd.DataFrame({"cost": [t["user_attrs"].get("train_flops", 0) / 1e12 for t in done],
+                              "q": [t["values"][0] for t in done], "front": [t["number"] in best for t in done],
+                              "trial": [t["number"] for t in done]})
+        fig, ax = plt.subplots(figsize=(6.5, 3.6))
+        sns.scatterplot(frame, x="cost", y="q", hue="front", palette={True: "#d55e00", False: "#999999"}, ax=ax, s=40)
+        front = frame[frame["front"]].sort_values("cost")
+        if mode == "pareto" and len(front) > 1:
+            ax.step(front["cost"], front["q"], where="post", color="#d55e00", lw=1)
+        for _, row in frame.iterrows():
+            ax.annotate(str(int(row["trial"])), (row["cost"], row["q"]), textcoords="offset points", xytext=(4, 3),
+                        fontsize=7)
+        ax.set_xlabel("training compute (TFLOP)")
+        ax.set_ylabel(f"{metric} (validation)")
+        figure = _data_uri(fig)
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t["state"]] = states.get(t["state"], 0) + 1
+    return {"file": str(path), "study": summary.get("study"), "mode": mode, "metric": metric, "states": states,
+            "figure": figure, "table": styled(pd.DataFrame(rows), uid) if rows else "",
+            "importances": sorted(summary.get("importances", {}).items(), key=lambda kv: -kv[1]),
+            "wall_s": summary.get("wall_s_this_worker")}
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -427,14 +473,16 @@ def environment(runs: list[Run]) -> list[tuple[str, str]]:
 
 
 def render(dirs: list[Path], metric: str = "caption.CIDEr", target: float | None = None,
-           reference: str | None = None, flops_files: list[Path] = (), strict: bool = False) -> str:
+           reference: str | None = None, flops_files: list[Path] = (), strict: bool = False,
+           searches: list[Path] = ()) -> str:
     """The report's HTML for these run directories. Speed-ups that cannot be computed (no curve, no
     finished reference) are a note on the page, or with `strict` (a target the user asked for) an error."""
     import jinja2
 
     runs = load_runs(dirs)
     try:
-        sp, sp_error = compute_speedups([r.dir for r in runs], [r.rec for r in runs], metric, target, reference), None
+        sp, sp_error = (compute_speedups([r.dir for r in runs], [r.rec for r in runs], metric, target, reference)
+                        if runs else None), None
     except UserError as e:
         if strict:
             raise
@@ -458,6 +506,7 @@ def render(dirs: list[Path], metric: str = "caption.CIDEr", target: float | None
         speedups=styled(method_table(runs, sp, metric), "speedups", head.get("winner")),
         curves=curve_figures(runs, metric, sp["target"] if sp else None, colors),
         pareto=pareto_figure(runs, metric, colors), merges=merge_pictures(runs), paper=paper,
+        searches=[search_section(p, f"search{k}") for k, p in enumerate(searches)],
         failed=[{"run": r.dir.name, "status": r.rec.get("status"), "error": r.rec.get("error", "")}
                 for r in runs if not r.finished],
         env=environment(runs),

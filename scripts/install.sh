@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install vlp-bench into ./.venv (idempotent; re-running is quick). `install.sh test` adds the test
-# tools: pytest and friends, and headless Chromium (Debian's, with apt) for the report's browser test.
+# tools: pytest and friends, headless Chromium (the report's browser test) and the PostgreSQL server
+# (the search's multi-worker test), both Debian's, with apt.
 # PyTorch: the torchvision that timm needs must match torch, so both are pinned together; on
 # this project's CI machines they install from local disk.
 set -euo pipefail
@@ -25,6 +26,10 @@ if [ "${1:-}" = "test" ]; then
   if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
     apt_install chromium || {  # the report's browser test (CI=true makes its absence a failure)
       echo "install: the report's browser test needs Chromium; install it, or the test is skipped" >&2; }
+  fi
+  if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    apt_install postgresql || {  # the search's multi-worker test starts its own server (CI=true: required)
+      echo "install: the search's PostgreSQL test needs the server binaries; install them, or it is skipped" >&2; }
   fi
 else
   .venv/bin/python -m pip install -q -e .

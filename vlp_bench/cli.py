@@ -129,8 +129,48 @@ def summary(
 
 
 @app.command()
+def search(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    method: Optional[str] = typer.Option(None, help="Method whose settings are searched (default: search.method)."),
+    trials: Optional[int] = typer.Option(None, help="Finished trials the study should hold (default: search.trials)."),
+    storage: Optional[str] = typer.Option(None, help="Optuna RDB URL (default: sqlite:///OUT/study.db)."),
+    study: Optional[str] = typer.Option(None, help="Study name (default: <method>-<mode>)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory of the trials' runs (default: runs/search-<study>)."),
+):
+    """Search a method's settings (SimVLG's merge schedule) with Optuna; re-running resumes the study."""
+    from vlp_bench.search import run_search
+
+    overrides = list(set_ or [])
+    for key, value in (("method", method), ("trials", trials), ("storage", storage), ("study", study)):
+        if value is not None:
+            overrides.append(f"search.{key}=" + json.dumps(value))
+    cfg = _config(config, overrides)
+    if cfg.search.method not in cfg.methods:
+        from vlp_bench.registry import METHODS
+
+        METHODS.get(cfg.search.method)  # unknown: a one-line error with a suggestion
+    out = out or Path("runs") / f"search-{cfg.search.study or cfg.search.method + '-' + cfg.search.mode}"
+    summary = run_search(cfg, out)
+    done = [t for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
+    typer.echo(f"study '{summary['study']}': {len(done)} finished trials; best (Pareto front when two objectives):")
+    for t in summary["trials"]:
+        if t["number"] in summary["best"]:
+            typer.echo(f"  trial {t['number']}: values {t['values']} params {t['params']}")
+    from vlp_bench.reports import html
+
+    report = html.write([], out / "report.html", searches=[out / "search.json"])
+    typer.echo(f"report: {report}")
+    typer.echo(f"results in {out} (search.json)")
+    if len(done) < cfg.search.trials:  # stopped on failing trials: their run directories say why
+        typer.echo(f"the study holds {len(done)} of {cfg.search.trials} finished trials", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def report(
-    runs: list[Path] = typer.Argument(..., help="Run directories, or experiment directories holding them."),
+    runs: list[Path] = typer.Argument(..., help="Run directories, experiment directories holding them, or "
+                                                "`vlp-bench search` directories (search.json)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: EXPERIMENT/report.html for "
                                                                "one experiment directory, else ./report.html)."),
     metric: Optional[str] = typer.Option(None, help="task.key of the learning curve (default: target.metric)."),
@@ -149,6 +189,8 @@ def report(
         cfg.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
+    searches = [p / "search.json" for p in runs if (p / "search.json").is_file()]  # `vlp-bench search` outputs
+    runs = [p for p in runs if not (p / "search.json").is_file()]
     dirs = run_dirs(runs)
     experiments = [p for p in runs if not (p / "results.json").is_file()]
     if flops_ is None:
@@ -156,10 +198,12 @@ def report(
     for f in flops_:
         if not f.is_file():
             raise UserError(f"--flops {f}: no such file")
-    if out is None:
-        out = experiments[0] / "report.html" if len(runs) == 1 and experiments else Path("report.html")
+    if out is None:  # one experiment or search directory: the report goes in it
+        homes = [*experiments, *(s.parent for s in searches)]
+        out = homes[0] / "report.html" if len(runs) + len(searches) == 1 and homes else Path("report.html")
     path = html.write(dirs, out, metric=cfg.metric, target=cfg.value or None, reference=cfg.reference or None,
-                      flops_files=flops_, strict=any(x is not None for x in (metric, target, reference)))
+                      flops_files=flops_, strict=any(x is not None for x in (metric, target, reference)),
+                      searches=searches)
     typer.echo(f"report: {path}")
 
 

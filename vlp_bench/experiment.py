@@ -20,6 +20,7 @@ from vlp_bench.data import CaptionSplit, DataConfig, ImageLoader, TrainBatches
 from vlp_bench.errors import UserError
 from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.results import SCHEMA_VERSION, MetricsLog, atomic_write_json, env_info, write_jsonl
+from vlp_bench.search import SearchConfig
 from vlp_bench.trainer import TrainConfig, train
 from vlp_bench.world import WorldConfig, build_world
 
@@ -62,6 +63,7 @@ class BenchConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)  # `vlp-bench search`
     methods: dict = field(default_factory=dict)  # [methods.NAME] tables, resolved into each method's Config
     tasks: dict = field(default_factory=dict)  # [tasks.NAME] tables, resolved into each task's Config
 
@@ -157,7 +159,7 @@ def prepare(cfg: BenchConfig, progress: bool = True):
     return root, backbones, device
 
 
-FINAL = ("finished", "failed")  # a run in one of these states is done; "running"/"interrupted" can resume
+FINAL = ("finished", "failed", "pruned")  # a run in one of these states is done; "running"/"interrupted" can resume
 
 
 def run_status(run_dir: Path) -> str | None:
@@ -219,7 +221,13 @@ def run(cfg: BenchConfig, progress: bool = True, resume: bool = False) -> list[P
     return [d for _, _, d in planned]
 
 
-def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, images, device, env, progress):
+class StopRun(Exception):
+    """Raised by an `on_eval` callback to stop a run on purpose (a search pruning a trial): the run
+    is recorded as "pruned" and the exception goes on to the caller."""
+
+
+def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, images, device, env, progress,
+             on_eval=None):
     resolved = to_dict(cfg)
     atomic_write_json(run_dir / "config.json", resolved)
     record = {"schema_version": SCHEMA_VERSION, "run_id": run_dir.name, "method": method_name, "seed": seed,
@@ -234,7 +242,10 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, ima
                                extra={"prompt": cfg.experiment.prompt})
 
         def evaluate(step: int) -> dict:
-            return {name: task.evaluate(method, "val", cfg.train.eval_images)[0] for name, task in tasks.items()}
+            metrics = {name: task.evaluate(method, "val", cfg.train.eval_images)[0] for name, task in tasks.items()}
+            if on_eval is not None:
+                on_eval(step, metrics)
+            return metrics
 
         t0 = time.perf_counter()
         if checkpoint.is_file():
@@ -254,6 +265,11 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, ima
             _save_token_groups(method, tasks["caption"], run_dir)
         record["status"] = "finished"
     except UserError:
+        raise
+    except StopRun as e:
+        record["status"], record["error"] = "pruned", str(e)
+        atomic_write_json(run_dir / "results.json", record)
+        checkpoint.unlink(missing_ok=True)
         raise
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say so, keep the checkpoint, stop the experiment
         record["status"] = "interrupted"

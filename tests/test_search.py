@@ -1,0 +1,204 @@
+"""`vlp-bench search`: a short study on the tiny world (SQLite) that writes its trials and resumes;
+two workers sharing one study on a real PostgreSQL server; a killed worker's trial fails and is
+retried."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vlp_bench.search import method_values
+
+optuna = pytest.importorskip("optuna")
+
+
+def _sets(overrides):
+    return [a for o in [*overrides, "experiment.tasks=['caption']"] for a in ("--set", o)]  # the searched metric only
+
+
+def search(tiny_overrides, *args, cwd, wait=True):
+    cmd = [sys.executable, "-m", "vlp_bench", "search", *_sets(tiny_overrides), *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+
+
+def test_method_values_turn_an_inflection_into_a_ramp():
+    assert method_values({"r": 8, "inflection": 0.5, "variant": "tome"}) == {"r": [8, 0.5], "variant": "tome"}
+    assert method_values({"r": 8, "inflection": 0.0}) == {"r": 8}
+    assert method_values({"variant": "evlgen"}) == {"variant": "evlgen"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("search.space.r={low=5, high=1}", "space.r: low 5 > high 1"),
+    ("search.space.r=[]", "space.r: an empty list of choices"),
+    ("search.space.r={low=1}", "a list of choices or {low, high[, log]}"),
+    ("search.trials=0", "trials must be >= 1"),
+    ("search.metric=vqa.overall", "task 'vqa' is not in experiment.tasks ['caption']"),
+    ("search.space.widht=[1]", "['widht'] are not settings of methods.simvlg"),
+])
+def test_bad_search_configs_are_one_line_errors(override, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vlp_bench", "search", "--set", override, "--set",
+                           "experiment.tasks=['caption']"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sqlite_search_writes_its_trials_and_resumes(tiny_overrides, tmp_path):
+    out = tmp_path / "s"
+    proc = search(tiny_overrides, "--trials", "2", "-o", str(out), cwd=tmp_path)
+    assert f"report: {out / 'report.html'}" in proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "search.json").read_text())
+    trials = summary["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 2 and summary["directions"] == ["MAXIMIZE", "MINIMIZE"]
+    assert [t["params"]["r"] for t in trials[:2]] == [0, 30]  # no merging; the smallest r closest to 29/257
+    for t in trials:  # every trial is an ordinary run, its costs on the trial
+        rec = json.loads((Path(t["user_attrs"]["run_dir"]) / "results.json").read_text())
+        assert rec["status"] == "finished" and rec["method"] == "simvlg"
+        assert t["values"][1] == rec["cost"]["train_flops"] == t["user_attrs"]["train_flops"]
+        assert t["user_attrs"]["tokens_to_llm"] == rec["cost"]["tokens_to_llm"]
+    assert trials[0]["user_attrs"]["tokens_to_llm"] == 65 and trials[1]["user_attrs"]["tokens_to_llm"] == 18
+    assert summary["best"] and set(summary["best"]) <= {0, 1}
+    again = search(tiny_overrides, "--trials", "3", "-o", str(out), cwd=tmp_path)  # resumes: one more trial
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads((out / "search.json").read_text())["trials"]
+    assert [t["number"] for t in resumed] == [0, 1, 2] and resumed[:2] == [
+        {**t, "duration_s": resumed[i]["duration_s"]} for i, t in enumerate(trials)]
+    assert len(list(out.glob("trial-*"))) == 3
+    page = (out / "report.html").read_text()  # the report shows the study: every trial, the front
+    assert "Search: study simvlg-pareto (pareto)" in page and "complete 3" in page
+    table = [line for line in page.splitlines() if "<td" in line and "T_search0" in line]
+    assert len(table) >= 3 * 2  # one row per complete trial (a row holds several cells)
+    assert json.loads((out / "search.json").read_text())["best"]
+
+
+def test_budget_mode_prunes_configs_over_budget_before_training(tiny_overrides, tmp_path):
+    """Scalarised mode: a config whose counted FLOPs per sample exceed the budget never trains; the
+    others report their validation evaluations to the pruner."""
+    out = tmp_path / "b"
+    proc = search(tiny_overrides, "--trials", "2", "-o", str(out), "--set", "search.mode=budget",
+                  "--set", "search.budget_gflop_per_sample=0.02", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    no_merge, paper = json.loads((out / "search.json").read_text())["trials"][:2]
+    assert no_merge["state"] == "PRUNED" and no_merge["user_attrs"]["predicted_gflop_per_sample"] > 0.02
+    assert "run_dir" not in no_merge["user_attrs"] and not (out / "trial-0000").exists()
+    assert paper["state"] == "COMPLETE" and paper["user_attrs"]["predicted_gflop_per_sample"] <= 0.02
+    study = optuna.load_study(study_name="simvlg-budget", storage=f"sqlite:///{out / 'study.db'}")
+    assert sorted(study.trials[1].intermediate_values) == [0, 4, 6]  # every validation evaluation
+
+
+def test_a_search_whose_trials_all_fail_stops(tiny_overrides, tmp_path):
+    out = tmp_path / "f"
+    proc = search(tiny_overrides, "--trials", "1", "-o", str(out), "--set", "train.lr=1e30",
+                  "--set", "train.grad_clip=0.0", cwd=tmp_path)
+    assert proc.returncode == 1 and "the study holds 0 of 1 finished trials" in proc.stderr
+    trials = json.loads((out / "search.json").read_text())["trials"]
+    assert [t["state"] for t in trials] == ["FAIL"] * 3
+    assert "NonFiniteLoss" in json.loads((out / "trial-0000" / "simvlg-seed0" / "results.json").read_text())["error"]
+
+
+def _postgres_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL server on a free local port, in a temporary directory; stopped at the end."""
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    pytest.importorskip("psycopg2")
+    if not (initdb and pg_ctl):
+        if os.environ.get("CI") == "true":  # CI installs PostgreSQL: a missing one is a broken setup
+            pytest.fail("PostgreSQL (initdb, pg_ctl) is required in CI")
+        pytest.skip("no PostgreSQL server binaries on this machine")
+    base = tmp_path_factory.mktemp("pg")
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as the postgres user
+        as_user = ["runuser", "-u", "postgres", "--"]
+        os.chmod(base, 0o777)
+        for parent in base.parents:
+            if parent == Path("/"):
+                break
+            os.chmod(parent, os.stat(parent).st_mode | 0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = base / "data"
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust"], check=True,
+                   capture_output=True)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w", "-o",
+                    f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+
+
+def _study_trials(url: str, name: str):
+    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+
+
+def test_two_workers_share_one_study_on_postgresql(postgres, tiny_overrides, tmp_path):
+    out = tmp_path / "s"
+    prep = subprocess.run([sys.executable, "-m", "vlp_bench", "prepare", *_sets(tiny_overrides)], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    args = ["--trials", "3", "--storage", postgres, "--study", "shared", "-o", str(out)]
+    first = search(tiny_overrides, *args, cwd=tmp_path, wait=False)
+    deadline = time.time() + 120  # the first worker creates the study and enqueues its known points
+    while time.time() < deadline:
+        try:
+            if len(_study_trials(postgres, "shared")) >= 2:
+                break
+        except KeyError:
+            pass
+        time.sleep(0.5)
+    second = search(tiny_overrides, *args, cwd=tmp_path, wait=False)
+    for proc in (first, second):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    trials = _study_trials(postgres, "shared")
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 3 <= len(complete) <= 4 and len(trials) == len(complete)  # nothing lost or failed; at most one extra
+    assert len({t.number for t in trials}) == len(trials)
+    assert len({t.user_attrs["run_dir"] for t in trials}) == len(trials)  # no trial ran twice
+    assert [t.params["r"] for t in trials].count(0) == 1  # the known points were enqueued once
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers did work
+    for t in trials:
+        rec = json.loads((Path(t.user_attrs["run_dir"]) / "results.json").read_text())
+        assert rec["status"] == "finished" and t.values[1] == rec["cost"]["train_flops"]
+
+
+def test_a_killed_workers_trial_fails_and_is_retried(postgres, tiny_overrides, tmp_path):
+    out = tmp_path / "s"
+    args = ["--trials", "1", "--storage", postgres, "--study", "killed", "-o", str(out),
+            "--set", "search.heartbeat_s=1", "--set", "train.steps=40"]
+    worker = search(tiny_overrides, *args, cwd=tmp_path, wait=False)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(out.glob("trial-0000/*/metrics.jsonl")):
+        time.sleep(0.2)
+    assert worker.poll() is None, "the worker finished before it could be killed"
+    os.killpg(worker.pid, signal.SIGKILL)  # a crashed machine: no clean-up, the heartbeat just stops
+    worker.wait()
+    time.sleep(3)  # longer than the grace period (2 x heartbeat)
+    again = search(tiny_overrides, *args[:-2], cwd=tmp_path)  # a new worker; short training is not needed now
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = _study_trials(postgres, "killed")
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
+    assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert retried[0].params == trials[0].params
+    assert len(trials) == 2  # the killed trial and its retry, nothing else
