@@ -39,6 +39,18 @@ def test_method_values_turn_an_inflection_into_a_ramp():
     assert method_values({"variant": "evlgen"}) == {"variant": "evlgen"}
 
 
+def test_per_layer_lists_and_token_counts_are_schedules():
+    from vlp_bench.merging import token_counts
+
+    assert method_values({"r_layer_1": 4, "r_layer_0": 9}, depth=2) == {"r": [9, 4]}
+    with pytest.raises(Exception, match="2 r_layer_\\* parameters for a bridge of 3 layers"):
+        method_values({"r_layer_0": 1, "r_layer_1": 2}, depth=3)
+    for tokens in (65, 40, 25, 17, 9):  # reached exactly where ToMe's clamp allows, else as close as it can
+        r = method_values({"tokens": tokens}, n_tokens=65, depth=2)["r"]
+        assert token_counts(65, r)[-1] == max(tokens, 17)
+    assert token_counts(65, method_values({"tokens": 9}, n_tokens=65, depth=4)["r"])[-1] == 9
+
+
 @pytest.mark.parametrize("override, message", [
     ("search.space.r={low=5, high=1}", "space.r: low 5 > high 1"),
     ("search.space.r=[]", "space.r: an empty list of choices"),

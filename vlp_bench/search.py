@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import time
@@ -30,7 +31,8 @@ from vlp_bench.errors import UserError
 
 # The space searched by default (bench.toml [search.space] replaces it): SimVLG's schedule grammar.
 # A list is a categorical choice; {low, high} a range (integers when both bounds are). "inflection"
-# turns r into a ramp [r, inflection] (0 = the same r in every layer).
+# turns r into a ramp [r, inflection] (0 = the same r in every layer); "r_layer_0", "r_layer_1", ...
+# give a per-layer list instead, and "tokens" the final token count (method_values).
 DEFAULT_SPACE = {
     "r": {"low": 0, "high": 31},  # 0 = no merging; 31 x 2 layers takes the tiny ViT's 65 tokens to 3
     "inflection": {"low": -1.0, "high": 1.0},
@@ -94,31 +96,66 @@ def suggest(trial, space: dict) -> dict:
     return params
 
 
-def method_values(params: dict) -> dict:
-    """Sampled parameters -> [methods.NAME] values: an inflection makes r the ramp [r, inflection]."""
+def schedule_for_tokens(n_tokens: int, depth: int, tokens: int, protected: int = 1) -> list[int]:
+    """Per-layer r that takes n_tokens to `tokens` (or as close as ToMe's per-layer clamp allows),
+    merging as evenly as possible across the layers."""
+    def fewest(t: int, layers: int) -> int:  # the fewest tokens `layers` more layers can leave
+        for _ in range(layers):
+            t -= (t - protected) // 2
+        return t
+
+    schedule, t = [], n_tokens
+    for i in range(depth):
+        cap = (t - protected) // 2
+        r = min(max(math.ceil((t - tokens) / (depth - i)), 0), cap)
+        while r < cap and fewest(t - r, depth - i - 1) > tokens:  # merge more now if later layers cannot
+            r += 1
+        schedule.append(r)
+        t -= r
+    return schedule
+
+
+def method_values(params: dict, n_tokens: int = 2, depth: int = 1) -> dict:
+    """Sampled parameters -> [methods.NAME] values, reading the schedule grammar's three forms:
+    - "r" with "inflection": the ramp [r, inflection] (inflection 0: the same r in every layer);
+    - "r_layer_0", "r_layer_1", ...: a per-layer list (one per bridge layer);
+    - "tokens": the final token count, reached by merging evenly across the layers
+      (n_tokens: tokens into the bridge; depth: its layers)."""
     values = dict(params)
     inflection = values.pop("inflection", None)
     if inflection is not None and "r" in values and round(inflection, 6) != 0:
         values["r"] = [values["r"], float(inflection)]
+    layers = sorted((k for k in values if k.startswith("r_layer_")), key=lambda k: int(k.rpartition("_")[2]))
+    if layers:
+        if len(layers) != depth:
+            raise UserError(f"search.space: {len(layers)} r_layer_* parameters for a bridge of {depth} layers")
+        values["r"] = [int(values.pop(k)) for k in layers]
+    if "tokens" in values:
+        values["r"] = schedule_for_tokens(n_tokens, depth, int(values.pop("tokens")))
     return values
 
 
 def known_points(method_cls, cfg, backbones, space: dict) -> list[dict]:
     """Trials every study starts from: no merging, and the paper's schedule scaled to this encoder:
-    SimVLG keeps 29 of ViT-g's 257 tokens (r = 19 in 12 layers); here, the constant r within the
-    space's range whose final count (ToMe clamps each layer to half) comes closest to that share."""
+    SimVLG keeps 29 of ViT-g's 257 tokens (r = 19 in 12 layers); here, with "r", the constant r
+    within the space's range whose final count (ToMe clamps each layer to half) comes closest to
+    that share, or with "tokens", that share itself."""
     from vlp_bench.merging import token_counts
 
-    if "r" not in space or isinstance(space["r"], list):
-        return []
     n = method_cls.input_tokens(cfg, backbones.vision)
     goal = n * 29 / 257
-    lo, hi = space["r"]["low"], space["r"]["high"]
-    paper_r = min(range(lo, hi + 1), key=lambda r: abs(token_counts(n, [r] * cfg.depth)[-1] - goal))
-    fixed = {"r": None, "inflection": 0.0, "curriculum_start": 1.0, "curriculum_ramp": 0.0, "variant": "tome"}
+    form = next((k for k in ("r", "tokens") if isinstance(space.get(k), dict)), None)
+    if form is None:
+        return []
+    lo, hi = space[form]["low"], space[form]["high"]
+    if form == "r":
+        ends = (lo, min(range(lo, hi + 1), key=lambda r: abs(token_counts(n, [r] * cfg.depth)[-1] - goal)))
+    else:
+        ends = (min(max(n, lo), hi), min(max(round(goal), lo), hi))
+    fixed = {"inflection": 0.0, "curriculum_start": 1.0, "curriculum_ramp": 0.0, "variant": "tome"}
     points = []
-    for r in dict.fromkeys((lo, paper_r)):
-        p = {k: r if k == "r" else fixed.get(k, v[0] if isinstance(v, list) else None) for k, v in space.items()}
+    for value in dict.fromkeys(ends):
+        p = {k: value if k == form else fixed.get(k, v[0] if isinstance(v, list) else None) for k, v in space.items()}
         if all(v is not None for v in p.values()):  # a parameter with no known value: no known point
             points.append(p)
     return points
@@ -156,7 +193,7 @@ def run_search(bench, out: Path, progress: bool = True) -> dict:
     cfg: SearchConfig = bench.search
     cls = METHODS.get(cfg.method)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = set(method_values({k: 0 for k in cfg.space})) - fields
+    unknown = {k for k in cfg.space if k not in ("inflection", "tokens") and not k.startswith("r_layer_")} - fields
     if unknown:
         raise UserError(f"search.space: {sorted(unknown)} are not settings of methods.{cfg.method} "
                         f"({', '.join(sorted(fields))})")
@@ -195,7 +232,7 @@ def run_search(bench, out: Path, progress: bool = True) -> dict:
     def objective(trial):
         trial.set_user_attr("worker", worker)
         params = suggest(trial, cfg.space)
-        values = method_values(params)
+        values = method_values(params, cls.input_tokens(base_cfg, backbones.vision), base_cfg.depth)
         try:
             mcfg = from_dict(cls.Config, {**to_dict(base_cfg), **values}, f"methods.{cfg.method}")
             cls.check(mcfg, backbones)
