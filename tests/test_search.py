@@ -109,6 +109,41 @@ def test_budget_mode_prunes_configs_over_budget_before_training(tiny_overrides, 
     assert sorted(study.trials[1].intermediate_values) == [0, 4, 6]  # every validation evaluation
 
 
+def test_a_run_stopped_by_its_evaluation_callback_is_recorded_as_pruned(tiny_overrides, tmp_path):
+    """How a pruner stops a trial: the callback sees each validation evaluation and raises StopRun."""
+    from vlp_bench.data import CaptionSplit, ImageLoader
+    from vlp_bench.experiment import StopRun, _one_run, load_config, prepare
+    from vlp_bench.registry import TASKS
+    from vlp_bench.results import env_info
+
+    cfg = load_config(None, [*tiny_overrides, "experiment.tasks=['caption']"])
+    root, backbones, device = prepare(cfg, progress=False)
+    images = ImageLoader(backbones.vision.image_size, backbones.vision.mean, backbones.vision.std)
+    tasks = {"caption": TASKS.get("caption")(cfg.tasks["caption"], root, images)}
+    seen = []
+
+    def on_eval(step, metrics):
+        seen.append((step, metrics["caption"]["CIDEr"]))
+        if step == 4:
+            raise StopRun("pruned at step 4")
+
+    with pytest.raises(StopRun):
+        _one_run(cfg, "simvlg", 0, tmp_path / "run", backbones, tasks, CaptionSplit(root, "train"), images, device,
+                 env_info(device), False, on_eval=on_eval)
+    rec = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert rec["status"] == "pruned" and rec["error"] == "pruned at step 4" and [s for s, _ in seen] == [0, 4]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_search_a_composition_by_name(tiny_overrides, tmp_path):
+    proc = search(tiny_overrides, "--method", "simvlg+tome-vit", "--trials", "1", "-o", str(tmp_path / "c"),
+                  "--set", "search.space={r={low=0, high=8}}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trial, known = json.loads((tmp_path / "c" / "search.json").read_text())["trials"]
+    assert trial["state"] == "COMPLETE" and known["state"] == "WAITING"  # the paper's point, enqueued for later
+    assert trial["params"] == {"r": 0} and trial["user_attrs"]["tokens_to_llm"] == 57  # the ViT still merges
+
+
 def test_a_search_whose_trials_all_fail_stops(tiny_overrides, tmp_path):
     out = tmp_path / "f"
     proc = search(tiny_overrides, "--trials", "1", "-o", str(out), "--set", "train.lr=1e30",

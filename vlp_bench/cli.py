@@ -145,11 +145,7 @@ def search(
     for key, value in (("method", method), ("trials", trials), ("storage", storage), ("study", study)):
         if value is not None:
             overrides.append(f"search.{key}=" + json.dumps(value))
-    cfg = _config(config, overrides)
-    if cfg.search.method not in cfg.methods:
-        from vlp_bench.registry import METHODS
-
-        METHODS.get(cfg.search.method)  # unknown: a one-line error with a suggestion
+    cfg = _config(config, overrides)  # an unknown search.method: a one-line error with a suggestion
     out = out or Path("runs") / f"search-{cfg.search.study or cfg.search.method + '-' + cfg.search.mode}"
     summary = run_search(cfg, out)
     done = [t for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED")]

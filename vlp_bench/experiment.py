@@ -102,7 +102,8 @@ def load_config_dict(data: dict) -> BenchConfig:
         METHODS.get(name)  # unknown names (and impossible compositions) fail here, before any work
     for name in cfg.experiment.tasks:
         TASKS.get(name)
-    cfg.methods = _resolve_plugins(cfg.methods, METHODS, "methods", cfg.experiment.methods)
+    METHODS.get(cfg.search.method)
+    cfg.methods = _resolve_plugins(cfg.methods, METHODS, "methods", [*cfg.experiment.methods, cfg.search.method])
     cfg.tasks = _resolve_plugins(cfg.tasks, TASKS, "tasks")
     if not cfg.experiment.methods or not cfg.experiment.seeds:
         raise UserError("experiment.methods and experiment.seeds must not be empty")
