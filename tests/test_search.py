@@ -231,9 +231,8 @@ def test_two_workers_share_one_study_on_postgresql(postgres, tiny_overrides, tmp
 
 def test_a_killed_workers_trial_fails_and_is_retried(postgres, tiny_overrides, tmp_path):
     out = tmp_path / "s"
-    args = ["--trials", "1", "--storage", postgres, "--study", "killed", "-o", str(out),
-            "--set", "search.heartbeat_s=1", "--set", "train.steps=40"]
-    worker = search(tiny_overrides, *args, cwd=tmp_path, wait=False)
+    args = ["--storage", postgres, "--study", "killed", "-o", str(out), "--set", "search.heartbeat_s=1"]
+    worker = search(tiny_overrides, *args, "--trials", "1", "--set", "train.steps=40", cwd=tmp_path, wait=False)
     deadline = time.time() + 180
     while time.time() < deadline and not list(out.glob("trial-0000/*/metrics.jsonl")):
         time.sleep(0.2)
@@ -241,11 +240,13 @@ def test_a_killed_workers_trial_fails_and_is_retried(postgres, tiny_overrides, t
     os.killpg(worker.pid, signal.SIGKILL)  # a crashed machine: no clean-up, the heartbeat just stops
     worker.wait()
     time.sleep(3)  # longer than the grace period (2 x heartbeat)
-    again = search(tiny_overrides, *args[:-2], cwd=tmp_path)  # a new worker; short training is not needed now
+    # a new worker (short training now): the study's waiting trials are the enqueued paper point and,
+    # once the stale trial is failed, its retry; 2 finished trials take both, in the order queued
+    again = search(tiny_overrides, *args, "--trials", "2", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     trials = _study_trials(postgres, "killed")
     assert trials[0].state == optuna.trial.TrialState.FAIL
     retried = [t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
     assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
     assert retried[0].params == trials[0].params
-    assert len(trials) == 2  # the killed trial and its retry, nothing else
+    assert [t.state for t in trials[1:]] == [optuna.trial.TrialState.COMPLETE] * 2  # nothing else ran or hangs
