@@ -18,6 +18,7 @@ from vlp_bench.backbones import LLMConfig, VisionConfig, load_backbones
 from vlp_bench.config import apply_overrides, from_dict, load_toml, suggest, to_dict
 from vlp_bench.data import CaptionSplit, DataConfig, ImageLoader, TrainBatches
 from vlp_bench.errors import UserError
+from vlp_bench.targets import split_metric
 from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.results import SCHEMA_VERSION, MetricsLog, atomic_write_json, env_info, write_jsonl
 from vlp_bench.search import SearchConfig
@@ -47,9 +48,7 @@ class TargetConfig:
     reference: str = ""  # the method speed-ups are measured against; "" = baseline when it ran, else the first
 
     def validate(self) -> None:
-        task, dot, key = self.metric.partition(".")
-        if not (task and dot and key):
-            raise ValueError(f"metric must be task.key (e.g. caption.CIDEr), got '{self.metric}'")
+        split_metric(self.metric)
         if self.value < 0:
             raise ValueError(f"value must be >= 0 (0 = the reference's final value), got {self.value}")
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from vlp_bench.errors import UserError
+from vlp_bench.targets import split_metric
 
 # The space searched by default (bench.toml [search.space] replaces it): SimVLG's schedule grammar.
 # A list is a categorical choice; {low, high} a range (integers when both bounds are). "inflection"
@@ -59,9 +60,7 @@ class SearchConfig:
     space: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_SPACE)))
 
     def validate(self) -> None:
-        task, dot, key = self.metric.partition(".")
-        if not (task and dot and key):
-            raise ValueError(f"metric must be task.key (e.g. caption.CIDEr), got '{self.metric}'")
+        split_metric(self.metric)
         if self.trials < 1:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
         if not self.space:

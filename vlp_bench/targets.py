@@ -37,10 +37,11 @@ AXES = {"wall_s": 0, "flops": 1}
 Point = tuple[float, float, float]
 
 
-def _split_metric(metric: str) -> tuple[str, str]:
+def split_metric(metric: str) -> tuple[str, str]:
+    """"caption.CIDEr" -> ("caption", "CIDEr"); anything else is a ValueError (configs call it too)."""
     task, dot, key = metric.partition(".")
     if not dot or not task or not key:
-        raise ValueError(f"metric must be named 'task.key' (e.g. 'caption.CIDEr'), got {metric!r}")
+        raise ValueError(f"metric must be task.key (e.g. caption.CIDEr), got '{metric}'")
     return task, key
 
 
@@ -64,7 +65,7 @@ def _cost(row: dict, name: str) -> float:
 
 def curve(rows: list[dict], metric: str) -> list[Point]:
     """(wall_s, flops, value) of the val evaluation rows, in order; rows lacking the metric are skipped."""
-    task, key = _split_metric(metric)
+    task, key = split_metric(metric)
     points: list[Point] = []
     for row in rows:
         if not _is_val_eval(row):
@@ -171,7 +172,7 @@ def speedups(records: list[dict], rows_by_run: dict[str, list[dict]], metric: st
              target: float | None = None, reference: str | None = None, n_boot: int = 2000,
              seed: int = 0) -> dict:
     """Time- and FLOPs-to-target of every method's finished runs, and speed-ups over the reference."""
-    _split_metric(metric)
+    split_metric(metric)
     if reference is None:
         if not records:
             raise ValueError("no run records")
