@@ -213,9 +213,18 @@ def _band_frame(series: list[tuple[str, str, np.ndarray, np.ndarray]]) -> pd.Dat
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+DECODER_LOSS = "decoder.final_loss"  # the text-side family's loss after its shared decoder phase
+
+
+def _val_value(row: dict, metric: str):
+    if metric == DECODER_LOSS:
+        return (row.get("decoder") or {}).get("final_loss")
+    task, _, key = metric.partition(".")
+    return row["eval"].get(task, {}).get(key)
+
+
 def _curve_series(runs: list[Run], metric: str | None, axis: str, scale: float):
     """(method, stage, x, y) per run: validation `metric` (or training loss when metric is None)."""
-    task, _, key = (metric or "").partition(".")
     out, raw = [], []
     for r in runs:
         if metric is None:
@@ -228,16 +237,17 @@ def _curve_series(runs: list[Run], metric: str | None, axis: str, scale: float):
                 out.append((r.method, stage, xs, np.array([x["loss"] for x in rs], float)))
         else:
             rows = [x for x in r.rows if x.get("split") == "val" and "eval" in x and x.get(axis) is not None
-                    and isinstance(x["eval"].get(task, {}).get(key), (int, float))]
+                    and isinstance(_val_value(x, metric), (int, float))]
             xs = np.array([x[axis] / scale for x in rows], float)
-            ys = np.array([x["eval"][task][key] for x in rows], float)
+            ys = np.array([_val_value(x, metric) for x in rows], float)
             out.append((r.method, "val", xs, ys))
             raw.extend({"method": r.method, "x": a, "y": b} for a, b in zip(xs, ys))
     return out, pd.DataFrame(raw)
 
 
 def curve_figures(runs: list[Run], metric: str, target: float | None, colors: dict) -> list[dict]:
-    """Quality and training loss against wall-clock and against FLOPs, one line per method."""
+    """Quality and training loss (and, for runs with a decoder phase, the loss after it) against
+    wall-clock and against FLOPs, one line per method."""
     sns = _setup_plots()
     import matplotlib.pyplot as plt
 
@@ -246,7 +256,7 @@ def curve_figures(runs: list[Run], metric: str, target: float | None, colors: di
     fscale, funit = _flop_scale(max_flops or 1)
     axes_spec = [("wall_s", 1.0, "training wall-clock (s)"), ("flops", fscale, f"training compute ({funit})")]
     figures = []
-    for what in (metric, None):
+    for what in (metric, None, DECODER_LOSS):  # the last only for runs with a decoder phase
         fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4), sharey=True)
         drawn = False
         for ax, (axis, scale, label) in zip(axes, axes_spec):
@@ -260,10 +270,11 @@ def curve_figures(runs: list[Run], metric: str, target: float | None, colors: di
                          palette=colors, ax=ax, legend=ax is axes[-1])
             if not raw.empty:
                 sns.scatterplot(raw, x="x", y="y", hue="method", palette=colors, ax=ax, s=14, legend=False)
-            if what is not None and target is not None:
+            if what == metric and target is not None:
                 ax.axhline(target, color="0.3", lw=1, ls=":")
             ax.set_xlabel(label)
-            ax.set_ylabel(f"{metric} (validation)" if what else "training loss")
+            ax.set_ylabel({metric: f"{metric} (validation)", None: "training loss",
+                           DECODER_LOSS: "loss after the decoder phase"}[what])
             if what is None:
                 ax.set_yscale("log")
         if not drawn:
@@ -271,7 +282,12 @@ def curve_figures(runs: list[Run], metric: str, target: float | None, colors: di
             continue
         if axes[-1].get_legend():
             sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
-        if what:
+        if what == DECODER_LOSS:
+            caption = ("The caption (AR) loss at the end of the decoder phase that precedes each evaluation "
+                       "(mean over its last tenth of steps), against the pre-training clock: the same "
+                       "fine-tuning for every method of the text-side family, so unlike their training "
+                       "losses these are comparable across methods; lower is better.")
+        elif what:
             caption = (f"Validation {metric} during training, against wall-clock (left) and training FLOPs "
                        f"(right): a line further left reaches a quality sooner. Dots are the evaluations; "
                        f"with several seeds the line is their mean and the band their range"
@@ -279,8 +295,9 @@ def curve_figures(runs: list[Run], metric: str, target: float | None, colors: di
         else:
             caption = ("Training loss (log scale) against wall-clock and FLOPs. Line styles mark training "
                        "stages: losses of different stages (e.g. BLIP-2's stage 1) are different objectives "
-                       "and are not comparable across them.")
-        figures.append({"title": f"{metric} learning curves" if what else "Loss curves", "uri": _data_uri(fig),
+                       "and are not comparable across them, nor are FLM's, MLM's and AR's.")
+        title = {metric: f"{metric} learning curves", None: "Loss curves", DECODER_LOSS: "Loss after the decoder phase"}
+        figures.append({"title": title[what], "uri": _data_uri(fig),
                         "caption": caption})
     return figures
 

@@ -86,6 +86,26 @@ def test_training_step_total_matches_the_analytic_count():
     assert got.total == enc + 2 * lin + attn_fwd + attn_bwd + 2 * head
 
 
+def test_a_part_whose_input_is_also_used_elsewhere_ends_its_backward_on_time():
+    """FLM's streams feed both the LM head and the reconstructor: the head's backward must not
+    take in the reconstructor's, which runs before the shared input has its whole gradient."""
+    B, D, V = 4, 16, 24
+    torch.manual_seed(0)
+    lin, head, other = nn.Linear(D, D, bias=False), nn.Linear(D, V, bias=False), nn.Linear(D, D, bias=False)
+
+    def step(x):
+        h = lin(x)
+        rest = other(h).sum()  # created first, so autograd runs the head's backward before it
+        (head(h).sum() + rest).backward()
+
+    with flops.FlopCounter({"head": head}, "rest") as counter:
+        step(torch.randn(B, D))
+    mm = lambda i, o: 2 * B * i * o  # noqa: E731
+    assert counter.result.by_part["head"] == {"forward": mm(D, V), "backward": 2 * mm(D, V)}
+    # x needs no gradient: lin computes its weight gradient only
+    assert counter.result.by_part["rest"] == {"forward": mm(D, D) * 2, "backward": 2 * mm(D, D) + mm(D, D)}
+
+
 def test_meta_device_counts_what_cpu_counts():
     torch.manual_seed(0)
     model = FrozenTrainableFrozen()

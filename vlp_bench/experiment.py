@@ -22,7 +22,7 @@ from vlp_bench.targets import split_metric
 from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.results import SCHEMA_VERSION, MetricsLog, atomic_write_json, env_info, write_jsonl
 from vlp_bench.search import SearchConfig
-from vlp_bench.trainer import TrainConfig, train
+from vlp_bench.trainer import TrainConfig, decoder_finetune, train
 from vlp_bench.world import WorldConfig, build_world
 
 
@@ -221,6 +221,9 @@ def run(cfg: BenchConfig, progress: bool = True, resume: bool = False) -> list[P
     return [d for _, _, d in planned]
 
 
+DECODER_SEED = 1_000_003  # offsets the run seed for the decoder phase's batches: a stream training never draws
+
+
 class StopRun(Exception):
     """Raised by an `on_eval` callback to stop a run on purpose (a search pruning a trial): the run
     is recorded as "pruned" and the exception goes on to the caller."""
@@ -241,6 +244,10 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, ima
         batches = TrainBatches(train_split, images, cfg.train.batch_size, seed,
                                extra={"prompt": cfg.experiment.prompt})
 
+        def decoder_batches() -> TrainBatches:  # the same batches before every evaluation, none of training's
+            return TrainBatches(train_split, images, cfg.train.batch_size, seed + DECODER_SEED,
+                                extra={"prompt": cfg.experiment.prompt})
+
         def evaluate(step: int) -> dict:
             metrics = {name: task.evaluate(method, "val", cfg.train.eval_images)[0] for name, task in tasks.items()}
             if on_eval is not None:
@@ -250,12 +257,16 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, ima
         t0 = time.perf_counter()
         if checkpoint.is_file():
             say(f"resuming {run_dir.name} from its checkpoint")
-        record["cost"] = train(method, batches, cfg.train, device, log, evaluate, progress, checkpoint)
-        for name, task in tasks.items():
-            say(f"evaluate {name} on {task.cfg.split}")
-            metrics, samples = task.evaluate(method, task.cfg.split)
-            record["metrics"][name] = metrics
-            write_jsonl(run_dir / f"samples_{name}.jsonl", samples)
+        record["cost"] = train(method, batches, cfg.train, device, log, evaluate, progress, checkpoint,
+                               decoder_batches=decoder_batches)
+        with decoder_finetune(method, decoder_batches, cfg.train, device) as decoder:
+            if decoder:  # a cost of evaluating this family, not of pre-training it
+                record["cost"]["decoder_finetune"] = decoder
+            for name, task in tasks.items():
+                say(f"evaluate {name} on {task.cfg.split}")
+                metrics, samples = task.evaluate(method, task.cfg.split)
+                record["metrics"][name] = metrics
+                write_jsonl(run_dir / f"samples_{name}.jsonl", samples)
         log.append({"step": record["cost"]["steps"], "samples": record["cost"]["samples_seen"],
                     "wall_s": round(record["cost"]["train_wall_s"], 4), "flops": record["cost"].get("train_flops"),
                     "split": "test", "eval": record["metrics"], "final": True})

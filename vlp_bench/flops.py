@@ -18,7 +18,8 @@ call, so token merging, curricula and padding are counted as they ran. Works on 
 is costed as the fused kernel a real device runs (backward: 5 products, the scores recomputed), not
 as the unfused fallback the meta device would otherwise decompose it into (4).
 
-Breakdown: by part, where parts are modules (`parts={"vision": m.vision, "llm": m.llm}`); an
+Breakdown: by part, where a part is a module or a list of modules called one after another
+(`parts={"vision": m.vision, "llm": m.llm}`); an
 operation belongs to the innermost part whose forward is running, or whose backward is running
 (from the moment gradients reach the part's outputs until they reach its inputs); anything else
 belongs to `rest`. `count()` takes the parts from the object `fn` is bound to when it has a
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 from torch.utils import flop_counter as _tfc
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.hooks import RemovableHandle
@@ -124,7 +125,7 @@ def _grad_tensors(obj) -> list[torch.Tensor]:
 class FlopCounter(TorchDispatchMode):
     """A dispatch mode that adds up FLOPs by part and pass; `result` is the FlopCount so far."""
 
-    def __init__(self, parts: dict[str, nn.Module] | None = None, rest: str = "other"):
+    def __init__(self, parts: dict[str, nn.Module | list[nn.Module]] | None = None, rest: str = "other"):
         super().__init__()
         self.parts = dict(parts or {})
         self.rest = rest
@@ -149,10 +150,16 @@ class FlopCounter(TorchDispatchMode):
     def _hook(self, name: str, module: nn.Module) -> None:
         def pre(mod, args, kwargs):
             self._forward.append(name)
+            # The part reads aliases of its inputs: an input also used elsewhere (a stream feeding a
+            # head and a reconstructor) gets its gradient only when every user is done, the alias
+            # when this part is. Its backward ends when the gradients of all its inputs are computed.
+            args, kwargs = tree_map(lambda t: t.view_as(t) if isinstance(t, torch.Tensor) and t.requires_grad
+                                    else t, (args, kwargs))
             inputs = _grad_tensors((args, kwargs))
-            if inputs:  # its backward ends when the gradients of all its inputs are computed
+            if inputs:
                 self._handles.append(torch.autograd.graph.register_multi_grad_hook(
                     inputs, lambda grads: _remove_last(self._backward, name)))
+            return args, kwargs
 
         def post(mod, args, kwargs, output):
             _remove_last(self._forward, name)
@@ -165,8 +172,9 @@ class FlopCounter(TorchDispatchMode):
         self._handles.append(module.register_forward_hook(post, with_kwargs=True))
 
     def __enter__(self):
-        for name, module in self.parts.items():
-            self._hook(name, module)
+        for name, modules in self.parts.items():
+            for module in modules if isinstance(modules, (list, tuple)) else [modules]:
+                self._hook(name, module)
         self._meta = _FusedAttentionOnMeta()
         self._meta.__enter__()
         return super().__enter__()

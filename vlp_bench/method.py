@@ -6,6 +6,8 @@ The trainer and the tasks only ever call:
     training_loss(batch, stage)     -> StepOutput(loss, tokens_to_llm)
     generate(images, prompts, dec)  -> one string per image (captioning, VQA)
     set_progress(fraction), info()  -> optional: step curricula; facts for results.json
+    decoder_stage()                 -> optional: a short stage trained on a copy of the weights
+                                       before each evaluation (the text-side family's AR fine-tuning)
 A method is a small file in methods/ with a `Config` dataclass and, for the frozen-LLM family, a
 `bridge(visual_tokens) -> soft prompt` (its output length may be anything: merging shrinks it).
 """
@@ -74,6 +76,11 @@ class Method(nn.Module):
 
     def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
         raise NotImplementedError
+
+    def decoder_stage(self) -> Stage | None:
+        """A stage trained before every evaluation on a copy of the weights, which are put back
+        afterwards (vlp_bench.trainer.decoder_finetune); its cost is recorded apart. None = none."""
+        return None
 
     def set_progress(self, fraction: float) -> None:
         """Called by the trainer before each step with the fraction of training done (curricula)."""

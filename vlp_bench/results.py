@@ -60,13 +60,14 @@ def read_jsonl(path: Path) -> list[dict]:
 class MetricsLog:
     """metrics.jsonl, rewritten atomically on every append (rows are few and small)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path | None):
+        self.path = None if path is None else Path(path)  # None: kept in memory only
         self.rows: list[dict] = []
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
-        write_jsonl(self.path, self.rows)
+        if self.path is not None:
+            write_jsonl(self.path, self.rows)
 
 
 def _git_commit() -> str | None:

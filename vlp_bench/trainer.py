@@ -14,6 +14,7 @@ the RNG restored and no gradient written, so counting changes neither the result
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import resource
@@ -134,17 +135,22 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch.device, log: MetricsLog,
           evaluate: Callable[[int], dict] | None = None, progress: bool = True,
-          checkpoint: Path | None = None) -> dict:
+          checkpoint: Path | None = None, stages: list[Stage] | None = None,
+          decoder_batches: Callable[[], TrainBatches] | None = None) -> dict:
     """Train `method` for cfg.steps optimizer steps; returns the cost summary for results.json.
 
     With `checkpoint`, the state (trainable weights, optimizer, data position, RNG, cost counters,
     metrics rows) is saved there every cfg.checkpoint_every steps, and training resumes from it when
-    the file exists: the resumed run ends exactly as an uninterrupted one, counting each step once."""
+    the file exists: the resumed run ends exactly as an uninterrupted one, counting each step once.
+    With `stages`, those are trained instead of method.stages(cfg.steps): a phase inside another
+    run (decoder_finetune), which leaves that run's peak-memory window alone. With
+    `decoder_batches`, each evaluation is preceded by the method's decoder stage (decoder_finetune)."""
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
-    schedule = [(stage, s) for stage in method.stages(cfg.steps) for s in range(stage.steps)]
+    nested = stages is not None
+    schedule = [(stage, s) for stage in (stages if nested else method.stages(cfg.steps)) for s in range(stage.steps)]
     total = len(schedule)
-    memory_kind = reset_peak_memory(device)
+    memory_kind = "within_run" if nested else reset_peak_memory(device)
     st = {"step": 0, "samples": 0, "wall": 0.0, "step_times": [], "window": [], "per_stage": [],
           "tokens_to_llm": None, "flops": {}, "timed_flops": 0, "flop_counts": 0}
     flop_cache: dict = {}  # (stage, image shape, method.shape_key) -> FlopCount of one micro-batch
@@ -153,7 +159,7 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
         st, opt_state, opt_stage = load_checkpoint(checkpoint, method, batches, log, device)
     current = None
     if evaluate is not None and cfg.eval_every and st["step"] == 0:  # the learning curve starts untrained
-        _evaluate(method, evaluate, log, st)
+        _evaluate(method, evaluate, log, st, lambda: decoder_finetune(method, decoder_batches, cfg, device))
     for i, (stage, s) in enumerate(progress_bar(schedule, f"train {method.name}", progress)):
         if i < st["step"]:
             continue  # done before the checkpoint this run resumed from
@@ -221,7 +227,7 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
                         "loss": sum(st["window"]) / len(st["window"]), "lr": lr, "tokens_to_llm": st["tokens_to_llm"]})
             st["window"] = []
         if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
-            _evaluate(method, evaluate, log, st)
+            _evaluate(method, evaluate, log, st, lambda: decoder_finetune(method, decoder_batches, cfg, device))
         if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
             save_checkpoint(checkpoint, method, opt, stage.name, batches, log, st)
     method.eval()
@@ -249,6 +255,36 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     }
 
 
+@contextlib.contextmanager
+def decoder_finetune(method: Method, make_batches: Callable[[], TrainBatches] | None, cfg: TrainConfig,
+                     device: torch.device):
+    """Train method.decoder_stage() (if any) on the current weights, yield its cost summary, then
+    put the weights back: evaluation sees the fine-tuned model, training goes on from where it
+    was. The same batches every time (make_batches) and its own RNG stream, so the phase neither
+    changes the run nor differs between evaluations except by the weights it starts from."""
+    stage = method.decoder_stage()
+    if stage is None or make_batches is None:
+        yield None
+        return
+    saved = {n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad}
+    sub = dataclasses.replace(cfg, steps=stage.steps, warmup_steps=min(cfg.warmup_steps, stage.steps // 10),
+                              eval_every=0, checkpoint_every=0, log_every=max(1, stage.steps // 10),
+                              warmup_exclude=min(cfg.warmup_exclude, stage.steps - 1))
+    log = MetricsLog(None)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            cost = train(method, make_batches(), sub, device, log, progress=False, stages=[stage])
+        keep = ("steps", "samples_seen", "train_wall_s", "median_step_s", "flops_unit", "train_flops",
+                "train_flops_per_sample")
+        yield {**{k: cost[k] for k in keep if k in cost}, "final_loss": log.rows[-1]["loss"]}
+    finally:
+        with torch.no_grad():
+            for name, p in method.named_parameters():
+                if name in saved:
+                    p.copy_(saved[name])
+
+
 def _stage_summary(stage: dict, with_flops: bool) -> dict:
     out = {k: v for k, v in stage.items() if k != "flops"}
     return {**out, **flop_summary(stage["flops"], stage["samples"])} if with_flops else out
@@ -263,11 +299,15 @@ def flop_summary(by_part: dict, samples: int) -> dict:
             "flops_by_part": count.by_part, "flops_per_sample_by_part": count.scaled(1 / samples)}
 
 
-def _evaluate(method: Method, evaluate: Callable[[int], dict], log: MetricsLog, st: dict) -> None:
-    """One point of the learning curve (validation subset), at the training cost spent so far."""
+def _evaluate(method: Method, evaluate: Callable[[int], dict], log: MetricsLog, st: dict, decoder) -> None:
+    """One point of the learning curve (validation subset), at the training cost spent so far; a
+    decoder phase before it (if the method has one) is recorded in the row, apart from that cost."""
     method.eval()
-    log.append({"step": st["step"], "samples": st["samples"], "wall_s": round(st["wall"], 4),
-                "flops": FlopCount(st["flops"]).total, "split": "val", "eval": evaluate(st["step"])})
+    row = {"step": st["step"], "samples": st["samples"], "wall_s": round(st["wall"], 4),
+           "flops": FlopCount(st["flops"]).total, "split": "val"}
+    with decoder() as cost:
+        row["eval"] = evaluate(st["step"])
+    log.append({**row, **({"decoder": cost} if cost else {})})
     method.train()
 
 
