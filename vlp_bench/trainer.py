@@ -158,8 +158,9 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     if checkpoint is not None and checkpoint.is_file():
         st, opt_state, opt_stage = load_checkpoint(checkpoint, method, batches, log, device)
     current = None
+    decoder = lambda: decoder_finetune(method, decoder_batches, cfg, device)  # noqa: E731 (before each evaluation)
     if evaluate is not None and cfg.eval_every and st["step"] == 0:  # the learning curve starts untrained
-        _evaluate(method, evaluate, log, st, lambda: decoder_finetune(method, decoder_batches, cfg, device))
+        _evaluate(method, evaluate, log, st, decoder)
     for i, (stage, s) in enumerate(progress_bar(schedule, f"train {method.name}", progress)):
         if i < st["step"]:
             continue  # done before the checkpoint this run resumed from
@@ -227,7 +228,7 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
                         "loss": sum(st["window"]) / len(st["window"]), "lr": lr, "tokens_to_llm": st["tokens_to_llm"]})
             st["window"] = []
         if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
-            _evaluate(method, evaluate, log, st, lambda: decoder_finetune(method, decoder_batches, cfg, device))
+            _evaluate(method, evaluate, log, st, decoder)
         if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
             save_checkpoint(checkpoint, method, opt, stage.name, batches, log, st)
     method.eval()
