@@ -68,6 +68,12 @@ class Method(nn.Module):
         self.llm.eval()
         return self
 
+    def encode(self, images: torch.Tensor, stage: Stage | None = None) -> torch.Tensor:
+        """The frozen encoder's tokens (B, N, vision_dim) for a training stage, or for evaluation
+        (stage None). Vision-side methods (`VisionSide`) change what runs here."""
+        with torch.no_grad():
+            return self.vision(images)
+
     def stages(self, total_steps: int) -> list[Stage]:
         return [Stage("train", total_steps)]
 
@@ -116,12 +122,6 @@ class FrozenLLMMethod(Method):
     def input_tokens(cls, cfg, vision) -> int:
         """Tokens per image that encode() hands the bridge at evaluation (vision sides change it)."""
         return vision.num_tokens
-
-    def encode(self, images: torch.Tensor, stage: Stage | None = None) -> torch.Tensor:
-        """The frozen encoder's tokens (B, N, vision_dim) for a training stage, or for evaluation
-        (stage None). Vision-side methods (`VisionSide`) change what runs here."""
-        with torch.no_grad():
-            return self.vision(images)
 
     def visual_prefix(self, images: torch.Tensor, stage: Stage | None = None) -> torch.Tensor:
         return self.bridge(self.encode(images, stage))

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlp_bench.layers import Attention, CrossAttention, mlp
-from vlp_bench.method import DecodingConfig, Method, Stage, StepOutput, pad_rows
+from vlp_bench.method import DecodingConfig, Method, Stage, StepOutput, lm_rows, pad_rows
 
 MODES = ("l2r", "r2l", "bi")
 
@@ -102,16 +102,18 @@ class TextSide(nn.Module):
 
 
 def text_rows(tokenizer, prompt: str, captions: list[str]) -> tuple[int, list[list[int]]]:
-    """(index of the first caption token, rows of [anchor] prompt caption [EOS]). The anchor (BOS,
-    else EOS) is never predicted nor hidden, so every prediction sees at least one token."""
+    """(index of the first caption token, rows of [anchor] prompt caption [EOS]): the frozen-LLM
+    methods' rows (lm_rows) behind an anchor (BOS, else EOS) that is never predicted nor hidden,
+    so every prediction sees at least one token."""
     prefix = _prefix(tokenizer, prompt)
-    return len(prefix), [prefix + tokenizer(" " + c, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-                         for c in captions]
+    return len(prefix), [prefix + row for row in lm_rows(tokenizer, "", captions)[1]]
 
 
 def _prefix(tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids as lm_rows makes them, starting with the anchor."""
     anchor = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return [anchor] + (tokenizer(prompt, add_special_tokens=False).input_ids if prompt else [])
+    ids = lm_rows(tokenizer, prompt, [])[0]
+    return ids if ids[:1] == [anchor] else [anchor] + ids
 
 
 @dataclass
@@ -183,10 +185,6 @@ class TextSideMethod(Method):
 
     def shape_key(self, batch: dict, stage: Stage):
         return max(map(len, text_rows(self.tokenizer, batch["prompt"], batch["captions"])[1]))
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.vision(images)
 
     def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
         visual = self.encode(batch["images"])
