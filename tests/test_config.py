@@ -72,3 +72,13 @@ def test_cli_errors_are_one_line_exit_2(args, message, tmp_path):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_recipe_is_a_valid_config_that_says_where_it_comes_from(recipe):
+    import timm
+
+    cfg = load_config(recipe)  # every key known, every value typed, every method and task registered
+    assert cfg.recipe.source and cfg.recipe.differences
+    assert cfg.vision.name in timm.list_models(cfg.vision.name)  # a real timm architecture
+    assert cfg.train.steps >= 10_000 and cfg.data.shards  # paper-length training on streamed data

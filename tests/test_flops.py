@@ -259,3 +259,16 @@ def test_mfu_peak_is_looked_up_by_device_name(name, tflops, monkeypatch):
     assert got == (None if tflops is None else tflops * 1e12)
     assert peak_flops_per_s(torch.device("cuda"), TrainConfig(peak_tflops=100.0)) == 100e12  # the config wins
     assert peak_flops_per_s(torch.device("cpu"), TrainConfig()) is None
+
+
+@pytest.mark.parametrize("op", ["_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                                "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"])
+def test_grouped_keys_cost_what_repeated_keys_cost(op):
+    """GQA (Llama 3, TinyLlama: 8 key/value heads for 32 query heads) runs SDPA's fused kernels on
+    fewer key heads; each query head still attends over every key. PyTorch's formulas reject the
+    shapes (a `vlp-bench bench` on a GPU failed on it): ours count the keys repeated per head."""
+    q = torch.empty(2, 8, 10, 16, device="meta")
+    grouped, full = torch.empty(2, 2, 12, 16, device="meta"), torch.empty(2, 8, 12, 16, device="meta")
+    fwd, bwd = (flops.FORMULAS[getattr(torch.ops.aten, op + suffix)] for suffix in ("", "_backward"))
+    assert fwd(q, grouped, grouped, out_val=None) == fwd(q, full, full, out_val=None) == 2 * (2 * 2 * 8 * 10 * 12 * 16)
+    assert bwd(q, q, grouped, grouped, out_val=None) == bwd(q, q, full, full, out_val=None) > 0

@@ -111,8 +111,8 @@ def test_budget_mode_prunes_configs_over_budget_before_training(tiny_overrides, 
 
 def test_a_run_stopped_by_its_evaluation_callback_is_recorded_as_pruned(tiny_overrides, tmp_path):
     """How a pruner stops a trial: the callback sees each validation evaluation and raises StopRun."""
-    from vlp_bench.data import CaptionSplit, ImageLoader
-    from vlp_bench.experiment import StopRun, _one_run, load_config, prepare
+    from vlp_bench.data import ImageLoader
+    from vlp_bench.experiment import StopRun, _one_run, load_config, prepare, training_data
     from vlp_bench.registry import TASKS
     from vlp_bench.results import env_info
 
@@ -128,8 +128,8 @@ def test_a_run_stopped_by_its_evaluation_callback_is_recorded_as_pruned(tiny_ove
             raise StopRun("pruned at step 4")
 
     with pytest.raises(StopRun):
-        _one_run(cfg, "simvlg", 0, tmp_path / "run", backbones, tasks, CaptionSplit(root, "train"), images, device,
-                 env_info(device), False, on_eval=on_eval)
+        _one_run(cfg, "simvlg", 0, tmp_path / "run", backbones, tasks, training_data(cfg, root, images, device),
+                 device, env_info(device), False, on_eval=on_eval)
     rec = json.loads((tmp_path / "run" / "results.json").read_text())
     assert rec["status"] == "pruned" and rec["error"] == "pruned at step 4" and [s for s, _ in seen] == [0, 4]
     assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -138,8 +138,10 @@ class VisionEncoder(nn.Module):
         """(B, N, D) tokens. With `keep` (B, K) patch indices the encoder runs on the prefix tokens
         and those patches only, as FLIP feeds a ViT (dropped patches cost nothing); with `merge`
         = (per-block r, variant) its blocks merge tokens as ToMe does. Both need is_plain_vit()."""
+        weight = next(self.model.parameters())
+        images = images.to(weight.dtype)  # frozen weights are bf16 on a GPU (load_backbones)
         if keep is not None or merge is not None:
-            return self._forward_blocks(images, keep, merge)
+            return self._float(self._forward_blocks(images, keep, merge))
         m = self.model
         if self.feature_layer == -1 or not hasattr(m, "forward_intermediates"):
             x = m.forward_features(images)
@@ -150,7 +152,13 @@ class VisionEncoder(nn.Module):
             x = torch.cat([prefix, spatial], dim=1)  # CLS (and registers) first, as forward_features
         if x.ndim == 4:  # convolutional models: (B, C, H, W) -> (B, HW, C)
             x = x.flatten(2).transpose(1, 2)
-        return x  # (B, N, D)
+        return self._float(x)  # (B, N, D)
+
+    @staticmethod
+    def _float(x: torch.Tensor) -> torch.Tensor:
+        """bf16 features go on in bf16 under autocast (training) and as fp32 outside it
+        (evaluation), where the trainable bridge's fp32 weights meet them."""
+        return x if x.dtype == torch.float32 or torch.is_autocast_enabled(x.device.type) else x.float()
 
 
 @dataclass
@@ -390,5 +398,7 @@ def load_llm(cfg: LLMConfig, data_root: Path, cache: Path, device: torch.device,
 def load_backbones(vision: VisionConfig, llm: LLMConfig, data_root: Path, cache: Path,
                    device: torch.device, progress: bool = False) -> Backbones:
     enc = load_vision(vision, data_root, cache, progress).to(device)
+    if device.type == "cuda":
+        enc = enc.to(torch.bfloat16)  # frozen: bf16 halves its memory; autocast runs it in bf16 anyway
     model, tokenizer = load_llm(llm, data_root, cache, device, progress)
     return Backbones(enc, model.to(device), tokenizer)

@@ -66,10 +66,14 @@ def run(
 
 def _after_run(out: Path, dirs, cfg) -> None:
     """The tables on stdout; then, in the experiment directory, the methods' paper-scale costs
-    (flops-paper.json, once) and report.html. Neither of the last two can fail a finished run."""
-    from vlp_bench import costmodel
+    (flops-paper.json, once) and report.html. Neither of the last two can fail a finished run.
+    Under torchrun: rank zero's work; the job ends here."""
+    from vlp_bench import costmodel, dist
     from vlp_bench.experiment import say
     from vlp_bench.reports import html
+
+    if not dist.finish():
+        return
 
     _print_summary(dirs, cfg.target)
     paper = out / "flops-paper.json"
@@ -206,7 +210,8 @@ def report(
 @app.command()
 def flops(
     preset: str = typer.Option("tiny", help="Scale: tiny (the tiny world and methods as configured: bench.toml, "
-                                            "--set) or paper (ViT-g/14, OPT-2.7B, each method's paper config)."),
+                                            "--set), vitl-1b (ViT-L/14, a 1.2B Llama) or paper (ViT-g/14, "
+                                            "OPT-2.7B); the larger two use each method's paper config."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: experiment.methods)."),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
@@ -220,14 +225,75 @@ def flops(
         overrides.append("experiment.methods=" + json.dumps([m.strip() for m in methods.split(",") if m.strip()]))
     cfg = _config(config, overrides)  # unknown methods: a one-line error with a suggestion
     names = cfg.experiment.methods
-    if preset == "tiny":
-        scale = costmodel.tiny_scale(cfg)
-    elif preset == "paper":
-        scale = costmodel.paper_scale()
-    else:
-        raise UserError(f"unknown preset '{preset}' (use tiny or paper)")
-    table = costmodel.cost_table(scale, names)
+    table = costmodel.cost_table(costmodel.scale(preset, cfg), names)
     typer.echo(json.dumps(table, indent=2) if as_json else costmodel.format_table(table))
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option("tiny", help="Scale: tiny (as configured), vitl-1b (ViT-L/14 + a 1.2B Llama) or "
+                                            "paper (ViT-g/14 + OPT-2.7B), with random weights."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: experiment.methods)."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per step (default: train.batch_size)."),
+    steps: int = typer.Option(20, help="Timed steps per method and stage (the median is reported)."),
+    warmup: int = typer.Option(5, help="Untimed steps first (allocator, kernel selection)."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Step time, samples/s, TFLOP/s, MFU and peak memory per method on this device, without data."""
+    from vlp_bench import bench as bench_mod
+    from vlp_bench.experiment import resolve_device, say
+
+    overrides = list(set_ or [])
+    if methods is not None:
+        overrides.append("experiment.methods=" + json.dumps([m.strip() for m in methods.split(",") if m.strip()]))
+    cfg = _config(config, overrides)
+    device = resolve_device(cfg.experiment.device)
+    if cfg.experiment.threads:
+        import torch
+
+        torch.set_num_threads(cfg.experiment.threads)
+    table = bench_mod.bench(cfg, preset, cfg.experiment.methods, device, batch_size or cfg.train.batch_size, steps,
+                            warmup, progress=not as_json, say=say)
+    typer.echo(json.dumps(table, indent=2) if as_json else bench_mod.format_table(table))
+
+
+@app.command("export-shards")
+def export_shards(
+    out: Path = typer.Argument(..., help="Directory for the shards (SPLIT-000000.tar, ...)."),
+    split: str = typer.Option("train", help="The split of the data root (default: the tiny world) to export."),
+    shard_size: int = typer.Option(1000, help="Samples per shard."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Write a COCO-layout split as WebDataset-style tar shards (train on them with data.shards)."""
+    from vlp_bench.data import CaptionSplit
+    from vlp_bench.experiment import data_root, say
+    from vlp_bench.shards import export_shards as export
+
+    cfg = _config(config, set_)
+    data = CaptionSplit(data_root(cfg), split)
+    paths = export(data, out, shard_size, progress=lambda i, n: say(f"shard {i}/{n}"))
+    typer.echo(f"{len(data)} samples in {len(paths)} shards in {out}; train on them with "
+               f"--set data.shards='{out}'")
+
+
+@app.command("import-coco")
+def import_coco(
+    karpathy: Path = typer.Argument(..., help="Karpathy's dataset_coco.json (the caption splits)."),
+    images: Path = typer.Option(..., help="The COCO image folder holding train2014/ and val2014/."),
+    out: Path = typer.Option(..., "--out", "-o", help="The data root to write (then: --set data.root=OUT)."),
+    vqa_questions: Optional[list[Path]] = typer.Option(None, help="VQAv2 questions file (repeat: train2014, val2014)."),
+    vqa_annotations: Optional[list[Path]] = typer.Option(None, help="VQAv2 annotations file, in the same order."),
+):
+    """Lay out real COCO (Karpathy splits) and VQAv2 as a vlp-bench data root (links the images)."""
+    from vlp_bench.coco import import_coco as do_import
+
+    summary = do_import(karpathy, images, out, list(vqa_questions or []), list(vqa_annotations or []))
+    for split, n in summary.items():
+        typer.echo(f"{split}: " + ", ".join(f"{v} {k}" for k, v in n.items()))
+    typer.echo(f"data root ready: {out} (use --set data.root='{out}')")
 
 
 @app.command()

@@ -6,8 +6,11 @@ than another's, a 5x wall-clock gain has to come from somewhere else (fewer step
 stage, a better kernel). Per-sample figures of a multi-stage method are the mean over its stages,
 weighted by their share of the training steps.
 
-Presets:
+Scales (also what `vlp-bench bench` times, there with random weights on the device):
 - tiny: the tiny world's backbones and the methods as configured (bench.toml and --set).
+- vitl-1b: a CLIP ViT-L/14 at 224 px (257 tokens, penultimate block read) and a Llama-3.2-1B-shaped
+  LLM (1.2B parameters): the "ViT-L-sized vision tower and 1B-class LLM" of a single-GPU job;
+  methods at their paper configs, captions as in paper.
 - paper: EVA ViT-g/14 at 224 px (257 tokens, penultimate block read, as BLIP-2), OPT-2.7B, the
   12-layer 768-wide bridge, SimVLG's r = 19, BLIP-2's Q-Former with 32 queries; captions of 32
   tokens, no prompt (pre-training). Each method file gives its paper-scale config (`paper_config`).
@@ -59,32 +62,80 @@ class Scale:
     method_configs: dict  # method name -> its Config at this scale
 
 
-def tiny_scale(bench) -> Scale:
+def _frozen(module, device) -> torch.nn.Module:
+    """Frozen, and in bf16 on a GPU (as load_backbones does); meta and CPU modules stay fp32."""
+    module = freeze(module)
+    return module.to(torch.bfloat16) if torch.device(device).type == "cuda" else module
+
+
+def tiny_scale(bench, device="meta") -> Scale:
     """The tiny world as configured; captions of the world's typical length."""
-    with torch.device("meta"):
+    with torch.device(device):
         vision = VisionEncoder(_tiny_vit(bench.vision, 0), bench.vision.image_size, (0.5,) * 3, (0.5,) * 3,
                                bench.vision.feature_layer)
         llm = tiny_llama(bench.llm, bench.llm.vocab_size)
     tokenizer = LengthTokenizer(bench.llm.vocab_size)
     # 7 + EOS: the default tiny world's captions are 7.9 tokens long on average (median 7, max 25)
-    return Scale("tiny", Backbones(freeze(vision), freeze(llm), tokenizer), bench.vision.image_size, 7,
-                 bench.experiment.prompt, dict(bench.methods))
+    return Scale("tiny", Backbones(_frozen(vision, device), _frozen(llm, device), tokenizer), bench.vision.image_size,
+                 7, bench.experiment.prompt, dict(bench.methods))
 
 
-def paper_scale() -> Scale:
+def _paper_configs() -> dict:
+    return {name: METHODS.get(name).paper_config for name in METHODS.names()
+            if METHODS.get(name).paper_config is not None}
+
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def paper_scale(device="meta") -> Scale:
     import timm
     from transformers import OPTConfig, OPTForCausalLM
 
-    with torch.device("meta"):
+    with torch.device(device):
         vit = timm.create_model("eva_giant_patch14_clip_224", pretrained=False, num_classes=0)
-        vision = VisionEncoder(vit, 224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711),
-                               feature_layer=-2)
+        vision = VisionEncoder(vit, 224, CLIP_MEAN, CLIP_STD, feature_layer=-2)
         opt = OPTForCausalLM(OPTConfig(  # OPT-2.7B as published
             vocab_size=50272, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
             word_embed_proj_dim=2560, max_position_embeddings=2048, attn_implementation="sdpa"))
-    configs = {name: METHODS.get(name).paper_config for name in METHODS.names()
-               if METHODS.get(name).paper_config is not None}
-    return Scale("paper", Backbones(freeze(vision), freeze(opt), LengthTokenizer(50272)), 224, 31, "", configs)
+    return Scale("paper", Backbones(_frozen(vision, device), _frozen(opt, device), LengthTokenizer(50272)), 224, 31,
+                 "", _paper_configs())
+
+
+def vitl1b_scale(device="meta") -> Scale:
+    import timm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device(device):
+        vit = timm.create_model("vit_large_patch14_clip_224", pretrained=False, num_classes=0)
+        vision = VisionEncoder(vit, 224, CLIP_MEAN, CLIP_STD, feature_layer=-2)
+        llm = LlamaForCausalLM(LlamaConfig(  # Llama-3.2-1B's published shape
+            vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
+            tie_word_embeddings=True, attn_implementation="sdpa"))
+    return Scale("vitl-1b", Backbones(_frozen(vision, device), _frozen(llm, device), LengthTokenizer(128256)), 224,
+                 31, "", _paper_configs())
+
+
+SCALES = ("tiny", "vitl-1b", "paper")
+
+
+def method_configs(name: str, bench) -> dict:
+    """The methods' configs at scale `name` (without building its backbones)."""
+    if name not in SCALES:
+        raise UserError(f"unknown preset '{name}' (use one of {', '.join(SCALES)})")
+    return dict(bench.methods) if name == "tiny" else _paper_configs()
+
+
+def scale(name: str, bench, device="meta") -> Scale:
+    """The named scale's backbones on `device` (meta: shapes only; else random weights there)."""
+    if name == "tiny":
+        return tiny_scale(bench, device)
+    if name == "vitl-1b":
+        return vitl1b_scale(device)
+    if name == "paper":
+        return paper_scale(device)
+    raise UserError(f"unknown preset '{name}' (use one of {', '.join(SCALES)})")
 
 
 def per_sample_costs(scale: Scale, names: list[str]) -> dict:

@@ -11,7 +11,9 @@ laid out the same way or pointed at with links):
 
 from __future__ import annotations
 
+import collections
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +21,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlp_bench.errors import UserError
+from vlp_bench.errors import UserError, from_worker
 
 
 @dataclass
 class DataConfig:
     root: str = ""  # "" = the embedded tiny world built from [world]; else a directory laid out as above
+    # training data as tar shards (vlp_bench/shards.py): a directory, a glob or "dir/x-{000000..000099}.tar";
+    # "" = the root's train split. Evaluation always reads the root's val/test splits.
+    shards: str = ""
+    workers: int = 2  # data-loading processes per rank for shards: decoding keeps up with a GPU step at 2+
+    shuffle_buffer: int = 1000  # samples shuffled together while streaming shards (WebDataset's usual size)
+
+    def validate(self) -> None:
+        if self.workers < 0 or self.shuffle_buffer < 1:
+            raise ValueError(f"workers must be >= 0 and shuffle_buffer >= 1, got {self.workers}, {self.shuffle_buffer}")
 
 
 class CaptionSplit:
@@ -66,12 +77,15 @@ class ImageLoader:
     def __call__(self, path: Path) -> torch.Tensor:
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
-                if im.size != (self.size, self.size):
-                    im = im.resize((self.size, self.size), Image.BICUBIC)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
+                return self.from_image(im)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read image {path}: {e}") from None
+
+    def from_image(self, im: Image.Image) -> torch.Tensor:
+        im = im.convert("RGB")
+        if im.size != (self.size, self.size):
+            im = im.resize((self.size, self.size), Image.BICUBIC)
+        arr = np.asarray(im, dtype=np.float32) / 255.0
         return (torch.from_numpy(arr).permute(2, 0, 1) - self.mean) / self.std
 
     def batch(self, paths) -> torch.Tensor:
@@ -83,21 +97,39 @@ class TrainBatches:
 
     An epoch visits the images in a fresh random order; the ragged last batch is dropped. The
     sampling position is part of `state_dict()`, so a resumed run sees exactly the batches an
-    uninterrupted one would. `extra` is added to every batch (e.g. the training prompt)."""
+    uninterrupted one would. `extra` is added to every batch (e.g. the training prompt).
+
+    The draws are made here, in order; with `workers` > 0 the images are decoded ahead by that
+    many DataLoader processes (into pinned memory with `pin_memory`), so decoding overlaps the
+    training step. The batches do not depend on `workers`.
+
+    Data-parallel (vlp_bench.dist): every rank draws the same global batch of `batch_size` and
+    loads only its `rank`-th of `world` equal slices, so the job trains on what one process would."""
 
     def __init__(self, split: CaptionSplit, loader: ImageLoader, batch_size: int, seed: int,
-                 extra: dict | None = None):
+                 extra: dict | None = None, rank: int = 0, world: int = 1, workers: int = 0,
+                 pin_memory: bool = False):
         if batch_size > len(split):
             raise UserError(f"batch size {batch_size} exceeds the {len(split)} images of split '{split.split}'")
+        if batch_size % world:
+            raise UserError(f"train.batch_size {batch_size} is the global batch: it must divide evenly over "
+                            f"the {world} processes")
         self.split, self.loader, self.batch_size, self.extra = split, loader, batch_size, extra or {}
+        self.slice = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+        self.workers, self.pin = workers, pin_memory
         self.g = torch.Generator().manual_seed(seed)
         self.order: list[int] = []
         self.pos = 0
+        self._state = self._snapshot()  # the position after the last batch handed out
+        self._pending: collections.deque = collections.deque()  # drawn, not yet handed out
+        self._images = None
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def _draw(self) -> list[int]:
+        """The next batch's image ids (this rank's slice); its captions and the position after it
+        wait in _pending until the batch is handed out."""
         ids, bs = self.split.image_ids, self.batch_size
         if not self.order or self.pos + bs > len(ids):  # a new epoch
             self.order = torch.randperm(len(ids), generator=self.g).tolist()
@@ -105,16 +137,60 @@ class TrainBatches:
         chosen = [ids[i] for i in self.order[self.pos : self.pos + bs]]
         self.pos += bs
         picks = torch.randint(0, 1 << 30, (bs,), generator=self.g).tolist()
-        return {
-            **self.extra,
-            "image_ids": chosen,
-            "images": self.loader.batch([self.split.image_path(i) for i in chosen]),
-            "captions": [self.split.refs[i][p % len(self.split.refs[i])] for i, p in zip(chosen, picks)],
-        }
+        chosen, picks = chosen[self.slice], picks[self.slice]
+        captions = [self.split.refs[i][p % len(self.split.refs[i])] for i, p in zip(chosen, picks)]
+        self._pending.append((chosen, captions, self._snapshot()))
+        return chosen
+
+    def _snapshot(self) -> tuple:
+        return self.g.get_state(), self.order, self.pos  # order is replaced, never changed, at each epoch
+
+    @staticmethod
+    def _plan(ref: weakref.ref):
+        """The DataLoader's batch sampler: draws made by the TrainBatches it belongs to. A weak
+        reference, so dropping the TrainBatches drops its loader (and workers) at once, rather
+        than when the garbage collector breaks a cycle (10 s of worker shutdown, measured)."""
+        while (owner := ref()) is not None:
+            ids = owner._draw()
+            del owner
+            yield ids
+
+    def __next__(self) -> dict:
+        if self.workers == 0:
+            chosen = self._draw()
+            images = self.loader.batch([self.split.image_path(i) for i in chosen])
+        else:
+            if self._images is None:
+                self._images = iter(torch.utils.data.DataLoader(
+                    _Images(self.split, self.loader), batch_sampler=self._plan(weakref.ref(self)), num_workers=self.workers,
+                    collate_fn=torch.stack, pin_memory=self.pin, prefetch_factor=2))
+            try:
+                images = next(self._images)
+            except UserError as e:
+                raise from_worker(e) from None
+        chosen, captions, self._state = self._pending.popleft()
+        return {**self.extra, "image_ids": chosen, "images": images, "captions": captions}
 
     def state_dict(self) -> dict:
-        return {"generator": self.g.get_state(), "order": torch.tensor(self.order, dtype=torch.long), "pos": self.pos}
+        g, order, pos = self._state
+        return {"generator": g, "order": torch.tensor(order, dtype=torch.long), "pos": pos}
 
     def load_state_dict(self, state: dict) -> None:
         self.g.set_state(state["generator"])
         self.order, self.pos = state["order"].tolist(), int(state["pos"])
+        self._state, self._images = self._snapshot(), None  # draws made ahead are dropped
+        self._pending.clear()
+
+    def report(self) -> dict:
+        """For results.json: where the training data came from."""
+        return {"source": "coco", "annotations": str(self.split.ann_path), "images": len(self.split)}
+
+
+class _Images(torch.utils.data.Dataset):
+    """Image id -> decoded image: what TrainBatches' workers do."""
+
+    def __init__(self, split: CaptionSplit, loader: ImageLoader):
+        self.split, self.loader = split, loader
+
+    def __getitem__(self, image_id: int) -> torch.Tensor:
+        return self.loader(self.split.image_path(image_id))

@@ -7,3 +7,9 @@ everything else is a bug and keeps its traceback.
 
 class UserError(Exception):
     """Bad input: a config key, a file, a name. The message is shown as is."""
+
+
+def from_worker(e: UserError) -> UserError:
+    """A UserError raised in a DataLoader worker, which re-raises it wrapped in the worker's
+    traceback: the one line of the original."""
+    return UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1])

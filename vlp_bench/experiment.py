@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from vlp_bench import dist
 from vlp_bench.backbones import LLMConfig, VisionConfig, load_backbones
 from vlp_bench.config import apply_overrides, from_dict, load_toml, suggest, to_dict
 from vlp_bench.data import CaptionSplit, DataConfig, ImageLoader, TrainBatches
@@ -22,7 +23,7 @@ from vlp_bench.targets import split_metric
 from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.results import SCHEMA_VERSION, MetricsLog, atomic_write_json, env_info, write_jsonl
 from vlp_bench.search import SearchConfig
-from vlp_bench.trainer import TrainConfig, decoder_finetune, train
+from vlp_bench.trainer import NonFiniteLoss, TrainConfig, decoder_finetune, train
 from vlp_bench.world import WorldConfig, build_world
 
 
@@ -54,7 +55,16 @@ class TargetConfig:
 
 
 @dataclass
+class RecipeConfig:
+    """Where a config file's settings come from (recipes/*.toml): saved with every run's results."""
+
+    source: str = ""  # the paper (and its section or table) the settings follow; "" = not a recipe
+    differences: list[str] = field(default_factory=list)  # what this harness runs differently, each with why
+
+
+@dataclass
 class BenchConfig:
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -135,27 +145,36 @@ def resolve_device(name: str) -> torch.device:
 
 
 def say(msg: str) -> None:
-    """Progress lines for long work; stderr, so stdout stays machine-readable."""
-    print(f"[vlp-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    """Progress lines for long work; stderr, so stdout stays machine-readable. Rank zero's only."""
+    if dist.group().is_main:
+        print(f"[vlp-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def prepare(cfg: BenchConfig, progress: bool = True):
-    """Build (or find in the cache) the data and the frozen backbones."""
-    device = resolve_device(cfg.experiment.device)
-    if cfg.experiment.threads:
-        torch.set_num_threads(cfg.experiment.threads)
-    cache = cache_dir(cfg)
+def data_root(cfg: BenchConfig, progress: bool = True) -> Path:
+    """data.root, or the tiny world (built into the cache on first use)."""
     if cfg.data.root:
         root = Path(cfg.data.root).expanduser()
         if not root.is_dir():
             raise UserError(f"data.root is not a directory: {root}")
-    else:
-        say(f"tiny world in {cache} (built once, then cached)")
-        root = build_world(cfg.world, cache, progress=progress)
+        return root
+    say(f"tiny world in {cache_dir(cfg)} (built once, then cached)")
+    return build_world(cfg.world, cache_dir(cfg), progress=progress)
+
+
+def prepare(cfg: BenchConfig, progress: bool = True):
+    """Build (or find in the cache) the data and the frozen backbones. Under torchrun this joins
+    the job (vlp_bench.dist) and rank zero builds the caches before the other ranks read them."""
+    group, device = dist.init(resolve_device(cfg.experiment.device))
+    if cfg.experiment.threads:
+        torch.set_num_threads(cfg.experiment.threads)
+    cache = cache_dir(cfg)
+    with dist.main_first(group):
+        root = data_root(cfg, progress and group.is_main)
     for name in cfg.experiment.tasks:  # missing task files fail before any long work
         TASKS.get(name).check(cfg.tasks[name], root)
     say("frozen backbones (tiny ones are pre-trained once, then cached)")
-    backbones = load_backbones(cfg.vision, cfg.llm, root, cache, device, progress)
+    with dist.main_first(group):
+        backbones = load_backbones(cfg.vision, cfg.llm, root, cache, device, progress and group.is_main)
     return root, backbones, device
 
 
@@ -192,14 +211,19 @@ def run(cfg: BenchConfig, progress: bool = True, resume: bool = False) -> list[P
     exp = dataclasses.replace(exp, out=str(out))  # the saved config names the directory actually used
     cfg = dataclasses.replace(cfg, experiment=exp)
     planned = [(m, seed, out / f"{m}-seed{seed}") for m in exp.methods for seed in exp.seeds]
+    group, _ = dist.init(resolve_device(exp.device))  # under torchrun: rank zero alone writes
+    if cfg.train.batch_size % group.world:
+        raise UserError(f"train.batch_size {cfg.train.batch_size} is the global batch: it must divide evenly over "
+                        f"the {group.world} processes")
     if not resume:
         taken = [d for _, _, d in planned if run_status(d) is not None]
         if taken:  # never overwrite earlier work
             raise UserError(f"{taken[0]} already holds a run; choose another --out, or continue it with "
                             f"`vlp-bench run --resume {out}`")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "experiment.json", to_dict(cfg))
+        if group.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / "experiment.json", to_dict(cfg))
     except OSError as e:
         raise UserError(f"cannot write to the output directory {out}: {e.strerror or e}") from None
     root, backbones, device = prepare(cfg, progress)
@@ -210,15 +234,36 @@ def run(cfg: BenchConfig, progress: bool = True, resume: bool = False) -> list[P
             raise UserError(f"methods.{name}: {e}") from None
     images = ImageLoader(backbones.vision.image_size, backbones.vision.mean, backbones.vision.std)
     tasks = {name: TASKS.get(name)(cfg.tasks[name], root, images) for name in exp.tasks}
-    train_split = CaptionSplit(root, "train")
+    data = training_data(cfg, root, images, device)
     env = env_info(device)
     for method_name, seed, run_dir in planned:
         if resume and run_status(run_dir) in FINAL:
             say(f"run {run_dir}: already {run_status(run_dir)}, kept")
             continue
         say(f"run {run_dir}")
-        _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, images, device, env, progress)
+        _one_run(cfg, method_name, seed, run_dir, backbones, tasks, data, device, env, progress)
     return [d for _, _, d in planned]
+
+
+def training_data(cfg: BenchConfig, root: Path, images: ImageLoader, device: torch.device):
+    """batches(seed, rank=0, world=1): a run's training batches (this rank's slice of each global
+    batch), from data.shards when set, else from the root's train split."""
+    prompt = {"prompt": cfg.experiment.prompt}
+    if cfg.data.shards:
+        from vlp_bench.shards import ShardBatches, shard_paths
+
+        shard_paths(cfg.data.shards)  # missing shards fail before any long work
+
+        def from_shards(seed: int, rank: int = 0, world: int = 1):
+            return ShardBatches(cfg.data.shards, images, cfg.train.batch_size, seed, prompt, rank, world,
+                                cfg.data.workers, cfg.data.shuffle_buffer, pin_memory=device.type == "cuda")
+        return from_shards
+    split = CaptionSplit(root, "train")
+
+    def from_split(seed: int, rank: int = 0, world: int = 1):
+        return TrainBatches(split, images, cfg.train.batch_size, seed, prompt, rank, world, cfg.data.workers,
+                            pin_memory=device.type == "cuda")
+    return from_split
 
 
 DECODER_SEED = 1_000_003  # offsets the run seed for the decoder phase's batches: a stream training never draws
@@ -229,24 +274,31 @@ class StopRun(Exception):
     is recorded as "pruned" and the exception goes on to the caller."""
 
 
-def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, images, device, env, progress,
-             on_eval=None):
+RANK_SEED = 1_000_033  # rank r > 0 of a torchrun job draws its random numbers from seed + r * RANK_SEED
+
+
+def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, data, device, env, progress, on_eval=None):
+    group = dist.group()
+    main = group.is_main  # the only rank that writes files and evaluates
+    write = atomic_write_json if main else (lambda path, obj: None)
     resolved = to_dict(cfg)
-    atomic_write_json(run_dir / "config.json", resolved)
+    write(run_dir / "config.json", resolved)
     record = {"schema_version": SCHEMA_VERSION, "run_id": run_dir.name, "method": method_name, "seed": seed,
               "status": "running", "config": resolved, "metrics": {}, "cost": {}, "method_info": {}, "env": env}
-    atomic_write_json(run_dir / "results.json", record)  # a killed run says "running" and can resume
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    if group.active:
+        record["distributed"] = {"world_size": group.world, "backend": torch.distributed.get_backend()}
+    write(run_dir / "results.json", record)  # a killed run says "running" and can resume
+    log = MetricsLog(run_dir / "metrics.jsonl" if main else None)
     checkpoint = run_dir / "checkpoint.pt"
     try:
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # the same initial weights on every rank
         method = METHODS.get(method_name)(cfg.methods[method_name], backbones).to(device)
-        batches = TrainBatches(train_split, images, cfg.train.batch_size, seed,
-                               extra={"prompt": cfg.experiment.prompt})
+        if group.rank:  # but each rank its own random stream (masks, noise) from here on
+            torch.manual_seed(seed + group.rank * RANK_SEED)
+        batches = data(seed, group.rank, group.world)
 
-        def decoder_batches() -> TrainBatches:  # the same batches before every evaluation, none of training's
-            return TrainBatches(train_split, images, cfg.train.batch_size, seed + DECODER_SEED,
-                                extra={"prompt": cfg.experiment.prompt})
+        def decoder_batches():  # the same batches before every evaluation, none of training's (rank zero's)
+            return data(seed + DECODER_SEED)
 
         def evaluate(step: int) -> dict:
             metrics = {name: task.evaluate(method, "val", cfg.train.eval_images)[0] for name, task in tasks.items()}
@@ -259,40 +311,53 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, train_split, ima
             say(f"resuming {run_dir.name} from its checkpoint")
         record["cost"] = train(method, batches, cfg.train, device, log, evaluate, progress, checkpoint,
                                decoder_batches=decoder_batches)
-        with decoder_finetune(method, decoder_batches, cfg.train, device) as decoder:
-            if decoder:  # a cost of evaluating this family, not of pre-training it
-                record["cost"]["decoder_finetune"] = decoder
-            for name, task in tasks.items():
-                say(f"evaluate {name} on {task.cfg.split}")
-                metrics, samples = task.evaluate(method, task.cfg.split)
-                record["metrics"][name] = metrics
-                write_jsonl(run_dir / f"samples_{name}.jsonl", samples)
+        record["data"] = batches.report()
+        if main:
+            _final_evaluation(method, tasks, decoder_batches, cfg, device, record, run_dir)
         log.append({"step": record["cost"]["steps"], "samples": record["cost"]["samples_seen"],
                     "wall_s": round(record["cost"]["train_wall_s"], 4), "flops": record["cost"].get("train_flops"),
                     "split": "test", "eval": record["metrics"], "final": True})
         record["cost"]["total_wall_s"] = time.perf_counter() - t0
         record["method_info"] = method.info()
-        if "caption" in tasks:  # the report's picture of what merging does, beside the captions
+        if "caption" in tasks and main:  # the report's picture of what merging does, beside the captions
             _save_token_groups(method, tasks["caption"], run_dir)
         record["status"] = "finished"
     except UserError:
         raise
     except StopRun as e:
         record["status"], record["error"] = "pruned", str(e)
-        atomic_write_json(run_dir / "results.json", record)
-        checkpoint.unlink(missing_ok=True)
+        write(run_dir / "results.json", record)
+        if main:
+            checkpoint.unlink(missing_ok=True)
         raise
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say so, keep the checkpoint, stop the experiment
         record["status"] = "interrupted"
-        atomic_write_json(run_dir / "results.json", record)
+        write(run_dir / "results.json", record)
         raise
     except Exception as e:  # one failing method must not sink the experiment
+        if group.active and not isinstance(e, NonFiniteLoss):
+            raise  # one rank's failure: torchrun ends the job; the run stays "running", --resume continues it
         record["status"] = "failed"
         record["error"] = f"{type(e).__name__}: {e}"
         record["traceback"] = traceback.format_exc()
         say(f"run {run_dir.name} FAILED: {record['error']}")
-    atomic_write_json(run_dir / "results.json", record)
-    checkpoint.unlink(missing_ok=True)  # the run is over: its results are complete
+    write(run_dir / "results.json", record)
+    if main:
+        checkpoint.unlink(missing_ok=True)  # the run is over: its results are complete
+    group.barrier()  # the other ranks wait for rank zero's final evaluation
+
+
+def _final_evaluation(method, tasks, decoder_batches, cfg, device, record, run_dir) -> None:
+    """Every task on its test split (after the method's decoder phase, if it has one), with
+    collectives off: rank zero's alone."""
+    with dist.local(), decoder_finetune(method, decoder_batches, cfg.train, device) as decoder:
+        if decoder:  # a cost of evaluating this family, not of pre-training it
+            record["cost"]["decoder_finetune"] = decoder
+        for name, task in tasks.items():
+            say(f"evaluate {name} on {task.cfg.split}")
+            metrics, samples = task.evaluate(method, task.cfg.split)
+            record["metrics"][name] = metrics
+            write_jsonl(run_dir / f"samples_{name}.jsonl", samples)
 
 
 TOKEN_GROUP_IMAGES = 4  # a few evaluation images: enough to see the pattern, small enough to embed

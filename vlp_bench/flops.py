@@ -51,11 +51,35 @@ def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_val=None, **kwarg
     return _tfc.sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
 
 
+def _grouped(formula, backward: bool):
+    """An attention formula that also takes grouped keys (GQA: fewer key/value heads than query
+    heads, as Llama 3 and most recent LLMs run them with SDPA's enable_gqa): every query head
+    still attends over all keys, so the cost is that of the keys repeated per query head.
+    PyTorch's own formulas reject such shapes."""
+
+    def count(*args, out_val=None, **kwargs) -> int:
+        q, k, v = args[1:4] if backward else args[:3]  # (B, H, L, D)
+        if k.shape[-3] == q.shape[-3]:
+            return formula(*args, out_val=out_val, **kwargs)
+        k_shape, v_shape = (t.shape[:-3] + (q.shape[-3],) + t.shape[-2:] for t in (k, v))
+        if backward:
+            return _tfc.sdpa_backward_flop_count(args[0].shape, q.shape, k_shape, v_shape)
+        return _tfc.sdpa_flop_count(q.shape, k_shape, v_shape)
+
+    return count
+
+
 # PyTorch's formulas (shape-based, 2 FLOPs per multiply-add), plus the CPU fused attention kernels
-# that torch.utils.flop_counter does not register (it reports 0 for attention on CPU).
+# that torch.utils.flop_counter does not register (it reports 0 for attention on CPU); the fused
+# attention kernels (B, H, L, D) also take grouped keys.
 FORMULAS = {**_tfc.flop_registry,
             aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
             aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward}
+for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+    for _op, _backward in ((getattr(aten, _name, None), False), (getattr(aten, _name + "_backward", None), True)):
+        if _op is not None and _op in FORMULAS:
+            FORMULAS[_op] = _grouped(FORMULAS[_op], _backward)
 
 
 @dataclass

@@ -35,6 +35,9 @@ class Stage:
 class StepOutput:
     loss: torch.Tensor
     tokens_to_llm: int  # visual (soft prompt) tokens per sample that reached the LLM in this step
+    # what `loss` is a mean over (e.g. its target tokens); None = the batch's samples. Data-parallel
+    # training weights each rank's loss by it, so N processes average to the one-process mean.
+    weight: float | None = None
 
 
 @dataclass
@@ -132,8 +135,8 @@ class FrozenLLMMethod(Method):
 
     def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
         prefix = self.visual_prefix(batch["images"], stage)
-        loss = prefix_lm_loss(self.llm, self.tokenizer, prefix, batch["prompt"], batch["captions"])
-        return StepOutput(loss, prefix.shape[1])
+        loss, n = prefix_lm_loss(self.llm, self.tokenizer, prefix, batch["prompt"], batch["captions"])
+        return StepOutput(loss, prefix.shape[1], weight=n)
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompts: list[str], dec: DecodingConfig) -> list[str]:
@@ -201,13 +204,15 @@ def lm_rows(tokenizer, prompt: str, targets: list[str]) -> tuple[list[int], list
                         + [tokenizer.eos_token_id] for t in targets]
 
 
-def prefix_lm_loss(llm, tokenizer, prefix: torch.Tensor, prompt: str, targets: list[str]) -> torch.Tensor:
-    """Causal LM loss of `targets` (+ EOS) after [soft prefix][prompt]; prefix and prompt get no loss."""
+def prefix_lm_loss(llm, tokenizer, prefix: torch.Tensor, prompt: str, targets: list[str]) -> tuple[torch.Tensor, int]:
+    """Causal LM loss of `targets` (+ EOS) after [soft prefix][prompt] (prefix and prompt get no
+    loss), and the number of target tokens it is the mean over."""
     device = prefix.device
     prompt_ids, rows = lm_rows(tokenizer, prompt, targets)
     ids, valid = pad_rows(rows, tokenizer.pad_token_id)  # right padding: pads come last and get no loss
     labels = ids.masked_fill(~valid, -100)
     labels[:, : len(prompt_ids)] = -100  # nor does the prompt
+    n_targets = int((labels != -100).sum())  # counted on the CPU (the device may be meta)
     ids, labels, mask = ids.to(device), labels.to(device), valid.long().to(device)
     B, P, _ = prefix.shape
     L = ids.shape[1]
@@ -217,7 +222,8 @@ def prefix_lm_loss(llm, tokenizer, prefix: torch.Tensor, prompt: str, targets: l
         attn = None  # mask check, so the meta device of `vlp-bench flops` can run it)
     logits = llm(inputs_embeds=embeds, attention_mask=attn).logits  # (B, P + L, V)
     # text token j sits at position P + j and is predicted by the logits at position P + j - 1
-    return F.cross_entropy(logits[:, P - 1 : P + L - 1].float().reshape(B * L, -1), labels.reshape(-1))
+    loss = F.cross_entropy(logits[:, P - 1 : P + L - 1].float().reshape(B * L, -1), labels.reshape(-1))
+    return loss, n_targets
 
 
 @torch.no_grad()

@@ -6,9 +6,9 @@ OUT/<run-id>/
     samples_caption.jsonl  per image: generated caption and references (re-scorable)
     results.json           the summary below (written last: its presence means the run finished)
 
-results.json, schema_version 2 (docs/results-schema.md describes every field):
+results.json, schema_version 3 (docs/results-schema.md describes every field):
     {schema_version, run_id, method, seed, status, config, metrics: {caption: {...}},
-     cost: {...}, env: {...}}
+     cost: {...}, data: {...}, env: {...}}
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from pathlib import Path
 
 from vlp_bench.errors import UserError
 
-SCHEMA_VERSION = 2  # 2: FLOPs and the validation learning curve (step 0 .. last); see the docs
-READABLE_VERSIONS = (1, 2)  # version 1 records read fine: their FLOP fields are just absent
+# 2: FLOPs and the validation learning curve (step 0 .. last); 3: `data` (the training data's source and
+# skipped samples) and `distributed`; see docs/results-schema.md
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # older records read fine: the fields they lack are just absent
 
 
 def atomic_write_text(path: Path, text: str) -> None:

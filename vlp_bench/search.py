@@ -184,8 +184,8 @@ def run_search(bench, out: Path, progress: bool = True) -> dict:
 
     from vlp_bench import costmodel
     from vlp_bench.config import from_dict, to_dict
-    from vlp_bench.data import CaptionSplit, ImageLoader
-    from vlp_bench.experiment import StopRun, _one_run, prepare, say
+    from vlp_bench.data import ImageLoader
+    from vlp_bench.experiment import StopRun, _one_run, prepare, say, training_data
     from vlp_bench.registry import METHODS, TASKS
     from vlp_bench.results import atomic_write_json, env_info
 
@@ -222,7 +222,7 @@ def run_search(bench, out: Path, progress: bool = True) -> dict:
         study.enqueue_trial(point, skip_if_exists=True)
     images = ImageLoader(backbones.vision.image_size, backbones.vision.mean, backbones.vision.std)
     tasks = {n: TASKS.get(n)(bench.tasks[n], root, images) for n in bench.experiment.tasks}
-    train_split, env = CaptionSplit(root, "train"), env_info(device)
+    data, env = training_data(bench, root, images, device), env_info(device)
     seed = bench.experiment.seeds[0]
     task, _, key = cfg.metric.partition(".")
 
@@ -259,8 +259,8 @@ def run_search(bench, out: Path, progress: bool = True) -> dict:
                     raise StopRun(f"pruned at step {step} ({cfg.metric} {value:.4g})")
 
         try:
-            _one_run(run_cfg, cfg.method, seed, run_dir, backbones, tasks, train_split, images, device, env,
-                     progress, on_eval=on_eval)
+            _one_run(run_cfg, cfg.method, seed, run_dir, backbones, tasks, data, device, env, progress,
+                     on_eval=on_eval)
         except StopRun as e:
             raise optuna.TrialPruned(str(e)) from None
         rec = json.loads((run_dir / "results.json").read_text())

@@ -78,7 +78,8 @@ class TextSide(nn.Module):
 
     def __init__(self, llm: nn.Module, vision_dim: int, fusion_depth: int, heads: int):
         super().__init__()
-        self.lm = copy.deepcopy(llm).requires_grad_(True)  # tied embeddings stay tied
+        # trainable, so fp32 master weights even where the frozen LM is bf16 (GPU); tied embeddings stay tied
+        self.lm = copy.deepcopy(llm).float().requires_grad_(True)
         self.dim = self.lm.get_input_embeddings().embedding_dim
         self.fusion = nn.ModuleList(FusionBlock(self.dim, vision_dim, heads) for _ in range(fusion_depth))
 

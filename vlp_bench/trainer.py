@@ -27,8 +27,9 @@ from typing import Callable
 
 import torch
 
+from vlp_bench import dist
 from vlp_bench.data import TrainBatches
-from vlp_bench.flops import UNIT, FlopCount, FlopCounter
+from vlp_bench.flops import PASSES, UNIT, FlopCount, FlopCounter
 from vlp_bench.method import Method, Stage, StepOutput
 from vlp_bench.progress import progress_bar
 from vlp_bench.results import MetricsLog
@@ -144,7 +145,11 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     the file exists: the resumed run ends exactly as an uninterrupted one, counting each step once.
     With `stages`, those are trained instead of method.stages(cfg.steps): a phase inside another
     run (decoder_finetune), which leaves that run's peak-memory window alone. With
-    `decoder_batches`, each evaluation is preceded by the method's decoder stage (decoder_finetune)."""
+    `decoder_batches`, each evaluation is preceded by the method's decoder stage (decoder_finetune).
+
+    Under torchrun (vlp_bench.dist) every rank calls this with its slice of each batch; the
+    returned costs are the job's (samples and FLOPs of all ranks), evaluation is rank zero's."""
+    group = dist.group()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     nested = stages is not None
@@ -156,12 +161,13 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     flop_cache: dict = {}  # (stage, image shape, method.shape_key) -> FlopCount of one micro-batch
     opt_state = opt_stage = None
     if checkpoint is not None and checkpoint.is_file():
-        st, opt_state, opt_stage = load_checkpoint(checkpoint, method, batches, log, device)
+        st, opt_state, opt_stage = load_checkpoint(checkpoint, method, batches, log, device, group.rank)
     current = None
     decoder = lambda: decoder_finetune(method, decoder_batches, cfg, device)  # noqa: E731 (before each evaluation)
     if evaluate is not None and cfg.eval_every and st["step"] == 0:  # the learning curve starts untrained
-        _evaluate(method, evaluate, log, st, decoder)
-    for i, (stage, s) in enumerate(progress_bar(schedule, f"train {method.name}", progress)):
+        _evaluate(method, evaluate, log, st, decoder, group)
+    parts = [*method.flop_parts()[0], method.flop_parts()[1]]  # the names a job-wide FLOP sum adds up
+    for i, (stage, s) in enumerate(progress_bar(schedule, f"train {method.name}", progress and group.is_main)):
         if i < st["step"]:
             continue  # done before the checkpoint this run resumed from
         if stage is not current:  # a new stage: its own parameters, optimizer and schedule
@@ -177,8 +183,8 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
             method.train()
         method.set_progress(st["step"] / total)
         lr = lr_at(s, stage.steps, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        for param_group in opt.param_groups:
+            param_group["lr"] = lr
         _sync(device)
         t0 = time.perf_counter()
         loss_sum, paused, step_flops = 0.0, 0.0, FlopCount()
@@ -198,11 +204,18 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
                 paused += time.perf_counter() - c0
             with autocast:
                 out = method.training_loss(batch, stage)
-            (out.loss / cfg.grad_accum).backward()
-            loss_sum += out.loss.detach().float().item() / cfg.grad_accum
-            st["samples"] += len(batch["images"])
-            st["per_stage"][-1]["samples"] += len(batch["images"])
+            n = len(batch["images"])
+            weight = float(n if out.weight is None else out.weight)
+            total_weight, n = group.sum([weight, n])  # this rank's share of the whole micro-batch
+            loss = out.loss * (weight * group.world / total_weight) if group.active else out.loss
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float().item() / cfg.grad_accum
+            st["samples"] += int(n)
+            st["per_stage"][-1]["samples"] += int(n)
             st["tokens_to_llm"] = out.tokens_to_llm
+        group.average_gradients(params)
+        if group.active:  # the job's loss (the mean of the weighted losses) and FLOPs
+            loss_sum, step_flops = _reduce_step(group, loss_sum, step_flops, parts)
         if not math.isfinite(loss_sum):
             raise NonFiniteLoss(f"loss is {loss_sum} at step {st['step']} (stage {stage.name})")
         if cfg.grad_clip > 0:
@@ -228,9 +241,12 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
                         "loss": sum(st["window"]) / len(st["window"]), "lr": lr, "tokens_to_llm": st["tokens_to_llm"]})
             st["window"] = []
         if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
-            _evaluate(method, evaluate, log, st, decoder)
+            _evaluate(method, evaluate, log, st, decoder, group)
         if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            save_checkpoint(checkpoint, method, opt, stage.name, batches, log, st)
+            rng = group.gather(_rng_state())  # every rank's: each resumes its own random stream
+            if group.is_main:
+                save_checkpoint(checkpoint, method, opt, stage.name, batches, log, st, rng)
+            group.barrier()
     method.eval()
     times = st["step_times"]
     median = statistics.median(times) if times else (st["wall"] / max(st["step"], 1))
@@ -300,27 +316,47 @@ def flop_summary(by_part: dict, samples: int) -> dict:
             "flops_by_part": count.by_part, "flops_per_sample_by_part": count.scaled(1 / samples)}
 
 
-def _evaluate(method: Method, evaluate: Callable[[int], dict], log: MetricsLog, st: dict, decoder) -> None:
+def _reduce_step(group: dist.Group, loss: float, flops: FlopCount, parts: list[str]) -> tuple[float, FlopCount]:
+    """One all-reduce for a step's figures: the mean of the ranks' (weighted) losses, which is the
+    one-process loss of the whole batch, and the sum of their FLOPs."""
+    keys = [(part, p) for part in parts for p in PASSES]
+    summed = group.sum([loss, *(flops.by_part.get(part, {}).get(p, 0) for part, p in keys)])
+    job = FlopCount()
+    for (part, p), n in zip(keys, summed[1:]):
+        if part in flops.by_part or n:
+            job.add(part, p, int(n))
+    return summed[0] / group.world, job
+
+
+def _evaluate(method: Method, evaluate: Callable[[int], dict], log: MetricsLog, st: dict, decoder,
+              group: dist.Group) -> None:
     """One point of the learning curve (validation subset), at the training cost spent so far; a
-    decoder phase before it (if the method has one) is recorded in the row, apart from that cost."""
-    method.eval()
-    row = {"step": st["step"], "samples": st["samples"], "wall_s": round(st["wall"], 4),
-           "flops": FlopCount(st["flops"]).total, "split": "val"}
-    with decoder() as cost:
-        row["eval"] = evaluate(st["step"])
-    log.append({**row, **({"decoder": cost} if cost else {})})
-    method.train()
+    decoder phase before it (if the method has one) is recorded in the row, apart from that cost.
+    Rank zero's alone, with collectives off; the other ranks wait for it."""
+    if group.is_main:
+        method.eval()
+        row = {"step": st["step"], "samples": st["samples"], "wall_s": round(st["wall"], 4),
+               "flops": FlopCount(st["flops"]).total, "split": "val"}
+        with dist.local(), decoder() as cost:
+            row["eval"] = evaluate(st["step"])
+        log.append({**row, **({"decoder": cost} if cost else {})})
+        method.train()
+    group.barrier()
+
+
+def _rng_state() -> dict:
+    return {"rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def save_checkpoint(path: Path, method: Method, opt, stage: str, batches: TrainBatches, log: MetricsLog,
-                    st: dict) -> None:
-    """One file, written to a temporary name and renamed: a kill never leaves half a checkpoint."""
+                    st: dict, rng: list[dict]) -> None:
+    """One file, written to a temporary name and renamed: a kill never leaves half a checkpoint.
+    `rng`: every rank's random state, in rank order (one entry without torchrun)."""
     state = {
         "weights": {n: p.detach().cpu() for n, p in method.named_parameters() if p.requires_grad},
         "optimizer": opt.state_dict(), "stage": stage, "batches": batches.state_dict(), "train": st,
-        "rows": log.rows,
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rows": log.rows, "rng": rng,
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(state, tmp)
@@ -328,15 +364,19 @@ def save_checkpoint(path: Path, method: Method, opt, stage: str, batches: TrainB
 
 
 def load_checkpoint(path: Path, method: Method, batches: TrainBatches, log: MetricsLog,
-                    device) -> tuple[dict, dict, str]:
+                    device, rank: int = 0) -> tuple[dict, dict, str]:
     state = torch.load(path, map_location="cpu", weights_only=True)  # no pickle of arbitrary objects
     params = dict(method.named_parameters())
     with torch.no_grad():
         for name, value in state["weights"].items():
             params[name].copy_(value.to(device))
     batches.load_state_dict(state["batches"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    rng = state["rng"]
+    if isinstance(rng, torch.Tensor):  # a checkpoint of vlp-bench 0.1 (one process's state)
+        rng = [{"rng": rng, "cuda_rng": state.get("cuda_rng", [])}]
+    rng = rng[rank] if rank < len(rng) else rng[0]  # resumed with more ranks: rank zero's stream
+    torch.set_rng_state(rng["rng"])
+    if rng["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda_rng"])
     log.rows = list(state["rows"])
     return state["train"], state["optimizer"], state["stage"]

@@ -1,0 +1,58 @@
+"""`vlp-bench bench`: every registered method's training step timed at a scale, without data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY
+from vlp_bench import bench, costmodel
+from vlp_bench.experiment import load_config
+from vlp_bench.registry import METHODS
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(None, TINY)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_bench_times_every_stage_of_every_method(cfg, name):
+    table = bench.bench(cfg, "tiny", [name], torch.device("cpu"), batch_size=4, steps=2, warmup=1, progress=False)
+    stages = [s.name for s in METHODS.get(name)(cfg.methods[name], costmodel.tiny_scale(cfg, "cpu").backbones).stages(3)]
+    rows = table["rows"]
+    assert [r["stage"] for r in rows] == stages and all(r["method"] == name for r in rows)
+    for r in rows:
+        assert r["median_step_s"] > 0 and r["samples_per_s"] == pytest.approx(4 / r["median_step_s"])
+        assert r["flops_per_sample"] > 0 and r["achieved_flops_per_s"] > 0 and r["peak_memory_bytes"] > 0
+        assert r["mfu"] is None  # no tensor-core peak on a CPU
+    assert table["unit"] == "FLOP (one multiply-add = 2)" and table["caption_tokens"] == 8
+
+
+def test_bench_cli_prints_a_table_and_json(tmp_path):
+    sets = [a for o in TINY for a in ("--set", o)]
+    base = [sys.executable, "-m", "vlp_bench", "bench", "--methods", "baseline,simvlg", "--steps", "2", "--warmup", "1",
+            "--batch-size", "4", *sets]
+    proc = subprocess.run([*base, "--json"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = json.loads(proc.stdout)
+    assert [r["method"] for r in table["rows"]] == ["baseline", "simvlg"]
+    assert table["rows"][1]["tokens_to_llm"] < table["rows"][0]["tokens_to_llm"]  # merging shortened the prompt
+    proc = subprocess.run(base, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0 and "step ms" in proc.stdout and "simvlg" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--batch-size", "1"], "--batch-size must be >= 2"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--methods", "flm", "--preset", "paper"], "method 'flm' has no paper-scale config"),
+])
+def test_bench_errors_are_one_line(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vlp_bench", "bench", *args], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

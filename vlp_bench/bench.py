@@ -1,0 +1,115 @@
+"""`vlp-bench bench`: what one training step of each method costs on this device at a named scale
+(vlp_bench.costmodel: tiny, vitl-1b, paper), so a user can size a job before paying for it.
+
+No data and no downloads: the backbones get random weights (frozen; bf16 on a GPU, as in a run),
+the images are one random tensor already on the device and the captions have the scale's length,
+so the figures are the model's alone. Each stage of each method is trained by the run's own
+trainer (vlp_bench.trainer.train) for `warmup + steps` steps; the trainer synchronises the device
+around each step, leaves the first `warmup` out and reports medians; FLOPs are counted once per
+shape, off the clock, as in a run. Per stage: median step time, samples/s, achieved TFLOP/s, MFU
+(CUDA: against the device's dense bf16 peak, or train.peak_tflops) and peak memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+
+import torch
+
+from vlp_bench import costmodel
+from vlp_bench.errors import UserError
+from vlp_bench.method import Stage
+from vlp_bench.registry import METHODS
+from vlp_bench.results import MetricsLog
+from vlp_bench.trainer import peak_flops_per_s, peak_memory_bytes, reset_peak_memory, train
+
+
+class SyntheticBatches:
+    """Endless identical batches: one random image tensor on the device, captions of `words`
+    words (LengthTokenizer: one token each). The trainer's `.to(device)` is then a no-op, so no
+    data loading is timed."""
+
+    def __init__(self, batch_size: int, image_size: int, words: int, prompt: str, device: torch.device):
+        g = torch.Generator().manual_seed(0)
+        self.batch = {"images": torch.randn(batch_size, 3, image_size, image_size, generator=g).to(device),
+                      "captions": [" ".join(["w"] * words)] * batch_size, "prompt": prompt,
+                      "image_ids": list(range(batch_size))}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return dict(self.batch)
+
+
+def bench(cfg, preset: str, names: list[str], device: torch.device, batch_size: int, steps: int, warmup: int,
+          progress: bool = True, say=lambda msg: None) -> dict:
+    """{preset, device, ..., rows: [one per (method, stage)]} measured on `device`."""
+    if steps < 1 or warmup < 0:
+        raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    if batch_size < 2:
+        raise UserError(f"--batch-size must be >= 2 (BLIP-2's in-batch negatives need two), got {batch_size}")
+    configs = costmodel.method_configs(preset, cfg)
+    for name in names:  # before building the backbones, which takes a while at the larger scales
+        if name not in configs:
+            raise UserError(f"method '{name}' has no {preset}-scale config (set `paper_config` in its file)")
+    say(f"{preset} backbones with random weights on {device}")
+    scale = costmodel.scale(preset, cfg, device)
+    tcfg = dataclasses.replace(cfg.train, steps=warmup + steps, batch_size=batch_size, grad_accum=1, eval_every=0,
+                               checkpoint_every=0, warmup_exclude=warmup, count_flops=True, log_every=10**9)
+    rows = []
+    for name in names:
+        cls = METHODS.get(name)
+        mcfg = scale.method_configs[name]
+        try:
+            cls.check(mcfg, scale.backbones)
+        except ValueError as e:
+            raise UserError(f"methods.{name} at {preset} scale: {e}") from None
+        torch.manual_seed(0)
+        method = cls(mcfg, scale.backbones).to(device)
+        batches = SyntheticBatches(batch_size, scale.image_size, scale.caption_words, scale.prompt, device)
+        for stage in method.stages(warmup + steps):  # each stage on its own, for as many steps
+            say(f"{name}: stage {stage.name}, {warmup} + {steps} steps of {batch_size}")
+            memory_kind = reset_peak_memory(device)
+            cost = train(method, batches, tcfg, device, MetricsLog(None), progress=progress,
+                         stages=[Stage(stage.name, warmup + steps)])
+            achieved = cost["achieved_flops_per_s"]
+            rows.append({"method": name, "stage": stage.name, "tokens_to_llm": cost["tokens_to_llm"],
+                         "median_step_s": cost["median_step_s"], "samples_per_s": cost["samples_per_s"],
+                         "flops_per_sample": cost["train_flops_per_sample"], "achieved_flops_per_s": achieved,
+                         "mfu": cost["mfu"], "peak_memory_bytes": peak_memory_bytes(device),
+                         "peak_memory_kind": memory_kind, "trainable_params": cost["trainable_params"]})
+        del method
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"preset": preset, "unit": "FLOP (one multiply-add = 2)", "batch_size": batch_size, "steps": steps,
+            "warmup": warmup, "image_size": scale.image_size, "vision_tokens": scale.backbones.vision.num_tokens,
+            "caption_tokens": scale.caption_words + 1, "device": _device_name(device),
+            "torch": torch.__version__, "peak_flops_per_s": peak_flops_per_s(device, tcfg),
+            "rows": rows}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def format_table(table: dict) -> str:
+    header = ["method", "stage", "tokens->LLM", "step ms", "samples/s", "GFLOP/sample", "TFLOP/s", "MFU",
+              "peak mem GiB"]
+    rows = []
+    for r in table["rows"]:
+        tflops = r["achieved_flops_per_s"]
+        rows.append([r["method"], r["stage"], str(r["tokens_to_llm"]), f"{r['median_step_s'] * 1e3:.1f}",
+                     f"{r['samples_per_s']:.1f}", f"{r['flops_per_sample'] / 1e9:.4g}",
+                     "-" if tflops is None else f"{tflops / 1e12:.2f}",
+                     "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", f"{r['peak_memory_bytes'] / 2**30:.2f}"])
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(x.rjust(w) if i > 1 else x.ljust(w) for i, (x, w) in enumerate(zip(line, widths)))
+             for line in [header, *rows]]
+    title = (f"{table['preset']} scale on {table['device']} (torch {table['torch']}): batch {table['batch_size']}, "
+             f"median of {table['steps']} steps after {table['warmup']} warm-up; {table['vision_tokens']} vision "
+             f"tokens, captions of {table['caption_tokens']} tokens; FLOPs: {table['unit']}")
+    return "\n".join([title, *lines])
