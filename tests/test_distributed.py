@@ -77,3 +77,16 @@ def test_a_batch_that_does_not_divide_is_a_clear_error(tiny_overrides, tmp_path)
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode != 0
     assert "train.batch_size 7 is the global batch: it must divide evenly over the 2 processes" in proc.stderr
+
+
+def test_the_job_reports_every_ranks_skipped_samples():
+    from vlp_bench.dist import Group
+    from vlp_bench.experiment import _job_report
+
+    class TwoRanks(Group):  # rank zero's view: its own report, then rank one's
+        def gather(self, obj):
+            return [obj, {**obj, "skipped": {"bad_image": 2, "no_image": 1}}]
+
+    report = _job_report(TwoRanks(0, 2), {"source": "shards", "batches_drawn": 5, "skipped": {"bad_image": 1}})
+    assert report == {"source": "shards", "batches_drawn": 5, "skipped": {"bad_image": 3, "no_image": 1}}
+    assert _job_report(Group(), {"source": "coco", "images": 4}) == {"source": "coco", "images": 4}

@@ -8,6 +8,8 @@ trainer (vlp_bench.trainer.train) for `warmup + steps` steps; the trainer synchr
 around each step, leaves the first `warmup` out and reports medians; FLOPs are counted once per
 shape, off the clock, as in a run. Per stage: median step time, samples/s, achieved TFLOP/s, MFU
 (CUDA: against the device's dense bf16 peak, or train.peak_tflops) and peak memory.
+`--set train.compile=inductor` times the steps with torch.compile'd blocks (compiling happens in
+the warm-up steps).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def bench(cfg, preset: str, names: list[str], device: torch.device, batch_size: 
     return {"preset": preset, "unit": "FLOP (one multiply-add = 2)", "batch_size": batch_size, "steps": steps,
             "warmup": warmup, "image_size": scale.image_size, "vision_tokens": scale.backbones.vision.num_tokens,
             "caption_tokens": scale.caption_words + 1, "device": _device_name(device),
-            "torch": torch.__version__, "peak_flops_per_s": peak_flops_per_s(device, tcfg),
+            "torch": torch.__version__, "peak_flops_per_s": peak_flops_per_s(device, tcfg), "compile": tcfg.compile,
             "rows": rows}
 
 
@@ -111,5 +113,6 @@ def format_table(table: dict) -> str:
              for line in [header, *rows]]
     title = (f"{table['preset']} scale on {table['device']} (torch {table['torch']}): batch {table['batch_size']}, "
              f"median of {table['steps']} steps after {table['warmup']} warm-up; {table['vision_tokens']} vision "
-             f"tokens, captions of {table['caption_tokens']} tokens; FLOPs: {table['unit']}")
+             f"tokens, captions of {table['caption_tokens']} tokens; FLOPs: {table['unit']}"
+             f"{'; blocks compiled (' + table['compile'] + ')' if table.get('compile') else ''}")
     return "\n".join([title, *lines])

@@ -23,7 +23,7 @@ from vlp_bench.targets import split_metric
 from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.results import SCHEMA_VERSION, MetricsLog, atomic_write_json, env_info, write_jsonl
 from vlp_bench.search import SearchConfig
-from vlp_bench.trainer import NonFiniteLoss, TrainConfig, decoder_finetune, train
+from vlp_bench.trainer import NonFiniteLoss, TrainConfig, decoder_finetune, eager, train
 from vlp_bench.world import WorldConfig, build_world
 
 
@@ -311,7 +311,7 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, data, device, en
             say(f"resuming {run_dir.name} from its checkpoint")
         record["cost"] = train(method, batches, cfg.train, device, log, evaluate, progress, checkpoint,
                                decoder_batches=decoder_batches)
-        record["data"] = batches.report()
+        record["data"] = _job_report(group, batches.report())
         if main:
             _final_evaluation(method, tasks, decoder_batches, cfg, device, record, run_dir)
         log.append({"step": record["cost"]["steps"], "samples": record["cost"]["samples_seen"],
@@ -347,10 +347,22 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, data, device, en
     group.barrier()  # the other ranks wait for rank zero's final evaluation
 
 
+def _job_report(group: dist.Group, report: dict) -> dict:
+    """The training data's report for the whole job: every rank's skipped samples added up."""
+    reports = group.gather(report)
+    if "skipped" in report:
+        skipped: dict = {}
+        for r in reports:
+            for reason, n in r["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        report = {**report, "skipped": skipped}
+    return report
+
+
 def _final_evaluation(method, tasks, decoder_batches, cfg, device, record, run_dir) -> None:
     """Every task on its test split (after the method's decoder phase, if it has one), with
     collectives off: rank zero's alone."""
-    with dist.local(), decoder_finetune(method, decoder_batches, cfg.train, device) as decoder:
+    with dist.local(), eager(), decoder_finetune(method, decoder_batches, cfg.train, device) as decoder:
         if decoder:  # a cost of evaluating this family, not of pre-training it
             record["cost"]["decoder_finetune"] = decoder
         for name, task in tasks.items():

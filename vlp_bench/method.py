@@ -220,7 +220,7 @@ def prefix_lm_loss(llm, tokenizer, prefix: torch.Tensor, prompt: str, targets: l
     attn = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), mask], dim=1)
     if bool(valid.all()):  # no padding: the causal mask alone (same result; and no data-dependent
         attn = None  # mask check, so the meta device of `vlp-bench flops` can run it)
-    logits = llm(inputs_embeds=embeds, attention_mask=attn).logits  # (B, P + L, V)
+    logits = llm(inputs_embeds=embeds, attention_mask=attn, use_cache=False).logits  # (B, P + L, V)
     # text token j sits at position P + j and is predicted by the logits at position P + j - 1
     loss = F.cross_entropy(logits[:, P - 1 : P + L - 1].float().reshape(B * L, -1), labels.reshape(-1))
     return loss, n_targets

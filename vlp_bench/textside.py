@@ -93,7 +93,8 @@ class TextSide(nn.Module):
         bias = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(embeds.dtype).min)  # 4D: used as given
         positions = (valid.cpu().long().cumsum(1) - 1).clamp(min=0)  # left padding does not move positions
         mask, bias, positions = (t.to(embeds.device) for t in (mask, bias.to(embeds.dtype), positions))
-        x = self.lm.base_model(inputs_embeds=embeds, attention_mask=bias, position_ids=positions).last_hidden_state
+        x = self.lm.base_model(inputs_embeds=embeds, attention_mask=bias, position_ids=positions,
+                               use_cache=False).last_hidden_state
         for block in self.fusion:
             x = block(x, visual, mask)
         return x

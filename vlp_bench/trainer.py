@@ -52,6 +52,10 @@ class TrainConfig:
     checkpoint_every: int = 250  # steps between checkpoints (0 = none): a killed run loses at most this many
     count_flops: bool = True  # count each step's FLOPs (once per new shape, outside the clock); false = no FLOPs
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look the CUDA device up (bf16 dense), none on CPU
+    # torch.compile backend for the backbones' transformer blocks in training ("inductor": fused kernels on
+    # a GPU); "" = eager: compiling costs a minute or so per run and pays only at GPU scale. Evaluation
+    # and FLOP counting stay eager.
+    compile: str = ""
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -63,6 +67,9 @@ class TrainConfig:
             raise ValueError("warmup_steps, eval_every and checkpoint_every must be >= 0, eval_images >= 1")
         if self.peak_tflops < 0:
             raise ValueError(f"peak_tflops must be >= 0, got {self.peak_tflops}")
+        if self.compile and self.compile not in torch.compiler.list_backends(exclude_tags=()):
+            raise ValueError(f"compile: unknown torch.compile backend '{self.compile}' "
+                             f"(use one of {', '.join(torch.compiler.list_backends())}, or \"\" for eager)")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -103,7 +110,9 @@ def count_step(method: Method, batch: dict, stage: Stage, autocast) -> tuple[Flo
     that follows runs exactly as if this replay had not happened."""
     leaves = [p for p in method.parameters() if p.requires_grad]  # the leaves .backward() reaches
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices), FlopCounter(*method.flop_parts()) as counter:
+    # eagerly: the counter must see every operation, and a compiled block first called under the
+    # counter's dispatch mode would be marked "do not compile" for good
+    with eager(), torch.random.fork_rng(devices=devices), FlopCounter(*method.flop_parts()) as counter:
         with autocast:
             out = method.training_loss(batch, stage)
         torch.autograd.grad(out.loss, leaves, allow_unused=True)
@@ -153,6 +162,8 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     nested = stages is not None
+    if cfg.compile:
+        compile_blocks(method, cfg.compile)
     schedule = [(stage, s) for stage in (stages if nested else method.stages(cfg.steps)) for s in range(stage.steps)]
     total = len(schedule)
     memory_kind = "within_run" if nested else reset_peak_memory(device)
@@ -253,6 +264,7 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     batch_per_step = cfg.batch_size * cfg.grad_accum
     achieved = st["timed_flops"] / sum(times) if cfg.count_flops and times and sum(times) > 0 else None
     peak = peak_flops_per_s(device, cfg)
+    peak = peak * group.world if peak else peak  # the job's: its FLOPs are every rank's
     return {
         "steps": st["step"],
         "samples_seen": st["samples"],
@@ -270,6 +282,34 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
         "mfu": achieved / peak if achieved is not None and peak else None,
         "stages": [_stage_summary(stage, cfg.count_flops) for stage in st["per_stage"]],
     }
+
+
+def compile_blocks(method: Method, backend: str) -> int:
+    """torch.compile, in place, the backbones' transformer blocks: timm's ViT blocks and Hugging
+    Face decoder layers (the text side's LM copy included). They are where most of a step's time
+    goes and they repeat, so one compiled graph serves each kind. vlp-bench's own bridge layers
+    stay eager: token merging changes shapes inside them, and inductor's dynamic shapes failed on
+    that (torch 2.11, H100). Returns the number of blocks; a method is compiled once."""
+    from timm.models.vision_transformer import Block as ViTBlock
+
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer as DecoderLayer
+    except ImportError:  # older transformers
+        DecoderLayer = ()
+    if getattr(method, "_compiled_blocks", None) is not None:
+        return method._compiled_blocks
+    n = 0
+    for module in method.modules():
+        if isinstance(module, (ViTBlock, DecoderLayer)) or type(module).__name__ == "EvaBlock":
+            module.compile(backend=backend)
+            n += 1
+    method._compiled_blocks = n
+    return n
+
+
+def eager():
+    """Evaluation (generation: growing lengths, KV caches) runs the compiled blocks' eager code."""
+    return torch.compiler.set_stance("force_eager")
 
 
 @contextlib.contextmanager
@@ -337,7 +377,7 @@ def _evaluate(method: Method, evaluate: Callable[[int], dict], log: MetricsLog, 
         method.eval()
         row = {"step": st["step"], "samples": st["samples"], "wall_s": round(st["wall"], 4),
                "flops": FlopCount(st["flops"]).total, "split": "val"}
-        with dist.local(), decoder() as cost:
+        with dist.local(), eager(), decoder() as cost:
             row["eval"] = evaluate(st["step"])
         log.append({**row, **({"decoder": cost} if cost else {})})
         method.train()
