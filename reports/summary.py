@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from vlp_bench.errors import UserError
+from vlp_bench.progress import text_table
 from vlp_bench.results import READABLE_VERSIONS, read_jsonl
 from vlp_bench.targets import speedups
 
@@ -47,8 +48,7 @@ def _fmt(value, spec: str) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [header, *rows])
+    return text_table(header, rows, left=len(header))
 
 
 def summary_table(results: list[dict]) -> str:

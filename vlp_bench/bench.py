@@ -22,6 +22,7 @@ import torch
 from vlp_bench import costmodel
 from vlp_bench.errors import UserError
 from vlp_bench.method import Stage
+from vlp_bench.progress import text_table
 from vlp_bench.registry import METHODS
 from vlp_bench.results import MetricsLog
 from vlp_bench.trainer import peak_flops_per_s, peak_memory_bytes, reset_peak_memory, train
@@ -108,11 +109,8 @@ def format_table(table: dict) -> str:
                      f"{r['samples_per_s']:.1f}", f"{r['flops_per_sample'] / 1e9:.4g}",
                      "-" if tflops is None else f"{tflops / 1e12:.2f}",
                      "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", f"{r['peak_memory_bytes'] / 2**30:.2f}"])
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    lines = ["  ".join(x.rjust(w) if i > 1 else x.ljust(w) for i, (x, w) in enumerate(zip(line, widths)))
-             for line in [header, *rows]]
     title = (f"{table['preset']} scale on {table['device']} (torch {table['torch']}): batch {table['batch_size']}, "
              f"median of {table['steps']} steps after {table['warmup']} warm-up; {table['vision_tokens']} vision "
              f"tokens, captions of {table['caption_tokens']} tokens; FLOPs: {table['unit']}"
              f"{'; blocks compiled (' + table['compile'] + ')' if table.get('compile') else ''}")
-    return "\n".join([title, *lines])
+    return "\n".join([title, text_table(header, rows, left=2)])

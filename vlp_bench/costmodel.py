@@ -27,6 +27,7 @@ import torch
 from vlp_bench.backbones import Backbones, VisionEncoder, _tiny_vit, freeze, tiny_llama
 from vlp_bench.errors import UserError
 from vlp_bench.flops import UNIT, FlopCount
+from vlp_bench.progress import text_table
 from vlp_bench.registry import METHODS
 from vlp_bench.trainer import count_step
 
@@ -206,11 +207,8 @@ def format_table(table: dict) -> str:
         cells = [m["per_sample"].get(p, {}).get(d, 0.0) / 1e9 for p in parts for d in ("forward", "backward")]
         rows.append([name, str(m["tokens_to_llm"]), *[f"{c:.4g}" for c in cells], f"{m['total'] / 1e9:.4g}",
                      f"{m['ratio_to_baseline']:.2f}x"])
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    lines = ["  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(line, widths)))
-             for line in [header, *rows]]
     title = (f"{table['preset']} preset: GFLOP per training sample ({table['unit']}); "
              f"{table['vision_tokens']} vision tokens, captions of {table['caption_tokens']} tokens (with EOS)"
              f"{' after the prompt ' + repr(table['prompt']) if table['prompt'] else ''}; "
              f"multi-stage methods are weighted by their share of steps")
-    return "\n".join([title, *lines])
+    return "\n".join([title, text_table(header, rows)])

@@ -118,12 +118,16 @@ class FlopCount:
 
 class _FusedAttentionOnMeta(TorchFunctionMode):
     """On the meta device, route scaled_dot_product_attention to the fused kernel (which has meta
-    shapes forward and backward), so meta counts equal those of a real run."""
+    shapes forward and backward), so meta counts equal those of a real run; and answer True to a
+    whole-tensor `.all()`, the data-dependent checks Hugging Face models make on their masks and
+    positions ("no padding", "not packed"): what the cost model's equal-length captions are."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention and args[0].is_meta:
             return _fused_attention(*args, **kwargs)
+        if func in (torch.Tensor.all, torch.all) and len(args) == 1 and not kwargs and args[0].is_meta:
+            return torch.tensor(True)
         return func(*args, **kwargs)
 
 

@@ -44,3 +44,11 @@ def progress_bar(iterable, desc: str, enabled: bool = True, **kwargs):
     if interactive():
         return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False, **kwargs)
     return _Lines(iterable, desc, enabled)
+
+
+def text_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """A plain-text table: columns padded to their widest cell, the first `left` flush left (names),
+    the others flush right (numbers)."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    return "\n".join("  ".join(str(x).ljust(w) if i < left else str(x).rjust(w) for i, (x, w) in
+                               enumerate(zip(line, widths))) for line in [header, *rows])
