@@ -172,6 +172,12 @@ class Backbones:
         return self.llm.get_input_embeddings().embedding_dim
 
 
+def frozen_dtype(device) -> torch.dtype:
+    """Frozen backbones run in bf16 on a GPU (half the memory; autocast computes in bf16 anyway),
+    in fp32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def freeze(module: nn.Module) -> nn.Module:
     module.eval()
     for p in module.parameters():
@@ -383,7 +389,7 @@ def load_llm(cfg: LLMConfig, data_root: Path, cache: Path, device: torch.device,
             _pretrain_tiny_lm(cfg, data_root, tmp, progress)
             _publish(tmp, d)
         path = str(d)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # frozen: bf16 on GPU halves memory
+    dtype = frozen_dtype(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
@@ -397,8 +403,6 @@ def load_llm(cfg: LLMConfig, data_root: Path, cache: Path, device: torch.device,
 
 def load_backbones(vision: VisionConfig, llm: LLMConfig, data_root: Path, cache: Path,
                    device: torch.device, progress: bool = False) -> Backbones:
-    enc = load_vision(vision, data_root, cache, progress).to(device)
-    if device.type == "cuda":
-        enc = enc.to(torch.bfloat16)  # frozen: bf16 halves its memory; autocast runs it in bf16 anyway
+    enc = load_vision(vision, data_root, cache, progress).to(device, frozen_dtype(device))
     model, tokenizer = load_llm(llm, data_root, cache, device, progress)
     return Backbones(enc, model.to(device), tokenizer)

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vlp_bench.backbones import Backbones, VisionEncoder, _tiny_vit, freeze, tiny_llama
+from vlp_bench.backbones import Backbones, VisionEncoder, _tiny_vit, freeze, frozen_dtype, tiny_llama
 from vlp_bench.errors import UserError
 from vlp_bench.flops import UNIT, FlopCount
 from vlp_bench.progress import text_table
@@ -64,9 +64,8 @@ class Scale:
 
 
 def _frozen(module, device) -> torch.nn.Module:
-    """Frozen, and in bf16 on a GPU (as load_backbones does); meta and CPU modules stay fp32."""
-    module = freeze(module)
-    return module.to(torch.bfloat16) if torch.device(device).type == "cuda" else module
+    """Frozen, in the dtype load_backbones gives frozen backbones on `device`."""
+    return freeze(module).to(frozen_dtype(device))
 
 
 def tiny_scale(bench, device="meta") -> Scale:
@@ -121,22 +120,22 @@ def vitl1b_scale(device="meta") -> Scale:
 SCALES = ("tiny", "vitl-1b", "paper")
 
 
-def method_configs(name: str, bench) -> dict:
-    """The methods' configs at scale `name` (without building its backbones)."""
+def _known(name: str) -> str:
     if name not in SCALES:
         raise UserError(f"unknown preset '{name}' (use one of {', '.join(SCALES)})")
-    return dict(bench.methods) if name == "tiny" else _paper_configs()
+    return name
+
+
+def method_configs(name: str, bench) -> dict:
+    """The methods' configs at scale `name` (without building its backbones)."""
+    return dict(bench.methods) if _known(name) == "tiny" else _paper_configs()
 
 
 def scale(name: str, bench, device="meta") -> Scale:
     """The named scale's backbones on `device` (meta: shapes only; else random weights there)."""
-    if name == "tiny":
+    if _known(name) == "tiny":
         return tiny_scale(bench, device)
-    if name == "vitl-1b":
-        return vitl1b_scale(device)
-    if name == "paper":
-        return paper_scale(device)
-    raise UserError(f"unknown preset '{name}' (use one of {', '.join(SCALES)})")
+    return vitl1b_scale(device) if name == "vitl-1b" else paper_scale(device)
 
 
 def per_sample_costs(scale: Scale, names: list[str]) -> dict:

@@ -30,7 +30,7 @@ class DataConfig:
     # training data as tar shards (vlp_bench/shards.py): a directory, a glob or "dir/x-{000000..000099}.tar";
     # "" = the root's train split. Evaluation always reads the root's val/test splits.
     shards: str = ""
-    workers: int = 2  # data-loading processes per rank for shards: decoding keeps up with a GPU step at 2+
+    workers: int = 2  # image-decoding processes per rank (0 = in the training process): decoding overlaps the step
     shuffle_buffer: int = 1000  # samples shuffled together while streaming shards (WebDataset's usual size)
 
     def validate(self) -> None:
