@@ -71,3 +71,24 @@ def test_feature_layer_reads_an_earlier_block_and_runs_no_later_one():
         assert torch.allclose(enc(images), x, atol=1e-6)
         full = flops.count(VisionEncoder(vit, 64, (0.5,) * 3, (0.5,) * 3), images).total
         assert flops.count(enc, images).total < full  # the last block does not run
+
+
+def test_bf16_frozen_backbones_meet_fp32_trainable_parts():
+    """On a GPU the frozen backbones are bf16 (frozen_dtype): the encoder takes fp32 images, hands
+    bf16 features on under autocast and fp32 ones outside it (evaluation, where the bridge's fp32
+    weights meet them); the text side's trainable LM copy keeps fp32 master weights."""
+    from vlp_bench.backbones import frozen_dtype
+    from vlp_bench.registry import METHODS
+
+    assert frozen_dtype("cuda") == torch.bfloat16 and frozen_dtype("cpu") == frozen_dtype("meta") == torch.float32
+    bb = random_backbones()
+    bb.vision.to(torch.bfloat16)
+    bb.llm.to(torch.bfloat16)
+    images = torch.randn(2, 3, 64, 64)
+    assert bb.vision(images).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert bb.vision(images).dtype == torch.bfloat16
+    cls = METHODS.get("flm")
+    method = cls(cls.Config(heads=2), bb)
+    assert {p.dtype for p in method.text.lm.parameters()} == {torch.float32}
+    assert {p.dtype for p in bb.llm.parameters()} == {torch.bfloat16}  # the frozen original is untouched
