@@ -38,6 +38,13 @@ class DataConfig:
             raise ValueError(f"workers must be >= 0 and shuffle_buffer >= 1, got {self.workers}, {self.shuffle_buffer}")
 
 
+def check_global_batch(batch_size: int, world: int) -> None:
+    """train.batch_size is the global batch: each of `world` processes takes an equal slice."""
+    if batch_size % world:
+        raise UserError(f"train.batch_size {batch_size} is the global batch: it must divide evenly over "
+                        f"the {world} processes")
+
+
 class CaptionSplit:
     """One split: its images (id, file) and their reference captions."""
 
@@ -111,9 +118,7 @@ class TrainBatches:
                  pin_memory: bool = False):
         if batch_size > len(split):
             raise UserError(f"batch size {batch_size} exceeds the {len(split)} images of split '{split.split}'")
-        if batch_size % world:
-            raise UserError(f"train.batch_size {batch_size} is the global batch: it must divide evenly over "
-                            f"the {world} processes")
+        check_global_batch(batch_size, world)
         self.split, self.loader, self.batch_size, self.extra = split, loader, batch_size, extra or {}
         self.slice = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
         self.workers, self.pin = workers, pin_memory

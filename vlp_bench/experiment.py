@@ -17,7 +17,7 @@ import torch
 from vlp_bench import dist
 from vlp_bench.backbones import LLMConfig, VisionConfig, load_backbones
 from vlp_bench.config import apply_overrides, from_dict, load_toml, suggest, to_dict
-from vlp_bench.data import CaptionSplit, DataConfig, ImageLoader, TrainBatches
+from vlp_bench.data import CaptionSplit, DataConfig, ImageLoader, TrainBatches, check_global_batch
 from vlp_bench.errors import UserError
 from vlp_bench.targets import split_metric
 from vlp_bench.registry import METHODS, TASKS
@@ -212,9 +212,7 @@ def run(cfg: BenchConfig, progress: bool = True, resume: bool = False) -> list[P
     cfg = dataclasses.replace(cfg, experiment=exp)
     planned = [(m, seed, out / f"{m}-seed{seed}") for m in exp.methods for seed in exp.seeds]
     group, _ = dist.init(resolve_device(exp.device))  # under torchrun: rank zero alone writes
-    if cfg.train.batch_size % group.world:
-        raise UserError(f"train.batch_size {cfg.train.batch_size} is the global batch: it must divide evenly over "
-                        f"the {group.world} processes")
+    check_global_batch(cfg.train.batch_size, group.world)
     if not resume:
         taken = [d for _, _, d in planned if run_status(d) is not None]
         if taken:  # never overwrite earlier work

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vlp_bench.data import CaptionSplit, ImageLoader
+from vlp_bench.data import CaptionSplit, ImageLoader, check_global_batch
 from vlp_bench.errors import UserError, from_worker
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -196,9 +196,7 @@ class ShardBatches:
 
     def __init__(self, spec: str, loader: ImageLoader, batch_size: int, seed: int, extra: dict | None = None,
                  rank: int = 0, world: int = 1, workers: int = 2, shuffle_buffer: int = 1000, pin_memory: bool = False):
-        if batch_size % world:
-            raise UserError(f"train.batch_size {batch_size} is the global batch: it must divide evenly over "
-                            f"the {world} processes")
+        check_global_batch(batch_size, world)
         self.cfg = StreamConfig(shard_paths(spec), batch_size // world, seed, rank, world, shuffle_buffer)
         readers = world * max(workers, 1)
         if len(self.cfg.paths) < readers:
