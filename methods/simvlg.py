@@ -40,6 +40,16 @@ class SimVLG(Baseline):
 
     Config = SimVLGConfig
     paper_config = PAPER
+    # `vlp-bench search`'s space (vlp_bench/search.py reads the schedule grammar): a list is a
+    # categorical choice, {low, high} a range. "inflection" turns r into a ramp [r, inflection] (0 =
+    # the same r in every layer); "r_layer_0", ... or "tokens" can replace r ([search.space]).
+    search_space = {
+        "r": {"low": 0, "high": 31},  # 0 = no merging; 31 x 2 layers takes the tiny ViT's 65 tokens to 3
+        "inflection": {"low": -1.0, "high": 1.0},
+        "variant": ["tome", "evlgen"],
+        "curriculum_start": {"low": 0.0, "high": 1.0},
+        "curriculum_ramp": [0.0, 0.25, 0.5],
+    }
 
     @classmethod
     def check(cls, cfg: SimVLGConfig, backbones) -> None:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,18 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_overrides(cache_dir) -> list[str]:
     return [*TINY, f"experiment.cache='{cache_dir}'", "experiment.threads=1"]
+
+
+@pytest.fixture(scope="session")
+def shared_experiment(tmp_path_factory, tiny_overrides):
+    """One tiny experiment through the CLI, read (never changed) by the end-to-end and report tests:
+    baseline and simvlg (which merges, so it draws its token groups), two seeds each."""
+    out = tmp_path_factory.mktemp("exp")
+    sets = [a for o in tiny_overrides for a in ("--set", o)]
+    proc = subprocess.run([sys.executable, "-m", "vlp_bench", "run", *sets, "--methods", "baseline,simvlg",
+                           "--seeds", "2", "--out", str(out)], capture_output=True, text=True, cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
 
 
 def random_backbones(vision_dim: int = 32, llm_dim: int = 32) -> Backbones:

@@ -20,12 +20,11 @@ def cli(*args, cwd=None):
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory, tiny_overrides):
-    out = tmp_path_factory.mktemp("exp")
-    sets = [a for o in tiny_overrides for a in ("--set", o)]
-    proc = cli("run", *sets, "--out", str(out), cwd=out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc, sets
+def experiment(shared_experiment, tiny_overrides):
+    """The shared tiny experiment (conftest.py: baseline and simvlg, seeds 0 and 1), and the --set
+    arguments of its baseline seed-0 run alone."""
+    out, proc = shared_experiment
+    return out, proc, [a for o in tiny_overrides for a in ("--set", o)]
 
 
 def test_run_writes_valid_records(experiment):
@@ -126,15 +125,13 @@ def test_a_diverging_method_is_recorded_as_failed(tiny_overrides, tmp_path):
     assert "failed" in proc.stdout
 
 
-def test_simvlg_run_records_its_token_counts(experiment, tiny_overrides, tmp_path):
-    sets = [a for o in tiny_overrides for a in ("--set", o)]
-    proc = cli("run", *sets, "--methods", "simvlg", "--out", str(tmp_path), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "simvlg-seed0" / "results.json").read_text())
+def test_simvlg_run_records_its_token_counts(experiment):
+    out, _, _ = experiment
+    res = json.loads((out / "simvlg-seed0" / "results.json").read_text())
     assert res["status"] == "finished" and isinstance(res["metrics"]["caption"]["CIDEr"], float)
     assert res["method_info"]["tokens_per_layer"] == [65, 45, 25]  # r = 20 in each of 2 layers
     assert res["cost"]["tokens_to_llm"] == 25
-    rows = read_jsonl(tmp_path / "simvlg-seed0" / "metrics.jsonl")
+    rows = read_jsonl(out / "simvlg-seed0" / "metrics.jsonl")
     assert all(r["tokens_to_llm"] == 25 for r in rows if "loss" in r)
 
 
@@ -207,7 +204,7 @@ def test_config_json_names_the_output_directory(experiment):
 def test_summary_recomputes_time_to_target_from_the_files(experiment):
     out, proc, _ = experiment
     assert "target: caption.CIDEr >=" in proc.stdout  # printed at the end of the run
-    res = cli("summary", str(out), "--json")
+    res = cli("summary", str(out / "baseline-seed0"), "--json")  # one run: the one-seed case
     assert res.returncode == 0, res.stderr[-2000:]
     sp = json.loads(res.stdout)["speedups"]
     curve = [r for r in read_jsonl(out / "baseline-seed0" / "metrics.jsonl") if r.get("split") == "val"]
@@ -220,7 +217,7 @@ def test_summary_recomputes_time_to_target_from_the_files(experiment):
         assert base["time_speedup"]["value"] == 1.0 and base["time_speedup"]["ci_low"] is None  # 1 seed
     never = cli("summary", str(out / "baseline-seed0"), "--target", "1000")
     assert never.returncode == 0 and "not reached" in never.stdout
-    bad = cli("summary", str(out), "--reference", "simvlg")
-    assert bad.returncode == 2 and "reference method 'simvlg' has no finished run" in bad.stderr
+    bad = cli("summary", str(out), "--reference", "blip2")
+    assert bad.returncode == 2 and "reference method 'blip2' has no finished run" in bad.stderr
     missing = cli("summary", str(out / "nope"))
     assert missing.returncode == 2 and "not a run directory" in missing.stderr

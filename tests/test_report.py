@@ -63,13 +63,9 @@ class Tables(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory, tiny_overrides):
-    """baseline and simvlg (which merges, so it draws its token groups), two seeds each."""
-    out = tmp_path_factory.mktemp("report-exp")
-    sets = [a for o in tiny_overrides for a in ("--set", o)]
-    proc = cli("run", *sets, "--methods", "baseline,simvlg", "--seeds", "2", "--out", str(out), cwd=out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+def experiment(shared_experiment):
+    """baseline and simvlg (which merges, so it draws its token groups), two seeds each (conftest.py)."""
+    return shared_experiment
 
 
 def _speedups(out: Path) -> dict:

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from vlp_bench.search import method_values
+from vlp_bench.errors import UserError
+from vlp_bench.registry import METHODS
+from vlp_bench.search import method_values, space_of
 
 optuna = pytest.importorskip("optuna")
 
@@ -49,6 +51,17 @@ def test_per_layer_lists_and_token_counts_are_schedules():
         r = method_values({"tokens": tokens}, n_tokens=65, depth=2)["r"]
         assert token_counts(65, r)[-1] == max(tokens, 17)
     assert token_counts(65, method_values({"tokens": 9}, n_tokens=65, depth=4)["r"])[-1] == 9
+
+
+def test_search_space_is_the_methods_own_with_the_config_laid_over_it():
+    simvlg = METHODS.get("simvlg")
+    assert space_of(simvlg, {}) == simvlg.search_space
+    narrowed = space_of(simvlg, {"r": {"low": 10, "high": 20}, "variant": ["tome"]})
+    assert narrowed == {**simvlg.search_space, "r": {"low": 10, "high": 20}, "variant": ["tome"]}
+    assert simvlg.search_space["variant"] == ["tome", "evlgen"]  # the class's own space is left alone
+    with pytest.raises(UserError, match="method 'mlp' declares no search_space"):
+        space_of(METHODS.get("mlp"), {})
+    assert space_of(METHODS.get("mlp"), {"x": [1]}) == {"x": [1]}  # run_search then names unknown settings
 
 
 @pytest.mark.parametrize("override, message", [
@@ -141,7 +154,7 @@ def test_search_a_composition_by_name(tiny_overrides, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     trial, known = json.loads((tmp_path / "c" / "search.json").read_text())["trials"]
     assert trial["state"] == "COMPLETE" and known["state"] == "WAITING"  # the paper's point, enqueued for later
-    assert trial["params"] == {"r": 0} and trial["user_attrs"]["tokens_to_llm"] == 57  # the ViT still merges
+    assert trial["params"]["r"] == 0 and trial["user_attrs"]["tokens_to_llm"] == 57  # the ViT still merges
 
 
 def test_a_search_whose_trials_all_fail_stops(tiny_overrides, tmp_path):

@@ -22,6 +22,14 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment file (default:
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config value: section.key=value (repeatable).")
 
 
+def _overrides(set_: Optional[list[str]], methods: Optional[str] = None) -> list[str]:
+    """--set values, then --methods a,b as experiment.methods (a method is configured as in a run)."""
+    overrides = list(set_ or [])
+    if methods is not None:
+        overrides.append("experiment.methods=" + json.dumps([m.strip() for m in methods.split(",") if m.strip()]))
+    return overrides
+
+
 def _config(config: Optional[Path], overrides: Optional[list[str]]):
     from vlp_bench.experiment import load_config
 
@@ -49,10 +57,7 @@ def run(
         dirs = run_experiment(cfg, resume=True)
         _after_run(resume, dirs, cfg)
         return
-    overrides = list(set_ or [])
-    if methods is not None:
-        names = [m.strip() for m in methods.split(",") if m.strip()]
-        overrides.append("experiment.methods=" + json.dumps(names))
+    overrides = _overrides(set_, methods)
     if seeds is not None:
         if seeds < 1:
             raise UserError(f"--seeds must be >= 1, got {seeds}")
@@ -220,9 +225,7 @@ def flops(
     """FLOPs of one training sample per method, by part and pass, on the meta device (no weights)."""
     from vlp_bench import costmodel
 
-    overrides = list(set_ or [])
-    if methods is not None:  # configured like a run of these methods (compositions included)
-        overrides.append("experiment.methods=" + json.dumps([m.strip() for m in methods.split(",") if m.strip()]))
+    overrides = _overrides(set_, methods)
     cfg = _config(config, overrides)  # unknown methods: a one-line error with a suggestion
     names = cfg.experiment.methods
     table = costmodel.cost_table(costmodel.scale(preset, cfg), names)
@@ -245,9 +248,7 @@ def bench(
     from vlp_bench import bench as bench_mod
     from vlp_bench.experiment import resolve_device, say
 
-    overrides = list(set_ or [])
-    if methods is not None:
-        overrides.append("experiment.methods=" + json.dumps([m.strip() for m in methods.split(",") if m.strip()]))
+    overrides = _overrides(set_, methods)
     cfg = _config(config, overrides)
     device = resolve_device(cfg.experiment.device)
     if cfg.experiment.threads:
@@ -297,6 +298,24 @@ def import_coco(
 
 
 @app.command()
+def validate(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: experiment.methods)."),
+):
+    """Check a config and its methods and tasks, plug-ins included, without training: one batch
+    forward and backward, declared tokens and cost hooks against what runs. Exit 1 on any problem."""
+    from vlp_bench.experiment import say
+    from vlp_bench.validate import format_findings, validate as check_all
+
+    overrides = _overrides(set_, methods)
+    found = check_all(lambda: _config(config, overrides), say)
+    typer.echo(format_findings(found))
+    if found.problems:
+        raise typer.Exit(1)
+
+
+@app.command()
 def prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt):
     """Build the tiny world and pre-train the tiny backbones into the cache (run does it on demand)."""
     from vlp_bench.experiment import prepare as prepare_experiment
@@ -307,14 +326,22 @@ def prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
 
 @app.command("list")
 def list_():
-    """List the registered methods and tasks."""
+    """List the registered methods and tasks, where each comes from, and plug-ins left out."""
     from vlp_bench.registry import METHODS, TASKS
 
     for registry in (METHODS, TASKS):
         typer.echo(f"{registry.kind}s:")
-        for name in registry.names():
+        names = registry.names()
+        width = max(map(len, names), default=0)
+        origin = max((len(registry.origin(n)) for n in names), default=0)
+        for name in names:
             doc = (registry.get(name).__doc__ or "").strip().splitlines()
-            typer.echo(f"  {name:<16} {doc[0] if doc else ''}")
+            typer.echo(f"  {name:<{width}}  {registry.origin(name):<{origin}}  {doc[0] if doc else ''}".rstrip())
+    problems = [*METHODS.problems, *TASKS.problems]
+    if problems:
+        typer.echo("plug-ins left out:")
+        for why in problems:
+            typer.echo(f"  {why}")
 
 
 @evaluate_app.command("caption")

@@ -19,7 +19,7 @@ Scales (also what `vlp-bench bench` times, there with random weights on the devi
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -61,6 +61,7 @@ class Scale:
     caption_words: int  # + EOS = the caption's tokens
     prompt: str
     method_configs: dict  # method name -> its Config at this scale
+    costs: dict = field(default_factory=dict, repr=False)  # per_sample_costs' results, by method: each counted once
 
 
 def _frozen(module, device) -> torch.nn.Module:
@@ -142,6 +143,9 @@ def per_sample_costs(scale: Scale, names: list[str]) -> dict:
     """{method: {tokens_to_llm, stages: [...], per_sample: by_part, total, ratio}} at this scale."""
     results = {}
     for name in dict.fromkeys([REFERENCE, *names]):  # the reference first: every ratio needs it
+        if name in scale.costs:
+            results[name] = dict(scale.costs[name])
+            continue
         cls = METHODS.get(name)
         if name not in scale.method_configs:
             raise UserError(f"method '{name}' has no {scale.name}-scale config (set `paper_config` in its file)")
@@ -163,9 +167,10 @@ def per_sample_costs(scale: Scale, names: list[str]) -> dict:
             stages.append({"name": stage.name, "share": share, "tokens_to_llm": out.tokens_to_llm,
                            "per_sample": per, "total": count.total / BATCH})
             mean.update(FlopCount(FlopCount(per).scaled(share)))
-        results[name] = {"tokens_to_llm": stages[-1]["tokens_to_llm"], "stages": stages,
-                         "per_sample": mean.by_part, "forward": mean.forward, "backward": mean.backward,
-                         "total": mean.total}
+        scale.costs[name] = {"tokens_to_llm": stages[-1]["tokens_to_llm"], "stages": stages,
+                             "per_sample": mean.by_part, "forward": mean.forward, "backward": mean.backward,
+                             "total": mean.total}
+        results[name] = dict(scale.costs[name])
     ref = results[REFERENCE]["total"]
     for r in results.values():
         r["ratio_to_baseline"] = ref / r["total"]

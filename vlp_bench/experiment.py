@@ -23,6 +23,7 @@ from vlp_bench.targets import split_metric
 from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.results import SCHEMA_VERSION, MetricsLog, atomic_write_json, env_info, write_jsonl
 from vlp_bench.search import SearchConfig
+from vlp_bench.trackers import Trackers, TrackersConfig
 from vlp_bench.trainer import NonFiniteLoss, TrainConfig, decoder_finetune, eager, train
 from vlp_bench.world import WorldConfig, build_world
 
@@ -73,6 +74,7 @@ class BenchConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     search: SearchConfig = field(default_factory=SearchConfig)  # `vlp-bench search`
+    trackers: TrackersConfig = field(default_factory=TrackersConfig)  # TensorBoard, W&B (off by default)
     methods: dict = field(default_factory=dict)  # [methods.NAME] tables, resolved into each method's Config
     tasks: dict = field(default_factory=dict)  # [tasks.NAME] tables, resolved into each task's Config
 
@@ -165,6 +167,7 @@ def prepare(cfg: BenchConfig, progress: bool = True):
     """Build (or find in the cache) the data and the frozen backbones. Under torchrun this joins
     the job (vlp_bench.dist) and rank zero builds the caches before the other ranks read them."""
     group, device = dist.init(resolve_device(cfg.experiment.device))
+    cfg.trackers.check()  # a tracker switched on without its package fails before any work
     if cfg.experiment.threads:
         torch.set_num_threads(cfg.experiment.threads)
     cache = cache_dir(cfg)
@@ -286,7 +289,8 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, data, device, en
     if group.active:
         record["distributed"] = {"world_size": group.world, "backend": torch.distributed.get_backend()}
     write(run_dir / "results.json", record)  # a killed run says "running" and can resume
-    log = MetricsLog(run_dir / "metrics.jsonl" if main else None)
+    trackers = Trackers(cfg.trackers, run_dir, record) if main else None
+    log = MetricsLog(run_dir / "metrics.jsonl" if main else None, trackers)
     checkpoint = run_dir / "checkpoint.pt"
     try:
         torch.manual_seed(seed)  # the same initial weights on every rank
@@ -339,6 +343,9 @@ def _one_run(cfg, method_name, seed, run_dir, backbones, tasks, data, device, en
         record["error"] = f"{type(e).__name__}: {e}"
         record["traceback"] = traceback.format_exc()
         say(f"run {run_dir.name} FAILED: {record['error']}")
+    finally:  # the trackers see the run's last status, whichever way it ends
+        if trackers is not None:
+            trackers.close(record)
     write(run_dir / "results.json", record)
     if main:
         checkpoint.unlink(missing_ok=True)  # the run is over: its results are complete

@@ -53,6 +53,8 @@ class Method(nn.Module):
     name: ClassVar[str]  # set by the registry
     Config: ClassVar[type]
     paper_config: ClassVar[object | None] = None  # the config at its paper's scale (`vlp-bench flops --preset paper`)
+    # `vlp-bench search`'s default space over Config fields: {field: [choices] | {low, high[, log]}}
+    search_space: ClassVar[dict | None] = None
 
     def __init__(self, cfg, backbones: Backbones):
         super().__init__()
@@ -216,7 +218,8 @@ def prefix_lm_loss(llm, tokenizer, prefix: torch.Tensor, prompt: str, targets: l
     ids, labels, mask = ids.to(device), labels.to(device), valid.long().to(device)
     B, P, _ = prefix.shape
     L = ids.shape[1]
-    embeds = torch.cat([prefix.to(_embed(llm, ids[:1, :1]).dtype), _embed(llm, ids)], dim=1)
+    text = _embed(llm, ids)  # embedded once: `vlp-bench validate` counts the LLM's text positions here
+    embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
     attn = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), mask], dim=1)
     if bool(valid.all()):  # no padding: the causal mask alone (same result; and no data-dependent
         attn = None  # mask check, so the meta device of `vlp-bench flops` can run it)
@@ -235,7 +238,8 @@ def generate_from_prefix(llm, tokenizer, prefix: torch.Tensor, prompts: list[str
     ids, text_mask = ids.to(device), valid.long().to(device)
     B, P, _ = prefix.shape
     # left padding: [pads][prefix][prompt] so every row ends where generation starts
-    embeds = torch.cat([prefix.to(_embed(llm, ids[:1, :1]).dtype), _embed(llm, ids)], dim=1)
+    text = _embed(llm, ids)
+    embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
     attn = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), text_mask], dim=1)
     if not bool(valid.all()):  # move each row's pads to the front
         order = torch.argsort(attn, dim=1, stable=True)

@@ -5,13 +5,24 @@ Built-in entries register themselves with a decorator when their package is impo
     @METHODS.register("baseline")
     class Baseline(FrozenLLMMethod): ...
 
-The registry imports its package lazily on first lookup, so `import vlp_bench` stays cheap.
+Other installed packages add entries through Python entry points (docs/adding-a-method.md):
+
+    [project.entry-points."vlp_bench.methods"]
+    stride = "vlp_bench_stride:Stride"
+
+The registry imports its package and the plug-ins lazily on first lookup, so `import vlp_bench`
+stays cheap. A plug-in that fails to import, is not a method (task) class, or reuses a taken name
+is left out with a one-line warning naming its package; the other entries work as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import os
 import pkgutil
+import sys
+from importlib import metadata
 from typing import Callable, Generic, TypeVar
 
 from vlp_bench.config import suggest
@@ -21,12 +32,17 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, package: str, composer: str = ""):
+    def __init__(self, kind: str, package: str, base: str, composer: str = ""):
         self.kind = kind
         self.package = package  # every module of this package is imported to populate the registry
+        self.group = package  # the entry-point group of plug-ins: "vlp_bench.methods", "vlp_bench.tasks"
+        self.base = base  # "module:Class" every entry subclasses (checked for plug-ins)
         self.composer = composer  # "module:function" building entry "a+b" from entries a and b
         self._entries: dict[str, T] = {}
         self._composed: dict[str, T] = {}  # built on demand: usable by name, not listed
+        self._origins: dict[str, str] = {}  # plug-in name -> "package version"; absent = built-in
+        self.problems: list[str] = []  # why each plug-in left out was (one line each)
+        self._broken: dict[str, str] = {}  # a name only a plug-in that failed to load had -> why
         self._loaded = False
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -49,6 +65,48 @@ class Registry(Generic[T]):
                 importlib.import_module(f"{self.package}.{info.name}")
         for name in getattr(pkg, "COMPOSITIONS", ()):  # compositions listed (and tested) like any entry
             self.register(name)(self.compose(name))
+        self._load_plugins()
+
+    def _load_plugins(self) -> None:
+        module, _, cls = self.base.partition(":")
+        base = getattr(importlib.import_module(module), cls)
+        for ep in sorted(metadata.entry_points(group=self.group), key=lambda e: (e.name, e.value)):
+            package = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "an unnamed package"
+            where = f"plug-in {self.kind} '{ep.name}' of {package} ({ep.value})"
+            if "+" in ep.name:
+                self._left_out(f"{where}: '+' is kept for compositions")
+                continue
+            if ep.name in self._entries:  # the name keeps meaning the entry that holds it
+                taken = f"the one of {self._origins[ep.name]}" if ep.name in self._origins else "a built-in one"
+                self._left_out(f"{where}: the name is taken by {taken}")
+                continue
+            try:
+                obj = ep.load()
+            except Exception as e:  # noqa: BLE001 - any error of a third-party import: report it, go on
+                self._left_out(f"{where} cannot be imported: {type(e).__name__}: {e}", ep.name)
+                continue
+            if not (isinstance(obj, type) and issubclass(obj, base)):
+                self._left_out(f"{where} is not a subclass of {self.base}", ep.name)
+            elif not dataclasses.is_dataclass(getattr(obj, "Config", None)):
+                self._left_out(f"{where} has no Config dataclass", ep.name)
+            else:
+                self._entries[ep.name] = obj
+                obj.name = ep.name
+                self._origins[ep.name] = package
+
+    def _left_out(self, why: str, name: str = "") -> None:
+        """A plug-in left out: kept for `vlp-bench list` and `validate`, said once on stderr (rank
+        zero); asking for its name later gives the same reason."""
+        self.problems.append(why)
+        if name:
+            self._broken[name] = why
+        if os.environ.get("RANK", "0") == "0":
+            print(f"vlp-bench: warning: {why}; left out", file=sys.stderr, flush=True)
+
+    def origin(self, name: str) -> str:
+        """Where entry `name` comes from: "built-in" or the plug-in's "package version"."""
+        self._load()
+        return self._origins.get(name, "built-in")
 
     def names(self) -> list[str]:
         self._load()
@@ -61,6 +119,8 @@ class Registry(Generic[T]):
                 self._composed[name] = self.compose(name)
             return self._composed[name]
         if name not in self._entries:
+            if name in self._broken:
+                raise UserError(self._broken[name])
             known = ", ".join(self.names())
             raise UserError(f"unknown {self.kind} '{name}'{suggest(name, self._entries)}; known: {known}")
         return self._entries[name]
@@ -87,5 +147,6 @@ class Registry(Generic[T]):
         return True
 
 
-METHODS: Registry = Registry("method", "vlp_bench.methods", composer="vlp_bench.method:compose")
-TASKS: Registry = Registry("task", "vlp_bench.tasks")
+METHODS: Registry = Registry("method", "vlp_bench.methods", "vlp_bench.method:Method",
+                             composer="vlp_bench.method:compose")
+TASKS: Registry = Registry("task", "vlp_bench.tasks", "vlp_bench.task:Task")

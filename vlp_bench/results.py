@@ -6,7 +6,7 @@ OUT/<run-id>/
     samples_caption.jsonl  per image: generated caption and references (re-scorable)
     results.json           the summary below (written last: its presence means the run finished)
 
-results.json, schema_version 3 (docs/results-schema.md describes every field):
+results.json, schema_version 4 (docs/results-schema.md describes every field):
     {schema_version, run_id, method, seed, status, config, metrics: {caption: {...}},
      cost: {...}, data: {...}, env: {...}}
 """
@@ -24,9 +24,10 @@ from pathlib import Path
 from vlp_bench.errors import UserError
 
 # 2: FLOPs and the validation learning curve (step 0 .. last); 3: `data` (the training data's source and
-# skipped samples) and `distributed`; see docs/results-schema.md
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # older records read fine: the fields they lack are just absent
+# skipped samples) and `distributed`; 4: `env.plugins` (the plug-in package of each method and task that
+# did not come with vlp-bench); see docs/results-schema.md
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # older records read fine: the fields they lack are just absent
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -62,14 +63,17 @@ def read_jsonl(path: Path) -> list[dict]:
 class MetricsLog:
     """metrics.jsonl, rewritten atomically on every append (rows are few and small)."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, trackers=None):
         self.path = None if path is None else Path(path)  # None: kept in memory only
         self.rows: list[dict] = []
+        self.trackers = trackers  # vlp_bench.trackers.Trackers mirroring every new row, or None
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
         if self.path is not None:
             write_jsonl(self.path, self.rows)
+        if self.trackers is not None:
+            self.trackers.log(row)
 
 
 def _git_commit() -> str | None:
@@ -83,6 +87,8 @@ def _git_commit() -> str | None:
 
 def env_info(device) -> dict:
     import torch
+
+    from vlp_bench.registry import METHODS, TASKS
 
     versions = {}
     for pkg in ("vlp-bench", "torch", "transformers", "timm", "tokenizers", "pycocoevalcap", "numpy"):
@@ -98,4 +104,6 @@ def env_info(device) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch_threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
+        "plugins": {f"{r.kind}s": {n: r.origin(n) for n in r.names() if r.origin(n) != "built-in"}
+                    for r in (METHODS, TASKS)},  # e.g. {"methods": {"stride": "vlp-bench-stride 0.1.0"}}
     }

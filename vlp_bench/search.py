@@ -30,19 +30,6 @@ from typing import Literal
 from vlp_bench.errors import UserError
 from vlp_bench.targets import split_metric
 
-# The space searched by default (bench.toml [search.space] replaces it): SimVLG's schedule grammar.
-# A list is a categorical choice; {low, high} a range (integers when both bounds are). "inflection"
-# turns r into a ramp [r, inflection] (0 = the same r in every layer); "r_layer_0", "r_layer_1", ...
-# give a per-layer list instead, and "tokens" the final token count (method_values).
-DEFAULT_SPACE = {
-    "r": {"low": 0, "high": 31},  # 0 = no merging; 31 x 2 layers takes the tiny ViT's 65 tokens to 3
-    "inflection": {"low": -1.0, "high": 1.0},
-    "variant": ["tome", "evlgen"],
-    "curriculum_start": {"low": 0.0, "high": 1.0},
-    "curriculum_ramp": [0.0, 0.25, 0.5],
-}
-
-
 @dataclass
 class SearchConfig:
     method: str = "simvlg"  # the method whose [methods.NAME] values the search varies
@@ -57,14 +44,14 @@ class SearchConfig:
     seed: int = 0  # the sampler's seed (each worker adds its trial count, so workers do not repeat each other)
     heartbeat_s: int = 30  # a trial whose worker stops beating for 2 x this is marked failed and retried
     retries: int = 2  # retries of a failed trial (a killed worker, a crash)
-    space: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_SPACE)))
+    # laid over the method's own space (its `search_space`): an entry here replaces or adds that
+    # parameter; a one-item list fixes one. {} = the method's space as it declares it.
+    space: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         split_metric(self.metric)
         if self.trials < 1:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
-        if not self.space:
-            raise ValueError("the search space is empty")
         for name, spec in self.space.items():
             _check_spec(name, spec)
 
@@ -80,6 +67,20 @@ def _check_spec(name: str, spec) -> None:
         raise ValueError(f"space.{name}: low and high must be numbers, got {spec!r}")
     if spec["low"] > spec["high"]:
         raise ValueError(f"space.{name}: low {spec['low']} > high {spec['high']}")
+
+
+def space_of(method_cls, overrides: dict) -> dict:
+    """The space searched: the method's own `search_space` with [search.space]'s entries laid over it."""
+    space = {**json.loads(json.dumps(method_cls.search_space or {})), **overrides}
+    if not space:
+        raise UserError(f"method '{method_cls.name}' declares no search_space: give its parameters in "
+                        f"[search.space] (a list = choices, {{low, high}} = a range)")
+    for name, spec in space.items():
+        try:
+            _check_spec(name, spec)
+        except ValueError as e:
+            raise UserError(f"{method_cls.name}.search_space: {e}") from None
+    return space
 
 
 def suggest(trial, space: dict) -> dict:
@@ -189,8 +190,8 @@ def run_search(bench, out: Path, progress: bool = True) -> dict:
     from vlp_bench.registry import METHODS, TASKS
     from vlp_bench.results import atomic_write_json, env_info
 
-    cfg: SearchConfig = bench.search
-    cls = METHODS.get(cfg.method)
+    cls = METHODS.get(bench.search.method)
+    cfg: SearchConfig = dataclasses.replace(bench.search, space=space_of(cls, bench.search.space))
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = {k for k in cfg.space if k not in ("inflection", "tokens") and not k.startswith("r_layer_")} - fields
     if unknown:
@@ -231,7 +232,7 @@ def run_search(bench, out: Path, progress: bool = True) -> dict:
     def objective(trial):
         trial.set_user_attr("worker", worker)
         params = suggest(trial, cfg.space)
-        values = method_values(params, cls.input_tokens(base_cfg, backbones.vision), base_cfg.depth)
+        values = method_values(params, cls.input_tokens(base_cfg, backbones.vision), getattr(base_cfg, "depth", 1))
         try:
             mcfg = from_dict(cls.Config, {**to_dict(base_cfg), **values}, f"methods.{cfg.method}")
             cls.check(mcfg, backbones)
