@@ -34,8 +34,9 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     def __init__(self, kind: str, package: str, base: str, composer: str = ""):
         self.kind = kind
-        self.package = package  # every module of this package is imported to populate the registry
-        self.group = package  # the entry-point group of plug-ins: "vlp_bench.methods", "vlp_bench.tasks"
+        # every module of this package is imported to populate the registry; its name is also the
+        # entry-point group of the plug-ins ("vlp_bench.methods", "vlp_bench.tasks")
+        self.package = package
         self.base = base  # "module:Class" every entry subclasses (checked for plug-ins)
         self.composer = composer  # "module:function" building entry "a+b" from entries a and b
         self._entries: dict[str, T] = {}
@@ -70,7 +71,7 @@ class Registry(Generic[T]):
     def _load_plugins(self) -> None:
         module, _, cls = self.base.partition(":")
         base = getattr(importlib.import_module(module), cls)
-        for ep in sorted(metadata.entry_points(group=self.group), key=lambda e: (e.name, e.value)):
+        for ep in sorted(metadata.entry_points(group=self.package), key=lambda e: (e.name, e.value)):
             package = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "an unnamed package"
             where = f"plug-in {self.kind} '{ep.name}' of {package} ({ep.value})"
             if "+" in ep.name:

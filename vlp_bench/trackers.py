@@ -64,7 +64,7 @@ class TensorBoard:
     """Event files in the run directory. The writer opens at the first row this process logs and
     purges later steps an earlier, interrupted process left, so a resumed run has one curve."""
 
-    def __init__(self, run_dir: Path, record: dict):
+    def __init__(self, cfg: TrackersConfig, run_dir: Path, record: dict):
         self.dir, self.writer = Path(run_dir), None
 
     def log(self, row: dict) -> None:
@@ -85,13 +85,12 @@ class WandB:
     """One W&B run per vlp-bench run: config = the resolved config, summary = the final figures.
     Its id comes from the run directory, so a resumed run continues the same W&B run."""
 
-    def __init__(self, run_dir: Path, record: dict):
+    def __init__(self, cfg: TrackersConfig, run_dir: Path, record: dict):
         import wandb
 
-        cfg = record["config"]["trackers"]
         run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
-        self.run = wandb.init(project=cfg["wandb_project"], entity=cfg["wandb_entity"] or None, id=run_id,
-                              resume="allow", name=record["run_id"], dir=str(run_dir), mode=cfg["wandb"],
+        self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, id=run_id,
+                              resume="allow", name=record["run_id"], dir=str(run_dir), mode=cfg.wandb,
                               config=record["config"], group=Path(run_dir).parent.name,
                               settings=wandb.Settings(console="off", silent=True))
 
@@ -111,7 +110,7 @@ class Trackers:
         kinds = [TensorBoard] * cfg.tensorboard + [WandB] * (cfg.wandb != "off")
         self.active = []
         for kind in kinds:
-            self._guard(kind.__name__, lambda: self.active.append(kind(run_dir, record)))
+            self._guard(kind.__name__, lambda: self.active.append(kind(cfg, run_dir, record)))
 
     def log(self, row: dict) -> None:
         for tracker in list(self.active):

@@ -139,13 +139,13 @@ def check_method(found: Findings, cfg, name: str, backbones, device, data: list[
 
     subject = f"method {name}"
     cls = METHODS.get(name)
-    try:
-        cls.check(cfg.methods[name], backbones)
-    except ValueError as e:
-        found.add(subject, "fits", False, f"check(): {e}")
-        return
     method = None
     with found.guard(subject, "fits"):
+        try:
+            cls.check(cfg.methods[name], backbones)
+        except ValueError as e:
+            found.add(subject, "fits", False, f"check(): {e}")
+            return
         torch.manual_seed(0)
         method = cls(cfg.methods[name], backbones).to(device)
         trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
@@ -181,7 +181,7 @@ def _check_stage(found: Findings, subject: str, method, batch: dict, stage) -> t
     loss = out.loss
     if not (torch.is_tensor(loss) and loss.ndim == 0 and loss.requires_grad and math.isfinite(loss.item())):
         found.add(subject, check, False, f"the loss must be a finite scalar that needs a gradient, got {loss!r}")
-        return out.tokens_to_llm, None
+        return out.tokens_to_llm, (calls[0] if calls else None)
     loss.backward()
     mine = {id(p) for p in params}
     frozen = [n for n, p in method.named_parameters() if p.grad is not None and id(p) not in mine]
