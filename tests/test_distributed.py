@@ -31,7 +31,7 @@ METHOD = "simvlg"  # merging in the bridge and a token-mean loss: what the rank 
 def runs(tmp_path_factory, tiny_overrides):
     sets = [a for o in [*tiny_overrides, f"experiment.methods=['{METHOD}']", "experiment.tasks=['vqa']",
                         "experiment.device='cpu'", "train.log_every=1", "train.eval_every=3",
-                        "train.checkpoint_every=0"] for a in ("--set", o)]
+                        "train.checkpoint_every=0", "trackers.tensorboard=true"] for a in ("--set", o)]
     one = _run(sets, tmp_path_factory.mktemp("one"), 1)
     two = _run(sets, tmp_path_factory.mktemp("two"), 2)
     return one, two
@@ -51,6 +51,16 @@ def test_two_processes_train_what_one_does(runs):
     assert res2["metrics"] == res1["metrics"]  # the final test metrics, and every answer behind them
     assert read_jsonl(run2 / "samples_vqa.jsonl") == read_jsonl(run1 / "samples_vqa.jsonl")
     assert res2["distributed"] == {"world_size": 2, "backend": "gloo"} and "distributed" not in res1
+
+
+def test_trackers_write_on_rank_zero_only(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, (_, rows2, _, run2) = runs
+    (events,) = run2.glob("events.out.tfevents.*")  # one writer (a file per process): rank zero's
+    reader = EventAccumulator(str(events))
+    reader.Reload()
+    assert [e.step for e in reader.Scalars("train/loss")] == [r["step"] for r in rows2 if "loss" in r]
 
 
 def test_costs_are_the_whole_jobs(runs):

@@ -9,7 +9,7 @@ each method of experiment.methods, on a few training samples:
              in training, info()["tokens_to_llm"] in generation, input_tokens() = what encode() gives
   costs      the step's FLOPs are counted; batches with equal shape_key() cost equal FLOPs; the cost
              model (`vlp-bench flops`, meta device) runs and sends the same tokens; so does the paper scale
-  TASK       each task of experiment.tasks evaluates it on a few validation samples
+  TASK       each task of experiment.tasks evaluates it on its first validation images
 Every finding is one line; `validate` exits 1 when any is a problem.
 """
 
@@ -28,7 +28,7 @@ from vlp_bench.errors import UserError
 SAMPLES = 4  # training samples per checked batch: enough for padding and batching, small at any scale
 SHAPE_BATCHES = 12  # batches whose shape_key()s are compared: equal keys must mean equal FLOPs
 KEY_PAIRS = 2  # pairs of batches with equal keys whose FLOPs are counted and compared
-EVAL_SAMPLES = 2  # validation samples each task scores
+EVAL_SAMPLES = 2  # validation images each task scores (the `limit` of Task.evaluate)
 
 
 @dataclass
