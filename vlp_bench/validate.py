@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import traceback
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -112,29 +114,17 @@ def validate(load_config, say=lambda msg: None) -> Findings:
     for name in cfg.experiment.tasks:
         with found.guard(f"task {name}", "builds"):
             tasks[name] = TASKS.get(name)(cfg.tasks[name], root, images)
-    scales = Scales(cfg)
+    from vlp_bench import costmodel
+
+    scales = functools.cache(lambda preset: costmodel.scale(preset, cfg))  # meta-device backbones, built once
     for name in cfg.experiment.methods:
         say(f"method {name}")
         check_method(found, cfg, name, backbones, device, data, tasks, scales)
     return found
 
 
-class Scales(dict):
-    """The cost model's scales (meta-device backbones), each built once, on first use."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-
-    def __missing__(self, name: str):
-        from vlp_bench import costmodel
-
-        self[name] = costmodel.scale(name, self.cfg)
-        return self[name]
-
-
 def check_method(found: Findings, cfg, name: str, backbones, device, data: list[dict], tasks: dict,
-                 scales: Scales) -> None:
+                 scales: Callable) -> None:
     from vlp_bench.registry import METHODS
 
     subject = f"method {name}"
@@ -225,7 +215,7 @@ def _check_tokens(found: Findings, subject: str, method, batch: dict, sent: dict
 
 
 def _check_costs(found: Findings, subject: str, cfg, name: str, method, data: list[dict], device, sent: dict,
-                 scales: Scales) -> None:
+                 scales: Callable) -> None:
     from vlp_bench import costmodel
     from vlp_bench.trainer import count_step
 
@@ -255,7 +245,7 @@ def _check_costs(found: Findings, subject: str, cfg, name: str, method, data: li
     notes.append("shape_key() None: every step counted" if key is None else
                  f"shape_key(): {compared} pairs of batches with equal keys, equal FLOPs" if compared else
                  f"shape_key(): no two of {len(data)} batches share a key, not compared")
-    table = costmodel.per_sample_costs(scales["tiny"], [name])[name]
+    table = costmodel.per_sample_costs(scales("tiny"), [name])[name]
     declared = sent.get(stage.name, (None, None))[0]
     tiny = cfg.vision.name == "tiny" and cfg.llm.name == "tiny"  # the cost model's "tiny" scale is these
     if tiny and declared is not None and table["tokens_to_llm"] != declared:
@@ -265,7 +255,7 @@ def _check_costs(found: Findings, subject: str, cfg, name: str, method, data: li
     if type(method).paper_config is None:
         notes.append("the cost model runs (no paper_config: not costed at paper scale)")
     else:  # a method the paper-scale backbones cannot run is listed as skipped in flops-paper.json, as here
-        skipped = costmodel.costable_table(scales["paper"], [name])["skipped"]
+        skipped = costmodel.costable_table(scales("paper"), [name])["skipped"]
         notes.append(f"the cost model runs; paper scale: {skipped[name]}" if name in skipped
                      else "the cost model runs, at tiny and paper scale")
     found.add(subject, "costs", True, "; ".join(notes))
