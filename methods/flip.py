@@ -34,6 +34,7 @@ class FLIPSide(VisionSide):
     """Random masking of visual tokens during training, after or inside the ViT (METHODS.md 2.5)."""
 
     Options = FLIPOptions
+    video = False  # a random mask per image: averaged frames would mix tokens of different patches
 
     @classmethod
     def check(cls, cfg, backbones) -> None:

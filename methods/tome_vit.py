@@ -28,6 +28,7 @@ class ToMeViTSide(VisionSide):
     """ToMe token merging inside the frozen ViT (METHODS.md 2.5)."""
 
     Options = ToMeViTOptions
+    video = False  # each frame merges its own patches: their average would mix unrelated tokens
 
     @classmethod
     def vit_schedule(cls, cfg, vision) -> list[int]:

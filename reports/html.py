@@ -25,7 +25,7 @@ import pandas as pd
 
 from vlp_bench.errors import UserError
 from vlp_bench.results import read_jsonl
-from vlp_bench.reports.summary import compute_speedups, format_ratio, load_results
+from vlp_bench.reports.summary import captioning, compute_speedups, format_ratio, load_results, run_metric
 
 TEMPLATES = Path(__file__).parent / "templates"
 CURVE_POINTS = 60  # the common grid that seeds are interpolated onto, to draw their mean and band
@@ -125,13 +125,38 @@ def method_table(runs: list[Run], sp: dict | None, metric: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def subset_table(runs: list[Run], metric: str) -> pd.DataFrame | None:
+    """The metric on each scored subset of the metric's task (video captioning's categories, and
+    its "temporal" and "static" clips), mean +- sd over seeds; None when the task scored none."""
+    task, _, key = metric.partition(".")
+    names: dict[str, int] = {}
+    for r in runs:
+        for name, s in r.rec.get("metrics", {}).get(task, {}).get("subsets", {}).items():
+            names.setdefault(name, s.get("images"))
+    if not names:
+        return None
+    order = sorted(names, key=lambda n: (n not in ("temporal", "static"), n))  # the two groups first
+    rows = []
+    for method, all_runs in _by_method(runs).items():
+        done = [r for r in all_runs if r.finished]
+        row = {"method": method, f"{key} (all)": _pm([_metric(r.rec, metric) for r in done], ".3f")}
+        for name in order:
+            values = [r.rec["metrics"][task].get("subsets", {}).get(name, {}).get(key) for r in done]
+            row[f"{name} ({names[name]})"] = _pm(values, ".3f")
+        said = [r.rec["metrics"][task].get("order", {}).get("temporal") for r in done]
+        if any(v is not None for v in said):  # the tiny world: captions that state the event the right way round
+            row["order right (temporal)"] = _pm(said, ".2f")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def floors(runs: list[Run]) -> dict:
     """The trivial floors of the test sets: the best constant caption and its CIDEr; VQA accuracy
     of the best constant answer per question type (None where the task did not run)."""
     for r in runs:
         m = r.rec.get("metrics", {})
         if r.finished and m:
-            cap, vqa = m.get("caption", {}).get("floor", {}), m.get("vqa", {}).get("floor", {})
+            cap, vqa = captioning(m).get("floor", {}), m.get("vqa", {}).get("floor", {})
             return {"caption": cap.get("caption"), "CIDEr": cap.get("CIDEr"), "vqa": vqa.get("overall")}
     return {"caption": None, "CIDEr": None, "vqa": None}
 
@@ -489,7 +514,7 @@ def environment(runs: list[Run]) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------- the page
 
 
-def render(dirs: list[Path], metric: str = "caption.CIDEr", target: float | None = None,
+def render(dirs: list[Path], metric: str = "", target: float | None = None,
            reference: str | None = None, flops_files: list[Path] = (), strict: bool = False,
            searches: list[Path] = ()) -> str:
     """The report's HTML for these run directories. Speed-ups that cannot be computed (no curve, no
@@ -497,6 +522,7 @@ def render(dirs: list[Path], metric: str = "caption.CIDEr", target: float | None
     import jinja2
 
     runs = load_runs(dirs)
+    metric = metric or run_metric([r.rec for r in runs])  # "" = the metric the runs were configured with
     try:
         sp, sp_error = (compute_speedups([r.dir for r in runs], [r.rec for r in runs], metric, target, reference)
                         if runs else None), None
@@ -521,6 +547,7 @@ def render(dirs: list[Path], metric: str = "caption.CIDEr", target: float | None
         title="vlp-bench report", generated=time.strftime("%Y-%m-%d %H:%M %Z"), head=head, sp=sp,
         sp_error=sp_error, metric=metric, floors=floors(runs),
         speedups=styled(method_table(runs, sp, metric), "speedups", head.get("winner")),
+        subsets=None if (subsets := subset_table(runs, metric)) is None else styled(subsets, "subsets"),
         curves=curve_figures(runs, metric, sp["target"] if sp else None, colors),
         pareto=pareto_figure(runs, metric, colors), merges=merge_pictures(runs), paper=paper,
         searches=[search_section(p, f"search{k}") for k, p in enumerate(searches)],

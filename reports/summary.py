@@ -51,12 +51,18 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return text_table(header, rows, left=len(header))
 
 
+def captioning(metrics: dict) -> dict:
+    """The metrics of a run's captioning task: image captioning's, else the first other task
+    scored with CIDEr (video captioning)."""
+    return metrics.get("caption") or next((m for m in metrics.values() if isinstance(m, dict) and "CIDEr" in m), {})
+
+
 def summary_table(results: list[dict]) -> str:
     header = ["run", "status", "CIDEr", "floor", "x floor", "BLEU-4", "VQA %", "VQA floor", "tokens->LLM",
               "train s", "samples/s", "GFLOP/sample"]
     rows = []
     for r in results:
-        cap = r.get("metrics", {}).get("caption", {})
+        cap = captioning(r.get("metrics", {}))
         floor = cap.get("floor", {}).get("CIDEr")
         cider = cap.get("CIDEr")
         vqa = r.get("metrics", {}).get("vqa", {})
@@ -72,10 +78,20 @@ def summary_table(results: list[dict]) -> str:
     return _table(header, rows)
 
 
+def run_metric(results: list[dict]) -> str:
+    """The target metric the runs were configured with (target.metric as resolved when they ran;
+    caption.CIDEr for runs of older schemas without one)."""
+    for r in results:
+        if metric := r.get("config", {}).get("target", {}).get("metric"):
+            return metric
+    return "caption.CIDEr"
+
+
 def compute_speedups(dirs: list[Path], results: list[dict], metric: str, target: float | None,
                      reference: str | None) -> dict:
     """targets.speedups over these runs; runs are keyed by directory, so experiments can be mixed."""
     records = [{**r, "run_id": str(d)} for d, r in zip(dirs, results)]
+    metric = metric or run_metric(results)
     if reference is None and any(r["method"] == "baseline" for r in records):
         reference = "baseline"  # the method every acceleration claims to beat
     rows = {str(d): read_jsonl(Path(d) / "metrics.jsonl") if (Path(d) / "metrics.jsonl").is_file() else []

@@ -4,6 +4,7 @@ the official coco-caption pipeline (vlp_bench.caption_metrics), plus the trivial
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from vlp_bench.caption_metrics import floor_scores, score_captions
 from vlp_bench.data import CaptionSplit
@@ -23,6 +24,8 @@ class Captioning(Task):
     """Image captioning, official coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) and floor."""
 
     Config = CaptionConfig
+    Split: ClassVar[type] = CaptionSplit  # reads a split's samples and references (VideoSplit for clips)
+    primary = "CIDEr"
 
     def __init__(self, cfg: CaptionConfig, data_root, images):
         super().__init__(cfg, data_root, images)
@@ -31,17 +34,25 @@ class Captioning(Task):
     @classmethod
     def check(cls, cfg: CaptionConfig, data_root) -> None:
         for split in ("train", "val", cfg.split):  # train: the floor; val: evaluations during training
-            CaptionSplit(data_root, split)
+            cls.Split(data_root, split)
 
-    def floor(self, split: CaptionSplit, ids: list[int]) -> dict:
+    def floor(self, split, ids: list[int]) -> dict:
         key = (split.split, tuple(ids))
         if key not in self._floors:
-            train_refs = CaptionSplit(self.root, "train").refs
+            train_refs = self.Split(self.root, "train").refs
             self._floors[key] = floor_scores(train_refs, {i: split.refs[i] for i in ids}, spice=self.cfg.spice)
         return self._floors[key]
 
+    def subsets(self, data, ids: list[int]) -> dict[str, list[int]]:
+        """Groups of the evaluated samples scored on their own as well (none for images)."""
+        return {}
+
+    def sample(self, data, i: int, caption: str) -> dict:
+        """One line of samples_<task>.jsonl."""
+        return {"image_id": i, "caption": caption, "references": data.refs[i]}
+
     def evaluate(self, method: Method, split: str, limit: int | None = None) -> tuple[dict, list[dict]]:
-        data = CaptionSplit(self.root, split)
+        data = self.Split(self.root, split)
         ids = data.image_ids[:limit] if limit else data.image_ids
         device = next(method.parameters()).device
         cands: dict[int, str] = {}
@@ -52,8 +63,8 @@ class Captioning(Task):
             for i, text in zip(chunk, method.generate(images, [self.cfg.prompt] * len(chunk), self.cfg)):
                 cands[i] = text
         refs = {i: data.refs[i] for i in ids}
-        metrics = score_captions(refs, cands, spice=self.cfg.spice)
+        metrics = score_captions(refs, cands, spice=self.cfg.spice, subsets=self.subsets(data, ids))
         metrics["floor"] = self.floor(data, ids)
         metrics["split"], metrics["images"] = split, len(ids)
-        samples = [{"image_id": i, "caption": cands[i], "references": refs[i]} for i in ids]
+        samples = [self.sample(data, i, cands[i]) for i in ids]
         return metrics, samples

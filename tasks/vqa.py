@@ -40,6 +40,7 @@ class VQA(Task):
     """Zero-shot VQA, official VQAv2 accuracy and answer-type floor."""
 
     Config = VQAConfig
+    primary = "overall"
 
     def __init__(self, cfg: VQAConfig, data_root, images):
         super().__init__(cfg, data_root, images)

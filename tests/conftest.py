@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY = [
     "experiment.methods=['baseline']",  # one method unless a test names others
     "world.n_train=96", "world.n_val=16", "world.n_test=16",
+    "world.n_clips_train=32", "world.n_clips_val=8", "world.n_clips_test=8",
     "vision.pretrain_steps=20", "vision.width=32", "vision.depth=1", "vision.heads=2",
     "llm.pretrain_steps=20", "llm.width=32", "llm.depth=1", "llm.heads=2", "llm.vocab_size=400",
     "train.steps=6", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=2",
@@ -29,6 +30,9 @@ TINY = [
     "methods.blip2.width=32", "methods.blip2.depth=2", "methods.blip2.heads=2", "methods.blip2.num_queries=4",
     "tasks.caption.num_beams=2", "tasks.caption.max_new_tokens=6", "tasks.caption.min_new_tokens=2",
     "tasks.vqa.num_beams=2", "tasks.vqa.max_new_tokens=3",
+    "methods.simvlg-video.width=32", "methods.simvlg-video.depth=2", "methods.simvlg-video.heads=2",
+    "methods.simvlg-video.temporal_dim=16", "methods.simvlg-video.temporal_heads=2",
+    "tasks.video_caption.num_beams=2", "tasks.video_caption.max_new_tokens=6", "tasks.video_caption.min_new_tokens=2",
 ]
 
 

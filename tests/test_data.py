@@ -25,7 +25,7 @@ LOADER = ImageLoader(64, (0.5,) * 3, (0.5,) * 3)
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    return build_world(WorldConfig(n_train=48, n_val=4, n_test=4), tmp_path_factory.mktemp("world"))
+    return build_world(WorldConfig(n_train=48, n_val=4, n_test=4, n_clips_train=4, n_clips_val=2, n_clips_test=2), tmp_path_factory.mktemp("world"))
 
 
 @pytest.fixture(scope="module")

@@ -183,10 +183,12 @@ def method(request):
 
 
 def test_every_method_counts_frozen_vision_forward_only_and_the_bridge_backward(method):
+    """The frozen encoder runs no backward, unless modules inside it train (`trains_encoder`)."""
     method.train()
     for stage in method.stages(8):
         got = count_step(method, _batch(), stage, torch.autocast("cpu", enabled=False))[0]
-        assert got.by_part["vision"]["forward"] > 0 and got.by_part["vision"]["backward"] == 0
+        assert got.by_part["vision"]["forward"] > 0
+        assert (got.by_part["vision"]["backward"] > 0) == type(method).trains_encoder
         assert got.by_part["bridge"]["backward"] > 0
         llm = got.by_part.get("llm", {"forward": 0, "backward": 0})
         # a stage that uses the frozen LLM runs a backward through it to reach the bridge

@@ -27,7 +27,7 @@ from vlp_bench.world import (
     world_dir,
 )
 
-SMALL = WorldConfig(n_train=40, n_val=10, n_test=10)
+SMALL = WorldConfig(n_train=40, n_val=10, n_test=10, n_clips_train=12, n_clips_val=4, n_clips_test=4)
 SPLITS = ("train", "val", "test")
 
 
@@ -62,8 +62,8 @@ def test_world_dir_is_a_stable_short_hash(tmp_path):
     d = world_dir(SMALL, tmp_path)
     assert d.parent == tmp_path / "world"
     assert re.fullmatch(r"[0-9a-f]{12}", d.name)
-    assert world_dir(WorldConfig(n_train=40, n_val=10, n_test=10), tmp_path) == d
-    assert world_dir(WorldConfig(n_train=40, n_val=10, n_test=10, seed=1), tmp_path) != d
+    assert world_dir(WorldConfig(n_train=40, n_val=10, n_test=10, n_clips_train=12, n_clips_val=4, n_clips_test=4), tmp_path) == d
+    assert world_dir(WorldConfig(n_train=40, n_val=10, n_test=10, n_clips_train=12, n_clips_val=4, n_clips_test=4, seed=1), tmp_path) != d
 
 
 def test_build_is_deterministic(world, tmp_path):
@@ -75,7 +75,7 @@ def test_build_is_deterministic(world, tmp_path):
 
 
 def test_seed_changes_the_world(world, tmp_path):
-    other = build_world(WorldConfig(n_train=40, n_val=10, n_test=10, seed=1), tmp_path)
+    other = build_world(WorldConfig(n_train=40, n_val=10, n_test=10, n_clips_train=12, n_clips_val=4, n_clips_test=4, seed=1), tmp_path)
     assert other.name != world.name
     for name in ("scenes.json", "annotations/captions_train.json", "vqa/annotations_train.json", "images/000001.png"):
         assert (other / name).read_bytes() != (world / name).read_bytes()
@@ -99,7 +99,8 @@ def test_incomplete_directory_is_rebuilt(tmp_path):
 
 
 @pytest.mark.parametrize("change", [{"n_train": 0}, {"image_size": 8}, {"max_objects": 9},
-                                    {"questions_per_image": 0}, {"seed": -1}, {"n_val": 1.5}])
+                                    {"questions_per_image": 0}, {"seed": -1}, {"n_val": 1.5},
+                                    {"n_clips_test": 0}, {"clip_frames": 1}])
 def test_bad_config_is_a_user_error(tmp_path, change):
     with pytest.raises(UserError):
         build_world(WorldConfig(**change), tmp_path)
@@ -109,6 +110,7 @@ def test_default_config_builds(tmp_path):
     d = build_world(WorldConfig(), tmp_path)
     info = _json(d / "world.json")
     assert info["counts"]["images"] == {"train": 4000, "val": 200, "test": 300}
+    assert info["counts"]["clips"] == {"train": 1000, "val": 100, "test": 200}
 
 
 # ----------------------------------------------------------------------------- layout and formats

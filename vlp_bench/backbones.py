@@ -36,7 +36,7 @@ from vlp_bench.data import CaptionSplit, ImageLoader, TrainBatches
 from vlp_bench.errors import UserError
 from vlp_bench.progress import interactive, progress_bar
 
-BACKBONE_VERSION = 1  # bump when the tiny recipes change, so stale caches are not reused
+BACKBONE_VERSION = 2  # bump when the tiny recipes change, so stale caches are not reused
 CAPTION_PROMPT = "a photo of"  # the LM's pre-training pairs use the captioning prompt of bench.toml
 VQA_PROMPT = "Question: {} Short answer:"
 
@@ -292,13 +292,20 @@ def load_vision(cfg: VisionConfig, data_root: Path, cache: Path, progress: bool 
 
 
 def _lm_documents(root: Path, rng: random.Random, n: int) -> list[str]:
-    """Pre-training documents: context references of one image, then another in a prompt form."""
+    """Pre-training documents: context references of one image (or clip), then another in a prompt
+    form. Clips (the root's msrvtt/ train split, when it has one) are drawn in proportion to their
+    number, so the LM also knows how clips are described."""
+    from vlp_bench.video import annotation_files
+
     train = CaptionSplit(root, "train")
+    clips = _clip_refs(root) if annotation_files(root) else []
+    p_clip = len(clips) / (len(clips) + len(train))
     vqa = _vqa_pairs(root)
     docs = []
     for _ in range(n):
-        image_id = rng.choice(train.image_ids)
-        refs = train.refs[image_id][:]
+        clip = rng.random() < p_clip
+        image_id = None if clip else rng.choice(train.image_ids)
+        refs = (rng.choice(clips) if clip else train.refs[image_id])[:]
         rng.shuffle(refs)
         k = rng.randint(1, max(1, min(3, len(refs) - 1)))
         context = " ".join(refs[:k])
@@ -308,6 +315,20 @@ def _lm_documents(root: Path, rng: random.Random, n: int) -> list[str]:
         else:
             docs.append(f"{context} {CAPTION_PROMPT} {refs[k % len(refs)]}")
     return docs
+
+
+def _clip_refs(root: Path) -> list[list[str]]:
+    """The references of every training clip (no video is read)."""
+    from vlp_bench.video import SPLIT_NAMES, annotation_files
+
+    clips: dict[str, list[str]] = {}
+    for path in annotation_files(root):
+        data = json.loads(path.read_text())
+        train = {v["video_id"] for v in data["videos"] if v["split"] in SPLIT_NAMES["train"]}
+        for s in data["sentences"]:
+            if s["video_id"] in train:
+                clips.setdefault(s["video_id"], []).append(s["caption"])
+    return [clips[k] for k in sorted(clips)]
 
 
 def _vqa_pairs(root: Path) -> dict[int, list[tuple[str, str]]]:

@@ -33,9 +33,11 @@ class SyntheticBatches:
     words (LengthTokenizer: one token each). The trainer's `.to(device)` is then a no-op, so no
     data loading is timed."""
 
-    def __init__(self, batch_size: int, image_size: int, words: int, prompt: str, device: torch.device):
+    def __init__(self, batch_size: int, image_size: int, words: int, prompt: str, device: torch.device,
+                 frames: int = 0):
         g = torch.Generator().manual_seed(0)
-        self.batch = {"images": torch.randn(batch_size, 3, image_size, image_size, generator=g).to(device),
+        clip = (frames,) if frames else ()  # clips of `frames` frames for a video experiment
+        self.batch = {"images": torch.randn(batch_size, *clip, 3, image_size, image_size, generator=g).to(device),
                       "captions": [" ".join(["w"] * words)] * batch_size, "prompt": prompt,
                       "image_ids": list(range(batch_size))}
 
@@ -71,7 +73,7 @@ def bench(cfg, preset: str, names: list[str], device: torch.device, batch_size: 
             raise UserError(f"methods.{name} at {preset} scale: {e}") from None
         torch.manual_seed(0)
         method = cls(mcfg, scale.backbones).to(device)
-        batches = SyntheticBatches(batch_size, scale.image_size, scale.caption_words, scale.prompt, device)
+        batches = SyntheticBatches(batch_size, scale.image_size, scale.caption_words, scale.prompt, device, scale.frames)
         for stage in method.stages(warmup + steps):  # each stage on its own, for as many steps
             say(f"{name}: stage {stage.name}, {warmup} + {steps} steps of {batch_size}")
             memory_kind = reset_peak_memory(device)

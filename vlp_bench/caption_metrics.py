@@ -63,13 +63,18 @@ _JAVA_LINE_BREAKS = str.maketrans({c: " " for c in "\r\x0b\x0c\u2028\u2029"})
 
 
 def score_captions(
-    refs: dict[int, list[str]], cands: dict[int, str], spice: bool = False
+    refs: dict[int, list[str]], cands: dict[int, str], spice: bool = False,
+    subsets: dict[str, list[int]] | None = None,
 ) -> dict[str, float]:
     """Score one candidate caption per image against its references, corpus-level.
 
     Only the images in ``cands`` are evaluated (in the order of ``cands``); ``refs`` may
     hold more images. Returns ``{"Bleu_1": ..., ..., "CIDEr": ...}`` (plus ``"SPICE"``
     when ``spice`` is true), the values exactly as pycocoevalcap's scorers return them.
+    With ``subsets`` ({name: image ids}), ``"subsets"`` holds each one scored on its own, as
+    the official scorers score a file of those images alone (CIDEr's document frequencies
+    come from that subset's references): BLEU, ROUGE-L and CIDEr, from the same PTB
+    tokenization (METEOR and SPICE would start a Java process per subset), plus ``"images"``.
     """
     if not cands:
         raise UserError("no candidate captions to score")
@@ -94,12 +99,16 @@ def score_captions(
     gts = {i: [{"caption": _one_line(r)} for r in refs[i]] for i in cands}
     res = {i: [{"caption": _one_line(cands[i])}] for i in cands}
 
+    for name, ids in (subsets or {}).items():
+        if not ids or set(ids) - set(cands):
+            raise UserError(f"caption subset '{name}' is empty or names images without a candidate")
     with _stdout_to_stderr():
-        return _run_official_scorers(gts, res, spice)
+        return _run_official_scorers(gts, res, spice, subsets or {})
 
 
 def _run_official_scorers(
-    gts: dict[int, list[dict[str, str]]], res: dict[int, list[dict[str, str]]], spice: bool
+    gts: dict[int, list[dict[str, str]]], res: dict[int, list[dict[str, str]]], spice: bool,
+    subsets: dict[str, list[int]] | None = None,
 ) -> dict[str, float]:
     """The body of ``COCOEvalCap.evaluate()``, minus its bookkeeping and prints."""
     from pycocoevalcap.bleu.bleu import Bleu
@@ -130,6 +139,14 @@ def _run_official_scorers(
 
     if spice:
         scores[SPICE_NAME] = float(_spice_scorer().compute_score(gts_tok, res_tok)[0])
+    if subsets:
+        scores["subsets"] = {}
+        for name, ids in subsets.items():
+            g, r = {i: gts_tok[i] for i in ids}, {i: res_tok[i] for i in ids}
+            part = dict(zip(METRIC_NAMES[:4], map(float, Bleu(4).compute_score(g, r)[0])))
+            part["ROUGE_L"] = float(Rouge().compute_score(g, r)[0])
+            part["CIDEr"] = float(Cider().compute_score(g, r)[0])
+            scores["subsets"][name] = {**part, "images": len(ids)}
     return scores
 
 

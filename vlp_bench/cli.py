@@ -22,11 +22,13 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment file (default:
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config value: section.key=value (repeatable).")
 
 
-def _overrides(set_: Optional[list[str]], methods: Optional[str] = None) -> list[str]:
-    """--set values, then --methods a,b as experiment.methods (a method is configured as in a run)."""
+def _overrides(set_: Optional[list[str]], methods: Optional[str] = None, tasks: Optional[str] = None) -> list[str]:
+    """--set values, then --methods a,b as experiment.methods (a method is configured as in a run)
+    and --tasks a,b as experiment.tasks."""
     overrides = list(set_ or [])
-    if methods is not None:
-        overrides.append("experiment.methods=" + json.dumps([m.strip() for m in methods.split(",") if m.strip()]))
+    for key, names in (("methods", methods), ("tasks", tasks)):
+        if names is not None:
+            overrides.append(f"experiment.{key}=" + json.dumps([n.strip() for n in names.split(",") if n.strip()]))
     return overrides
 
 
@@ -43,6 +45,8 @@ def run(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods (overrides experiment.methods)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", "--task",
+                                        help="Comma-separated tasks (overrides experiment.tasks), e.g. video_caption."),
     seeds: Optional[int] = typer.Option(None, help="Run each method with seeds 0..N-1 (overrides experiment.seeds)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Experiment directory (default: runs/<date-time>)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the unfinished runs of this experiment directory."),
@@ -51,13 +55,13 @@ def run(
     from vlp_bench.experiment import resume_config, run as run_experiment
 
     if resume is not None:
-        if config or set_ or methods or seeds or out:
+        if config or set_ or methods or tasks or seeds or out:
             raise UserError("--resume continues an experiment with its saved config; give it no other option")
         cfg = resume_config(resume)
         dirs = run_experiment(cfg, resume=True)
         _after_run(resume, dirs, cfg)
         return
-    overrides = _overrides(set_, methods)
+    overrides = _overrides(set_, methods, tasks)
     if seeds is not None:
         if seeds < 1:
             raise UserError(f"--seeds must be >= 1, got {seeds}")
@@ -85,7 +89,8 @@ def _after_run(out: Path, dirs, cfg) -> None:
     try:
         if not paper.is_file():
             say("paper-scale costs of these methods (flops-paper.json)")
-            table = costmodel.costable_table(costmodel.paper_scale(), cfg.experiment.methods)
+            table = costmodel.costable_table(costmodel.paper_scale(frames=costmodel.frames_of(cfg)),
+                                             cfg.experiment.methods)
             paper.write_text(json.dumps(table, indent=2))
         say("report")
         report = html.write(dirs, out / "report.html", metric=cfg.target.metric, target=cfg.target.value or None,

@@ -61,12 +61,20 @@ class Scale:
     caption_words: int  # + EOS = the caption's tokens
     prompt: str
     method_configs: dict  # method name -> its Config at this scale
+    frames: int = 0  # a training sample is a clip of this many frames; 0 = an image
     costs: dict = field(default_factory=dict, repr=False)  # per_sample_costs' results, by method: each counted once
 
 
 def _frozen(module, device) -> torch.nn.Module:
     """Frozen, in the dtype load_backbones gives frozen backbones on `device`."""
     return freeze(module).to(frozen_dtype(device))
+
+
+def frames_of(bench) -> int:
+    """data.frames when the experiment's tasks are on clips (its samples are clips), else 0."""
+    from vlp_bench.experiment import on_clips
+
+    return bench.data.frames if on_clips(bench) else 0
 
 
 def tiny_scale(bench, device="meta") -> Scale:
@@ -78,7 +86,7 @@ def tiny_scale(bench, device="meta") -> Scale:
     tokenizer = LengthTokenizer(bench.llm.vocab_size)
     # 7 + EOS: the default tiny world's captions are 7.9 tokens long on average (median 7, max 25)
     return Scale("tiny", Backbones(_frozen(vision, device), _frozen(llm, device), tokenizer), bench.vision.image_size,
-                 7, bench.experiment.prompt, dict(bench.methods))
+                 7, bench.experiment.prompt, dict(bench.methods), frames_of(bench))
 
 
 def _paper_configs() -> dict:
@@ -89,7 +97,7 @@ def _paper_configs() -> dict:
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def paper_scale(device="meta") -> Scale:
+def paper_scale(device="meta", frames: int = 0) -> Scale:
     import timm
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -100,10 +108,10 @@ def paper_scale(device="meta") -> Scale:
             vocab_size=50272, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
             word_embed_proj_dim=2560, max_position_embeddings=2048, attn_implementation="sdpa"))
     return Scale("paper", Backbones(_frozen(vision, device), _frozen(opt, device), LengthTokenizer(50272)), 224, 31,
-                 "", _paper_configs())
+                 "", _paper_configs(), frames)
 
 
-def vitl1b_scale(device="meta") -> Scale:
+def vitl1b_scale(device="meta", frames: int = 0) -> Scale:
     import timm
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -115,7 +123,7 @@ def vitl1b_scale(device="meta") -> Scale:
             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
             tie_word_embeddings=True, attn_implementation="sdpa"))
     return Scale("vitl-1b", Backbones(_frozen(vision, device), _frozen(llm, device), LengthTokenizer(128256)), 224,
-                 31, "", _paper_configs())
+                 31, "", _paper_configs(), frames)
 
 
 SCALES = ("tiny", "vitl-1b", "paper")
@@ -136,7 +144,7 @@ def scale(name: str, bench, device="meta") -> Scale:
     """The named scale's backbones on `device` (meta: shapes only; else random weights there)."""
     if _known(name) == "tiny":
         return tiny_scale(bench, device)
-    return vitl1b_scale(device) if name == "vitl-1b" else paper_scale(device)
+    return (vitl1b_scale if name == "vitl-1b" else paper_scale)(device, frames_of(bench))
 
 
 def per_sample_costs(scale: Scale, names: list[str]) -> dict:
@@ -157,7 +165,8 @@ def per_sample_costs(scale: Scale, names: list[str]) -> dict:
         with torch.device("meta"):
             method = cls(cfg, scale.backbones)
         method.train()
-        batch = {"images": torch.empty(BATCH, 3, scale.image_size, scale.image_size, device="meta"),
+        clip = (scale.frames,) if scale.frames else ()
+        batch = {"images": torch.empty(BATCH, *clip, 3, scale.image_size, scale.image_size, device="meta"),
                  "prompt": scale.prompt, "captions": [" ".join(["w"] * scale.caption_words)] * BATCH}
         stages, mean, total_steps = [], FlopCount(), 10_000
         for stage in method.stages(total_steps):
@@ -178,7 +187,7 @@ def per_sample_costs(scale: Scale, names: list[str]) -> dict:
 
 
 def cost_table(scale: Scale, names: list[str]) -> dict:
-    return {"preset": scale.name, "unit": UNIT, "per": "training sample", "batch": BATCH,
+    return {"preset": scale.name, "unit": UNIT, "per": "training sample", "batch": BATCH, "frames": scale.frames,
             "image_size": scale.image_size, "caption_tokens": scale.caption_words + 1, "prompt": scale.prompt,
             "vision_tokens": scale.backbones.vision.num_tokens, "methods": per_sample_costs(scale, names)}
 
@@ -191,6 +200,9 @@ def costable_table(scale: Scale, names: list[str]) -> dict:
         cfg = scale.method_configs.get(name)
         if cfg is None:
             skipped[name] = f"no {scale.name}-scale config (`paper_config` in its file)"
+            continue
+        if scale.frames and not METHODS.get(name).video:
+            skipped[name] = "does not take video clips"
             continue
         try:
             METHODS.get(name).check(cfg, scale.backbones)
@@ -212,7 +224,7 @@ def format_table(table: dict) -> str:
         rows.append([name, str(m["tokens_to_llm"]), *[f"{c:.4g}" for c in cells], f"{m['total'] / 1e9:.4g}",
                      f"{m['ratio_to_baseline']:.2f}x"])
     title = (f"{table['preset']} preset: GFLOP per training sample ({table['unit']}); "
-             f"{table['vision_tokens']} vision tokens, captions of {table['caption_tokens']} tokens (with EOS)"
+             f"{table['vision_tokens']} vision tokens{' per frame of clips of %d frames' % table['frames'] if table.get('frames') else ''}, captions of {table['caption_tokens']} tokens (with EOS)"
              f"{' after the prompt ' + repr(table['prompt']) if table['prompt'] else ''}; "
              f"multi-stage methods are weighted by their share of steps")
     return "\n".join([title, text_table(header, rows)])

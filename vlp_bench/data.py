@@ -7,6 +7,7 @@ laid out the same way or pointed at with links):
     annotations/captions_{split}.json  COCO caption annotations (images + annotations lists)
     vqa/questions_{split}.json         VQAv2 questions            (optional)
     vqa/annotations_{split}.json       VQAv2 annotations          (optional)
+    msrvtt/                            MSR-VTT-style clips        (optional; vlp_bench/video.py)
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ class DataConfig:
     shards: str = ""
     workers: int = 2  # image-decoding processes per rank (0 = in the training process): decoding overlaps the step
     shuffle_buffer: int = 1000  # samples shuffled together while streaming shards (WebDataset's usual size)
+    frames: int = 4  # frames read per clip by video tasks (vlp_bench/video.py); the paper's 4
 
     def validate(self) -> None:
         if self.workers < 0 or self.shuffle_buffer < 1:
             raise ValueError(f"workers must be >= 0 and shuffle_buffer >= 1, got {self.workers}, {self.shuffle_buffer}")
+        if self.frames < 1:
+            raise ValueError(f"frames must be >= 1, got {self.frames}")
 
 
 def check_global_batch(batch_size: int, world: int) -> None:
@@ -47,6 +51,8 @@ def check_global_batch(batch_size: int, world: int) -> None:
 
 class CaptionSplit:
     """One split: its images (id, file) and their reference captions."""
+
+    source = "coco"  # the layout, for results.json
 
     def __init__(self, root: Path, split: str):
         self.root = Path(root)
@@ -188,7 +194,7 @@ class TrainBatches:
 
     def report(self) -> dict:
         """For results.json: where the training data came from."""
-        return {"source": "coco", "annotations": str(self.split.ann_path), "images": len(self.split)}
+        return {"source": self.split.source, "annotations": str(self.split.ann_path), "images": len(self.split)}
 
 
 class _Images(torch.utils.data.Dataset):

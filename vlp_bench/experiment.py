@@ -45,12 +45,15 @@ class ExperimentConfig:
 class TargetConfig:
     """Time- and FLOPs-to-target (vlp_bench/targets.py), read from the validation learning curves."""
 
-    metric: str = "caption.CIDEr"  # task.key of the curve; CIDEr is the captioning metric the papers report
+    # task.key of the curve; "" = the first task's headline metric: caption.CIDEr (what the papers
+    # report) by default, video_caption.CIDEr for a video experiment
+    metric: str = ""
     value: float = 0.0  # 0 = the reference method's final validation value (mean over its seeds)
     reference: str = ""  # the method speed-ups are measured against; "" = baseline when it ran, else the first
 
     def validate(self) -> None:
-        split_metric(self.metric)
+        if self.metric:
+            split_metric(self.metric)
         if self.value < 0:
             raise ValueError(f"value must be >= 0 (0 = the reference's final value), got {self.value}")
 
@@ -116,6 +119,15 @@ def load_config_dict(data: dict) -> BenchConfig:
     METHODS.get(cfg.search.method)
     cfg.methods = _resolve_plugins(cfg.methods, METHODS, "methods", [*cfg.experiment.methods, cfg.search.method])
     cfg.tasks = _resolve_plugins(cfg.tasks, TASKS, "tasks")
+    kinds = {name: TASKS.get(name).data for name in cfg.experiment.tasks}
+    if len(set(kinds.values())) > 1:
+        raise UserError(f"experiment.tasks mixes tasks on images and on clips ({', '.join(f'{n}: {k}' for n, k in kinds.items())}): "
+                        f"a run trains on one kind of data; run them as two experiments")
+    if "clips" in kinds.values():
+        _check_video(cfg)
+    if not cfg.target.metric:
+        headline = [f"{n}.{TASKS.get(n).primary}" for n in cfg.experiment.tasks if TASKS.get(n).primary]
+        cfg.target.metric = headline[0] if headline else "caption.CIDEr"
     if not cfg.experiment.methods or not cfg.experiment.seeds:
         raise UserError("experiment.methods and experiment.seeds must not be empty")
     if len(set(cfg.experiment.methods)) != len(cfg.experiment.methods):
@@ -233,7 +245,7 @@ def run(cfg: BenchConfig, progress: bool = True, resume: bool = False) -> list[P
             METHODS.get(name).check(cfg.methods[name], backbones)
         except ValueError as e:
             raise UserError(f"methods.{name}: {e}") from None
-    images = ImageLoader(backbones.vision.image_size, backbones.vision.mean, backbones.vision.std)
+    images = loader(cfg, backbones)
     tasks = {name: TASKS.get(name)(cfg.tasks[name], root, images) for name in exp.tasks}
     data = training_data(cfg, root, images, device)
     env = env_info(device)
@@ -246,9 +258,40 @@ def run(cfg: BenchConfig, progress: bool = True, resume: bool = False) -> list[P
     return [d for _, _, d in planned]
 
 
+def on_clips(cfg: BenchConfig) -> bool:
+    """Whether the experiment's tasks (and so its training data) are clips rather than images."""
+    return any(TASKS.get(name).data == "clips" for name in cfg.experiment.tasks)
+
+
+def _check_video(cfg: BenchConfig) -> None:
+    """What a video experiment cannot do, found when the config is read: train on (image) shards,
+    or run a method that does not take clips or learns fewer frame positions than data.frames."""
+    if cfg.data.shards:
+        raise UserError("data.shards hold images; a video experiment trains on the clips of msrvtt/ (unset data.shards)")
+    for name in cfg.experiment.methods:
+        if not METHODS.get(name).video:
+            raise UserError(f"method '{name}' does not take video clips (its encoder's tokens differ from frame "
+                            f"to frame), and experiment.tasks {cfg.experiment.tasks} evaluate on clips")
+        max_frames = getattr(cfg.methods[name], "max_frames", None)
+        if max_frames is not None and max_frames < cfg.data.frames:
+            raise UserError(f"methods.{name}.max_frames = {max_frames} is less than data.frames = {cfg.data.frames}")
+
+
+def loader(cfg: BenchConfig, backbones):
+    """Reads a sample at the encoder's resolution: an ImageLoader, or a ClipLoader of data.frames
+    frames when the experiment's tasks are on clips."""
+    images = ImageLoader(backbones.vision.image_size, backbones.vision.mean, backbones.vision.std)
+    if on_clips(cfg):
+        from vlp_bench.video import ClipLoader
+
+        return ClipLoader(images, cfg.data.frames)
+    return images
+
+
 def training_data(cfg: BenchConfig, root: Path, images: ImageLoader, device: torch.device):
     """batches(seed, rank=0, world=1): a run's training batches (this rank's slice of each global
-    batch), from data.shards when set, else from the root's train split."""
+    batch), from data.shards when set, else from the root's train split (its clips, when the
+    experiment's tasks are on clips)."""
     prompt = {"prompt": cfg.experiment.prompt}
     if cfg.data.shards:
         from vlp_bench.shards import ShardBatches, shard_paths
@@ -259,7 +302,12 @@ def training_data(cfg: BenchConfig, root: Path, images: ImageLoader, device: tor
             return ShardBatches(cfg.data.shards, images, cfg.train.batch_size, seed, prompt, rank, world,
                                 cfg.data.workers, cfg.data.shuffle_buffer, pin_memory=device.type == "cuda")
         return from_shards
-    split = CaptionSplit(root, "train")
+    if on_clips(cfg):
+        from vlp_bench.video import VideoSplit
+
+        split = VideoSplit(root, "train")
+    else:
+        split = CaptionSplit(root, "train")
 
     def from_split(seed: int, rank: int = 0, world: int = 1):
         return TrainBatches(split, images, cfg.train.batch_size, seed, prompt, rank, world, cfg.data.workers,

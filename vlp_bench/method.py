@@ -5,6 +5,8 @@ The trainer and the tasks only ever call:
     trainable_parameters(stage)     -> what the optimizer of that stage updates
     training_loss(batch, stage)     -> StepOutput(loss, tokens_to_llm)
     generate(images, prompts, dec)  -> one string per image (captioning, VQA)
+`images` is (B, 3, H, W), or (B, T, 3, H, W) clips for video tasks: a method whose `video` is true
+takes both (the default `encode` averages the frozen encoder's tokens over the frames).
     set_progress(fraction), info()  -> optional: step curricula; facts for results.json
     decoder_stage()                 -> optional: a short stage trained on a copy of the weights
                                        before each evaluation (the text-side family's AR fine-tuning)
@@ -55,6 +57,13 @@ class Method(nn.Module):
     paper_config: ClassVar[object | None] = None  # the config at its paper's scale (`vlp-bench flops --preset paper`)
     # `vlp-bench search`'s default space over Config fields: {field: [choices] | {low, high[, log]}}
     search_space: ClassVar[dict | None] = None
+    # takes clips (B, T, 3, H, W) as well as images: the default encode() reads each frame and
+    # averages the tokens over the frames (the frame-average baseline of video captioning). False
+    # for changes to the encoder whose tokens differ from frame to frame (merged or dropped patches).
+    video: ClassVar[bool] = True
+    # modules inside the frozen encoder train (simvlg-video's temporal attention): the backward then
+    # runs through the encoder to reach them, and its FLOPs are counted (tests/test_flops.py)
+    trains_encoder: ClassVar[bool] = False
 
     def __init__(self, cfg, backbones: Backbones):
         super().__init__()
@@ -75,9 +84,10 @@ class Method(nn.Module):
 
     def encode(self, images: torch.Tensor, stage: Stage | None = None) -> torch.Tensor:
         """The frozen encoder's tokens (B, N, vision_dim) for a training stage, or for evaluation
-        (stage None). Vision-side methods (`VisionSide`) change what runs here."""
+        (stage None); clips are read frame by frame and averaged. Vision-side methods
+        (`VisionSide`) change what runs here."""
         with torch.no_grad():
-            return self.vision(images)
+            return frame_average(self.vision, images)
 
     def stages(self, total_steps: int) -> list[Stage]:
         return [Stage("train", total_steps)]
@@ -180,6 +190,15 @@ def compose(name: str, bridge: type, side: type) -> type:
     return type(name.replace("+", "_").replace("-", "_"), (side_mixin, bridge),
                 {"Config": config, "paper_config": paper, "__doc__": doc, "parts": (bridge.name, side.name),
                  "config_defaults": defaults})
+
+
+def frame_average(encoder, images: torch.Tensor) -> torch.Tensor:
+    """encoder(images) for (B, 3, H, W); for clips (B, T, 3, H, W) the frames go through as one
+    batch of B * T images and their tokens are averaged over the T frames: (B, N, D) either way."""
+    if images.ndim != 5:
+        return encoder(images)
+    B, T = images.shape[:2]
+    return encoder(images.flatten(0, 1)).unflatten(0, (B, T)).mean(dim=1)
 
 
 def _embed(llm: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,12 @@ from vlp_bench.method import Method
 class Task:
     name: ClassVar[str]  # set by the registry
     Config: ClassVar[type]
+    # what the task evaluates on, and so what a run that evaluates it trains on: "images" (the
+    # COCO layout, vlp_bench.data) or "clips" (the MSR-VTT layout, vlp_bench.video)
+    data: ClassVar[str] = "images"
+    primary: ClassVar[str] = ""  # the headline metric (target.metric "" picks the first task's)
 
-    def __init__(self, cfg, data_root: Path, images: ImageLoader):
+    def __init__(self, cfg, data_root: Path, images: ImageLoader):  # a ClipLoader for "clips"
         self.cfg = cfg
         self.root = Path(data_root)
         self.images = images

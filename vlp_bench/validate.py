@@ -90,8 +90,7 @@ def validate(load_config, say=lambda msg: None) -> Findings:
         return found
     found.add("config", "resolves", True, f"methods {', '.join(cfg.experiment.methods)}; "
                                          f"tasks {', '.join(cfg.experiment.tasks)}")
-    from vlp_bench.data import ImageLoader
-    from vlp_bench.experiment import prepare, training_data
+    from vlp_bench.experiment import loader, prepare, training_data
 
     try:
         say("data and frozen backbones")
@@ -103,7 +102,7 @@ def validate(load_config, say=lambda msg: None) -> Findings:
                                                    f"({backbones.vision.num_tokens} tokens), llm {cfg.llm.name}")
     small = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=SAMPLES),
                                 data=dataclasses.replace(cfg.data, workers=0))
-    images = ImageLoader(backbones.vision.image_size, backbones.vision.mean, backbones.vision.std)
+    images = loader(cfg, backbones)  # clips when the tasks are on clips
     data: list[dict] = []
     with found.guard("config", "training data"):
         batches = training_data(small, root, images, device)(0)

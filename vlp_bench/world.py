@@ -35,6 +35,7 @@ Layout under `world_dir(cfg, cache)`:
     vqa/questions_{split}.json             VQAv2 questions format
     vqa/annotations_{split}.json           VQAv2 annotations format, 10 answers per question
     scenes.json                            the scene facts per image (for debugging)
+    msrvtt/                                clips in the MSR-VTT layout (vlp_bench/videoworld.py)
     world.json                             config, generator version, counts
     DONE                                   written last
 """
@@ -58,7 +59,7 @@ from PIL import Image, ImageDraw
 
 from vlp_bench.errors import UserError
 
-GENERATOR_VERSION = "tinyworld-1"  # bump whenever the output for a given config changes
+GENERATOR_VERSION = "tinyworld-2"  # bump whenever the output for a given config changes
 SPLITS = ("train", "val", "test")
 
 
@@ -71,10 +72,17 @@ class WorldConfig:
     image_size: int = 64  # small enough for CPU training, large enough to tell shapes apart
     max_objects: int = 3  # 1..3 objects give relations and counts without clutter
     questions_per_image: int = 3  # ~ the VQAv2 rate (5.4 per image) scaled to simple scenes
+    # clips (vlp_bench/videoworld.py, for video captioning): a quarter as many as images, since each
+    # clip is clip_frames images; 8 frames leave the samplers of 4 frames (the paper's) both halves
+    n_clips_train: int = 1000
+    n_clips_val: int = 100
+    n_clips_test: int = 200
+    clip_frames: int = 8
 
     def validate(self) -> None:
         """Raise ValueError on a config the generator cannot honour."""
-        for name in ("seed", "n_train", "n_val", "n_test", "image_size", "max_objects", "questions_per_image"):
+        for name in ("seed", "n_train", "n_val", "n_test", "image_size", "max_objects", "questions_per_image",
+                     "n_clips_train", "n_clips_val", "n_clips_test", "clip_frames"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -87,6 +95,11 @@ class WorldConfig:
             raise ValueError(f"image_size must be between 32 and 1024, got {self.image_size}")
         if not 1 <= self.max_objects <= 4:
             raise ValueError(f"max_objects must be between 1 and 4, got {self.max_objects}")
+        for name in ("n_clips_train", "n_clips_val", "n_clips_test"):
+            if not 1 <= getattr(self, name) <= 1_000_000:
+                raise ValueError(f"{name} must be between 1 and 1000000, got {getattr(self, name)}")
+        if not 2 <= self.clip_frames <= 64:
+            raise ValueError(f"clip_frames must be between 2 and 64, got {self.clip_frames}")
         if not 1 <= self.questions_per_image <= 6:
             raise ValueError(f"questions_per_image must be between 1 and 6, got {self.questions_per_image}")
 
@@ -711,6 +724,9 @@ def _generate(cfg: WorldConfig, out: Path, progress: bool) -> dict:
         counts["captions"][split] = len(caps)
         counts["questions"][split] = len(questions)
     _write_json(out / "scenes.json", {"image_size": S, "scenes": scenes_out})
+    from vlp_bench.videoworld import generate_clips
+
+    counts.update(generate_clips(cfg, out, progress))
     info = {"config": asdict(cfg), "generator_version": GENERATOR_VERSION, "counts": counts}
     (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")
     return info

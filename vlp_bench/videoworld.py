@@ -1,0 +1,220 @@
+"""The tiny world's clips: short videos of its shapes doing one thing, with five references each,
+in the MSR-VTT annotation layout that vlp_bench.video reads for real MSR-VTT too.
+
+A clip holds an *actor* (one shape) and, half the time, a still *bystander*. The actor does one
+of five things over `clip_frames` frames; the first four can only be told apart from their time
+reversal by the order of the frames, which averaging the frames throws away:
+
+    moves       slides left, right, up or down by about 40% of the image ("moves to the left")
+    appears     absent in the first half of the clip, present in the second
+    disappears  the reverse
+    turns       one colour in the first half, another in the second ("a red circle turns blue")
+    stays       still in every frame (the control: nothing to get wrong about time)
+
+The MSR-VTT `category` of a clip is its event (ids in EVENTS' order); the annotation also lists
+the categories with a `temporal` flag (an extra key), so the video captioning task can score the
+clips that need frame order apart from the others. Everything about clip `k` is drawn from
+generators seeded by (seed, k) alone, as for the images.
+
+Layout (inside the world directory, beside images/ and annotations/):
+
+    msrvtt/videodatainfo.json        {"videos": [{video_id, id, split, category}], "sentences":
+                                      [{video_id, sen_id, caption}], "categories": [...]}
+    msrvtt/videos/video{k}/{t:02d}.png   the frames of clip k (splits: train, validate, test)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from vlp_bench import world as W
+
+EVENTS = ("moves", "appears", "disappears", "turns", "stays")
+TEMPORAL = ("moves", "appears", "disappears", "turns")  # reversing the clip changes what is true
+_EVENT_WEIGHTS = (0.35, 0.15, 0.15, 0.2, 0.15)
+MSRVTT_SPLITS = {"train": "train", "val": "validate", "test": "test"}  # ours -> MSR-VTT's names
+DIRECTIONS = ("left", "right", "up", "down")
+_STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+_ADVERB = {"left": ["left", "to the left"], "right": ["right", "to the right"], "up": ["up", "upwards"],
+           "down": ["down", "downwards"]}
+_FROM_TO = {"left": ("right", "left"), "right": ("left", "right"), "up": ("bottom", "top"), "down": ("top", "bottom")}
+
+
+def _obj(shape: str, color: str, size: str, x: float, y: float, r: float, rng: np.random.Generator) -> W._Obj:
+    jitter = rng.integers(-12, 13, size=3)
+    rgb = tuple(int(v) for v in np.clip(np.array(W.COLORS[color]) + jitter, 0, 255))
+    return W._Obj(shape, color, size, int(round(x)), int(round(y)), round(r, 3), rgb)
+
+
+def _clear(path: list[tuple[float, float]], r: float, other: W._Obj | None, gap: float) -> bool:
+    return other is None or all(math.hypot(x - other.x, y - other.y) >= W.EXTENT * (r + other.r) + gap
+                                for x, y in path)
+
+
+def sample_clip(cfg: W.WorldConfig, rng: np.random.Generator) -> tuple[dict, list[W._Scene]]:
+    """(facts, one scene per frame): the event, the actor's attributes, and the bystander's."""
+    S, F = cfg.image_size, cfg.clip_frames
+    base = rng.uniform(195, 235)
+    background = tuple(int(np.clip(base + rng.uniform(-12, 12), 0, 255)) for _ in range(3))
+    event = EVENTS[rng.choice(len(EVENTS), p=_EVENT_WEIGHTS)]
+    while True:  # retried with fresh draws in the rare case the actor's path does not fit
+        shape, color = W.SHAPES[rng.integers(len(W.SHAPES))], list(W.COLORS)[rng.integers(len(W.COLORS))]
+        size = "large" if rng.random() < 0.4 else "small"
+        r = W.SIZES[size] * S
+        lo, hi = W.EXTENT * r, S - W.EXTENT * r
+        direction, dist = DIRECTIONS[rng.integers(4)], rng.uniform(0.35, 0.45) * S
+        dx, dy = _STEP[direction] if event == "moves" else (0, 0)
+        # the start leaves room for the whole path inside the image
+        x0 = rng.uniform(lo - min(0, dx) * dist, hi - max(0, dx) * dist)
+        y0 = rng.uniform(lo - min(0, dy) * dist, hi - max(0, dy) * dist)
+        path = [(x0 + dx * dist * t / (F - 1), y0 + dy * dist * t / (F - 1)) for t in range(F)]
+        bystander = None
+        if rng.random() < 0.5:
+            for _ in range(200):
+                b_shape, b_color = W.SHAPES[rng.integers(len(W.SHAPES))], list(W.COLORS)[rng.integers(len(W.COLORS))]
+                if (b_shape, b_color) == (shape, color):
+                    continue
+                br = W.SIZES["small"] * S
+                bx, by = rng.uniform(W.EXTENT * br, S - W.EXTENT * br, size=2)
+                candidate = _obj(b_shape, b_color, "small", bx, by, br, rng)
+                if _clear(path, r, candidate, 0.03 * S):
+                    bystander = candidate
+                    break
+            else:
+                continue
+        break
+    second = color
+    if event == "turns":
+        second = rng.choice([c for c in W.COLORS if c != color])
+    half = F // 2
+    actor = {t: _obj(shape, second if event == "turns" and t >= half else color, size, x, y, r, rng)
+             for t, (x, y) in enumerate(path)}
+    if event == "appears":
+        actor = {t: o for t, o in actor.items() if t >= half}
+    elif event == "disappears":
+        actor = {t: o for t, o in actor.items() if t < half}
+    scenes = [W._Scene(S, background, [o for o in (actor.get(t), bystander) if o is not None]) for t in range(F)]
+    facts = {"event": event, "shape": shape, "color": color, "size": size, "direction": direction if event == "moves"
+             else None, "new_color": second if event == "turns" else None,
+             "bystander": None if bystander is None else {"shape": bystander.shape, "color": bystander.color}}
+    return facts, scenes
+
+
+def _entity(color: str, shape: str, size: str | None = None) -> W._Entity:
+    return W._Entity(color, shape, [W._Obj(shape, color, size or "small", 0, 0, 0.0, (0, 0, 0))])
+
+
+def _event_phrases(f: dict, rng: random.Random) -> list[str]:
+    """Statements about the actor, each true of the clip and false of its time reversal (but
+    for "stays")."""
+    actor = _entity(f["color"], f["shape"], f["size"])
+    a = W._np(actor, rng, size_p=0.3)
+    shape = rng.choice(W.SHAPE_SYNONYMS[f["shape"]])
+    img = rng.choice(W.IMAGE_WORDS)
+    event = f["event"]
+    if event == "moves":
+        d = f["direction"]
+        start, end = _FROM_TO[d]
+        return [f"{a} moves {rng.choice(_ADVERB[d])}", f"{a} slides {rng.choice(_ADVERB[d])}",
+                f"{a} moving {rng.choice(_ADVERB[d])}", f"{a} travels from the {start} to the {end}",
+                f"{a} goes {rng.choice(_ADVERB[d])} across the {img}"]
+    if event == "appears":
+        return [f"{a} appears", f"{a} shows up", f"suddenly {a} appears", f"{a} comes into view",
+                f"{a} pops up in the {img}"]
+    if event == "disappears":
+        return [f"{a} disappears", f"{a} vanishes", f"{a} disappears from the {img}", f"{a} goes away",
+                f"suddenly {a} vanishes"]
+    if event == "turns":
+        old, new = f["color"], rng.choice(W.COLOR_SYNONYMS[f["new_color"]])
+        return [f"{a} turns {new}", f"{a} changes color to {new}", f"the {shape} changes from {old} to {new}",
+                f"a {shape} turning from {old} to {new}", f"{a} becomes {new}"]
+    return [f"{a} stays still", f"{a} does not move", f"{a} sits still", f"a still {img} of {a}",
+            f"{a} remains in place"]
+
+
+def clip_captions(f: dict, rng: random.Random, n: int = 5) -> list[str]:
+    """`n` distinct references: the event phrases, some naming the still bystander too."""
+    phrases = _event_phrases(f, rng)
+    rng.shuffle(phrases)
+    captions: list[str] = []
+    b = f["bystander"]
+    for text in phrases:
+        if b is not None and rng.random() < 0.4:
+            other = W._np(_entity(b["color"], b["shape"]), rng, size_p=0.0)
+            also = " also" if f["event"] == "stays" else ""
+            text += rng.choice([f" while {other}{also} stays still", f" next to {other}", f" and {other}{also} does not move"])
+        text = text + "." if rng.random() < 0.15 else text
+        if text not in captions:
+            captions.append(text)
+    return captions[:n]
+
+
+def generate_clips(cfg: W.WorldConfig, out: Path, progress: bool) -> dict:
+    """Write msrvtt/ under `out`; returns the clip and caption counts per split."""
+    videos_dir = out / "msrvtt" / "videos"
+    videos_dir.mkdir(parents=True)
+    sizes = {"train": cfg.n_clips_train, "val": cfg.n_clips_val, "test": cfg.n_clips_test}
+    total = sum(sizes.values())
+    videos, sentences, facts_out = [], [], []
+    counts: dict[str, dict[str, int]] = {"clips": {}, "clip_captions": {}}
+    k = 0
+    for split in W.SPLITS:
+        n_caps = len(sentences)
+        for _ in range(sizes[split]):
+            vid = f"video{k}"
+            pix_rng = np.random.default_rng([cfg.seed, 1_000_000_007, k])  # never an image's stream
+            facts, scenes = sample_clip(cfg, pix_rng)
+            (videos_dir / vid).mkdir()
+            for t, scene in enumerate(scenes):
+                W._render(scene, pix_rng).save(videos_dir / vid / f"{t:02d}.png", format="PNG", compress_level=1)
+            videos.append({"video_id": vid, "id": k, "split": MSRVTT_SPLITS[split],
+                           "category": EVENTS.index(facts["event"]), "url": "", "start time": 0.0,
+                           "end time": float(cfg.clip_frames)})
+            for text in clip_captions(facts, random.Random(f"clip-captions:{cfg.seed}:{k}")):
+                sentences.append({"video_id": vid, "sen_id": len(sentences), "caption": text})
+            facts_out.append({"video_id": vid, "split": split, **facts})
+            k += 1
+            if progress and (k % 500 == 0 or k == total):
+                print(f"tiny world: {k}/{total} clips", file=sys.stderr, flush=True)
+        counts["clips"][split] = sizes[split]
+        counts["clip_captions"][split] = len(sentences) - n_caps
+    W._write_json(out / "msrvtt" / "videodatainfo.json", {
+        "info": {"description": "tiny world clips", "version": W.GENERATOR_VERSION, "frames": cfg.clip_frames},
+        "videos": videos, "sentences": sentences,
+        "categories": [{"id": i, "name": e, "temporal": e in TEMPORAL} for i, e in enumerate(EVENTS)]})
+    W._write_json(out / "msrvtt" / "clips.json", {"clips": facts_out})
+    return counts
+
+
+# ----------------------------------------------------------------------------- reading captions back
+
+_DIRECTION_WORDS = {"left": "left", "right": "right", "up": "up", "upwards": "up", "top": "up", "down": "down",
+                    "downwards": "down", "bottom": "down"}
+_APPEAR = ("appear", "shows up", "show up", "comes into view", "pops up")
+_DISAPPEAR = ("disappear", "vanish", "goes away")
+
+
+def said_order(facts: dict, caption: str) -> bool | None:
+    """Whether a caption of a clip states its event the right way round: the direction it moved
+    to, that it appeared rather than disappeared (or the reverse), the colour it turned; False
+    when it says the time-reversed event (or none of it), None for clips whose event has no order."""
+    if facts["event"] not in TEMPORAL:
+        return None
+    text = " " + caption.lower().rstrip(".") + " "
+    for clause in (" while ", " next to ", " and "):  # the bystander's part says nothing about the actor
+        text = text.split(clause)[0]
+    words = text.split()
+    if facts["event"] == "moves":
+        said = [_DIRECTION_WORDS[w] for w in words if w in _DIRECTION_WORDS]
+        return bool(said) and said[-1] == facts["direction"]  # "from the right to the left": the last one
+    if facts["event"] in ("appears", "disappears"):
+        appears = any(p in text for p in _APPEAR) and not any(p in text for p in _DISAPPEAR)
+        disappears = any(p in text for p in _DISAPPEAR)
+        return appears if facts["event"] == "appears" else disappears
+    colors = [c for w in words for c, names in W.COLOR_SYNONYMS.items() if w in names]
+    return bool(colors) and colors[-1] == facts["new_color"]  # "a red circle turns blue": the last colour
