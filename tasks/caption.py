@@ -47,6 +47,10 @@ class Captioning(Task):
         """Groups of the evaluated samples scored on their own as well (none for images)."""
         return {}
 
+    def extra_metrics(self, data, samples: list[dict]) -> dict:
+        """Task-specific metrics of the generated samples, added to the official ones (none here)."""
+        return {}
+
     def sample(self, data, i: int, caption: str) -> dict:
         """One line of samples_<task>.jsonl."""
         return {"image_id": i, "caption": caption, "references": data.refs[i]}
@@ -67,4 +71,5 @@ class Captioning(Task):
         metrics["floor"] = self.floor(data, ids)
         metrics["split"], metrics["images"] = split, len(ids)
         samples = [self.sample(data, i, cands[i]) for i in ids]
+        metrics.update(self.extra_metrics(data, samples))
         return metrics, samples

@@ -40,20 +40,18 @@ class VideoCaptioning(Captioning):
                     groups.setdefault("temporal" if data.categories[i] in data.temporal else "static", []).append(i)
         return dict(sorted(groups.items()))
 
-    def evaluate(self, method, split, limit=None):
-        metrics, samples = super().evaluate(method, split, limit)
+    def extra_metrics(self, data: VideoSplit, samples: list[dict]) -> dict:
         facts_file = self.root / "msrvtt" / "clips.json"
-        if facts_file.is_file():  # the tiny world: what each clip shows
-            facts = {c["video_id"]: c for c in json.loads(facts_file.read_text())["clips"]}
-            ids = VideoSplit(self.root, split).video_ids
-            right: dict[str, list[bool]] = {}
-            for row in samples:
-                f = facts[ids[row["video_id"]]]
-                if (ok := said_order(f, row["caption"])) is not None:
-                    right.setdefault(f["event"], []).append(ok)
-                    right.setdefault("temporal", []).append(ok)
-            metrics["order"] = {k: sum(v) / len(v) for k, v in sorted(right.items())}
-        return metrics, samples
+        if not facts_file.is_file():  # only the tiny world records what each clip shows
+            return {}
+        facts = {c["video_id"]: c for c in json.loads(facts_file.read_text())["clips"]}
+        right: dict[str, list[bool]] = {}
+        for row in samples:
+            f = facts[data.video_ids[row["video_id"]]]
+            if (ok := said_order(f, row["caption"])) is not None:
+                right.setdefault(f["event"], []).append(ok)
+                right.setdefault("temporal", []).append(ok)
+        return {"order": {k: sum(v) / len(v) for k, v in sorted(right.items())}}
 
     def sample(self, data: VideoSplit, i: int, caption: str) -> dict:
         row = {"video_id": i, "caption": caption, "references": data.refs[i]}
