@@ -127,17 +127,24 @@ def reset_peak_memory(device: torch.device) -> str:
         return "cuda_max_allocated"
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS (VmHWM) to the current RSS
-        return "run_peak_rss"
-    except OSError:
+        rss, hwm = _proc_status_bytes("VmRSS:"), _proc_status_bytes("VmHWM:")
+    except (OSError, StopIteration, ValueError):
         return "process_max_rss"  # elsewhere: the peak since the process started, earlier runs included
+    # A kernel or sandbox may accept the write and keep the old peak: then say so rather than report
+    # an earlier run's peak as this run's (64 MiB of slack for memory freed since the reset).
+    return "run_peak_rss" if hwm - rss < 64 * 2**20 else "process_max_rss"
+
+
+def _proc_status_bytes(field: str) -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field))) * 1024
 
 
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     try:
-        status = Path("/proc/self/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+        return _proc_status_bytes("VmHWM:")
     except (OSError, StopIteration, ValueError):
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
         return int(rss if sys.platform == "darwin" else rss * 1024)
