@@ -1,7 +1,7 @@
 """Tests for vlp_bench.caption_metrics: exact parity with pycocoevalcap's COCOEvalCap.
 
-Every scoring run starts Java (PTB tokenizer twice, METEOR once), a few seconds each, so
-the official results are computed once per module and the tests share them.
+Every official scoring run starts Java (PTB tokenizer twice, METEOR once), a few seconds
+each, so the official results are computed once per module and the tests share them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from vlp_bench import caption_metrics
 from vlp_bench.caption_metrics import (
     METRIC_NAMES,
     evaluate_files,
@@ -202,19 +203,36 @@ def test_only_predicted_images_are_scored(
 ) -> None:
     # The subset file also has a caption with \r, \v, \f, U+2028 and U+2029 inside; the
     # official tool gets the same caption with "\n" instead, which it turns into spaces.
+    meteor = caption_metrics._meteor  # started for ours_all
     ours = evaluate_files(files["annotations"], files["subset"])
 
     # While we are at it (a METEOR start costs seconds): nothing reached stdout, neither
-    # Python prints (BLEU) nor the Java tools, and METEOR's Java process was closed.
+    # Python prints (BLEU) nor the Java tools, and the METEOR process that scored ours_all
+    # scored this too, the only Java process left; the numbers below are still the official ones.
     out, err = capfd.readouterr()
     assert out == ""
     assert "testlen" in err  # BLEU's print went to stderr instead
-    assert _java_children() == []
+    assert caption_metrics._meteor is meteor and _java_children() == [str(meteor.meteor_p.pid)]
 
     official = _official(files["annotations"], files["subset_lf"])
     for name in METRIC_NAMES:
         assert ours[name] == official[name], name
     assert ours != ours_all
+
+
+def test_a_dead_or_failed_meteor_process_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    gts = {1: ["a red circle", "one red disc"], 2: ["two blue squares"]}
+    res = {1: ["a red circle"], 2: ["a blue square"]}
+    first = caption_metrics._meteor_score(gts, res)
+    caption_metrics._meteor.meteor_p.kill()
+    caption_metrics._meteor.meteor_p.wait()
+    assert caption_metrics._meteor_score(gts, res) == first  # a new process, the same score
+    broken = caption_metrics._meteor
+    monkeypatch.setattr(broken, "_stat", lambda *args: 1 / 0)  # fails halfway, holding its lock
+    with pytest.raises(ZeroDivisionError):
+        caption_metrics._meteor_score(gts, res)
+    assert caption_metrics._meteor is None and broken.meteor_p.poll() is not None and not broken.lock.locked()
+    assert caption_metrics._meteor_score(gts, res) == first
 
 
 def _java_children() -> list[str]:
