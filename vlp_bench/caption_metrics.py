@@ -176,7 +176,6 @@ def _meteor_score(gts_tok: dict[int, list[str]], res_tok: dict[int, list[str]]) 
     with _meteor_guard:
         if _meteor is None or _meteor.meteor_p.poll() is not None:
             _meteor = Meteor()
-            atexit.register(_close_meteor, _meteor)
         meteor = _meteor
         try:
             return float(meteor.compute_score(gts_tok, res_tok)[0])
@@ -184,6 +183,13 @@ def _meteor_score(gts_tok: dict[int, list[str]], res_tok: dict[int, list[str]]) 
             _meteor = None  # its pipes may hold half an answer: the next call starts a new one
             _close_meteor(meteor)
             raise
+
+
+@atexit.register
+def _stop_meteor() -> None:
+    """At exit: stop the process's METEOR, if one is running (one hook, whichever process is current)."""
+    if _meteor is not None:
+        _close_meteor(_meteor)
 
 
 def _close_meteor(meteor: Any) -> None:
