@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from vlp_bench.data import CaptionSplit, ImageLoader, TrainBatches
+from vlp_bench.data.images import CaptionSplit, ImageLoader, TrainBatches
 from vlp_bench.experiment import load_config, prepare
 from vlp_bench.registry import METHODS
-from vlp_bench.trainer import _sync
+from vlp_bench.train.trainer import _sync
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vlp_bench.layers import Block
+from vlp_bench.nn.layers import Block
 from vlp_bench.method import FrozenLLMMethod
 from vlp_bench.registry import METHODS
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlp_bench.method import FrozenLLMMethod, Stage, StepOutput, pad_rows
-from vlp_bench.qformer import QFormer, attention_mask
+from vlp_bench.nn.qformer import QFormer, attention_mask
 from vlp_bench.registry import METHODS
 
 

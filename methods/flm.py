@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vlp_bench.layers import CrossAttention, mlp
+from vlp_bench.nn.layers import CrossAttention, mlp
 from vlp_bench.registry import METHODS
 from vlp_bench.textside import Predictions, TextSideConfig, TextSideMethod, random_round, token_loss
 

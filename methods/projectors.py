@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vlp_bench.layers import projector
+from vlp_bench.nn.layers import projector
 from vlp_bench.method import FrozenLLMMethod
 from vlp_bench.registry import METHODS
 

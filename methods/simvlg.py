@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from vlp_bench.methods.baseline import Baseline, BaselineConfig
-from vlp_bench.merging import TokenMerger, curriculum_scale, layer_schedule, token_counts
+from vlp_bench.nn.merging import TokenMerger, curriculum_scale, layer_schedule, token_counts
 from vlp_bench.registry import METHODS
 
 

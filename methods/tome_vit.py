@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from vlp_bench.merging import layer_schedule, token_counts
+from vlp_bench.nn.merging import layer_schedule, token_counts
 from vlp_bench.method import Stage, VisionSide
 from vlp_bench.methods.baseline import Baseline, BaselineConfig
 from vlp_bench.registry import METHODS

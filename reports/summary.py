@@ -10,7 +10,7 @@ from pathlib import Path
 from vlp_bench.errors import UserError
 from vlp_bench.progress import text_table
 from vlp_bench.results import READABLE_VERSIONS, read_jsonl
-from vlp_bench.targets import speedups
+from vlp_bench.metrics.targets import speedups
 
 
 def run_dirs(paths) -> list[Path]:

@@ -1,13 +1,13 @@
 """Image captioning: beam search through the method's generation path, scored corpus-level with
-the official coco-caption pipeline (vlp_bench.caption_metrics), plus the trivial floor."""
+the official coco-caption pipeline (vlp_bench.metrics.caption), plus the trivial floor."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-from vlp_bench.caption_metrics import floor_scores, score_captions
-from vlp_bench.data import CaptionSplit
+from vlp_bench.metrics.caption import floor_scores, score_captions
+from vlp_bench.data.images import CaptionSplit
 from vlp_bench.method import DecodingConfig, Method
 from vlp_bench.registry import TASKS
 from vlp_bench.task import Task

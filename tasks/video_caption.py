@@ -1,4 +1,4 @@
-"""Video captioning (MSR-VTT-style): the captioning task on clips (vlp_bench.video), with the same
+"""Video captioning (MSR-VTT-style): the captioning task on clips (vlp_bench.data.video), with the same
 official metrics and floor. Where the annotations give categories, each category is also scored
 on its own, and so are the clips whose categories need frame order ("temporal": moves, appears,
 disappears and turns in the tiny world) and the others ("static"): the subset where temporal
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from vlp_bench.registry import TASKS
 from vlp_bench.tasks.caption import CaptionConfig, Captioning
-from vlp_bench.video import VideoSplit
-from vlp_bench.videoworld import said_order
+from vlp_bench.data.video import VideoSplit
+from vlp_bench.data.world.clips import said_order
 
 
 @dataclass

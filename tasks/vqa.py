@@ -1,16 +1,16 @@
 """Zero-shot VQA: each method answers "Question: {} Short answer:" through its generation path;
-scored with the official VQAv2 accuracy (vlp_bench.vqa_metrics), plus the answer-type floor."""
+scored with the official VQAv2 accuracy (vlp_bench.metrics.vqa), plus the answer-type floor."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlp_bench.data import CaptionSplit
+from vlp_bench.data.images import CaptionSplit
 from vlp_bench.errors import UserError
 from vlp_bench.method import DecodingConfig, Method
 from vlp_bench.registry import TASKS
 from vlp_bench.task import Task
-from vlp_bench.vqa_metrics import answer_floor, load_annotations, load_questions, vqa_accuracy
+from vlp_bench.metrics.vqa import answer_floor, load_annotations, load_questions, vqa_accuracy
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlp_bench.backbones import Backbones, VisionEncoder, _tiny_vit, _train_tokenizer, freeze, VisionConfig
+from vlp_bench.backbones.encoders import Backbones, VisionEncoder, _tiny_vit, _train_tokenizer, freeze, VisionConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

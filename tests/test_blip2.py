@@ -6,7 +6,7 @@ import torch
 
 from conftest import random_backbones
 from vlp_bench.methods.blip2 import Blip2, Blip2OneStage, hard_negatives
-from vlp_bench.qformer import attention_mask
+from vlp_bench.nn.qformer import attention_mask
 
 
 def small(cls=Blip2, **kw):

@@ -1,4 +1,4 @@
-"""Tests for vlp_bench.caption_metrics: exact parity with pycocoevalcap's COCOEvalCap.
+"""Tests for vlp_bench.metrics.caption: exact parity with pycocoevalcap's COCOEvalCap.
 
 Every official scoring run starts Java (PTB tokenizer twice, METEOR once), a few seconds
 each, so the official results are computed once per module and the tests share them.
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from vlp_bench import caption_metrics
-from vlp_bench.caption_metrics import (
+from vlp_bench.metrics import caption as caption_metrics
+from vlp_bench.metrics.caption import (
     METRIC_NAMES,
     evaluate_files,
     floor_caption,
@@ -287,7 +287,7 @@ def test_floor_caption_counts_normalized_and_breaks_ties() -> None:
 def test_floor_scores_scores_the_floor_caption_everywhere(
     dataset: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import vlp_bench.caption_metrics as caption_metrics
+    import vlp_bench.metrics.caption as caption_metrics
 
     calls = []
 

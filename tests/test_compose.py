@@ -12,10 +12,10 @@ from test_e2e import cli
 from test_methods import _batch
 from vlp_bench.errors import UserError
 from vlp_bench.experiment import load_config
-from vlp_bench.merging import layer_schedule, token_counts
+from vlp_bench.nn.merging import layer_schedule, token_counts
 from vlp_bench.method import Stage
 from vlp_bench.registry import METHODS
-from vlp_bench.trainer import count_step
+from vlp_bench.train.trainer import count_step
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 

@@ -1,4 +1,4 @@
-"""Training data at scale: TrainBatches with loader workers, and tar shards (vlp_bench/shards.py):
+"""Training data at scale: TrainBatches with loader workers, and tar shards (vlp_bench/data/shards.py):
 export, streaming, bad samples counted and skipped, exact resume, clear errors."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlp_bench.data import CaptionSplit, ImageLoader, TrainBatches
+from vlp_bench.data.images import CaptionSplit, ImageLoader, TrainBatches
 from vlp_bench.errors import UserError
-from vlp_bench.shards import ShardBatches, export_shards, read_shard, shard_paths
-from vlp_bench.world import WorldConfig, build_world
+from vlp_bench.data.shards import ShardBatches, export_shards, read_shard, shard_paths
+from vlp_bench.data.world.stills import WorldConfig, build_world
 
 LOADER = ImageLoader(64, (0.5,) * 3, (0.5,) * 3)
 
@@ -255,7 +255,7 @@ def test_import_coco_lays_out_karpathy_splits_and_vqa(root, tmp_path):
     assert train.image_ids == sorted(ids[:4]) and test.image_ids == sorted(ids[6:])
     for i in ids[:4]:
         assert train.refs[i] == split.refs[i] and train.image_path(i).read_bytes() == split.image_path(i).read_bytes()
-    from vlp_bench.vqa_metrics import load_questions
+    from vlp_bench.metrics.vqa import load_questions
 
     assert set(load_questions(out / "vqa" / "questions_test.json")) == {10 * i for i in ids[6:]}
     from vlp_bench.registry import TASKS

@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (vlp_bench.dist): two gloo processes on the CPU, each with
+"""Data-parallel training under torchrun (vlp_bench.train.dist): two gloo processes on the CPU, each with
 half of every batch, train and measure exactly what one process does with the whole batch."""
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def test_a_batch_that_does_not_divide_is_a_clear_error(tiny_overrides, tmp_path)
 
 
 def test_the_job_reports_every_ranks_skipped_samples():
-    from vlp_bench.dist import Group
+    from vlp_bench.train.dist import Group
     from vlp_bench.experiment import _job_report
 
     class TwoRanks(Group):  # rank zero's view: its own report, then rank one's

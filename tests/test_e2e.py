@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from vlp_bench.caption_metrics import METRIC_NAMES, evaluate_files
+from vlp_bench.metrics.caption import METRIC_NAMES, evaluate_files
 from vlp_bench.results import SCHEMA_VERSION, read_jsonl
-from vlp_bench.vqa_metrics import evaluate_files as evaluate_vqa_files
+from vlp_bench.metrics.vqa import evaluate_files as evaluate_vqa_files
 
 
 def cli(*args, cwd=None):

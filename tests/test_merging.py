@@ -1,4 +1,4 @@
-"""Token merging (vlp_bench/merging.py) and the simvlg method built on it."""
+"""Token merging (vlp_bench/nn/merging.py) and the simvlg method built on it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from conftest import random_backbones
 from vlp_bench.config import from_dict
 from vlp_bench.errors import UserError
-from vlp_bench.layers import Attention
-from vlp_bench.merging import (TokenMerger, apply_merge, bipartite_soft_matching, curriculum_scale,
+from vlp_bench.nn.layers import Attention
+from vlp_bench.nn.merging import (TokenMerger, apply_merge, bipartite_soft_matching, curriculum_scale,
                                layer_schedule, token_counts)
 from vlp_bench.methods.baseline import Baseline
 from vlp_bench.methods.simvlg import PAPER, PAPER_INPUT_TOKENS, SimVLG, SimVLGConfig
@@ -182,7 +182,7 @@ def test_curriculum_applies_in_training_only():
 def test_source_tracking_partitions_the_patches_and_changes_nothing(name):
     """ToMe's source tracking (the report's picture): each token reaching the LLM holds a disjoint
     set of input tokens, their number is the token's size, and tracking leaves the output unchanged."""
-    from vlp_bench.merging import token_groups, track_sources
+    from vlp_bench.nn.merging import token_groups, track_sources
     from vlp_bench.registry import METHODS
 
     cls = METHODS.get(name)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from test_e2e import cli
-from vlp_bench.caption_metrics import METRIC_NAMES
+from vlp_bench.metrics.caption import METRIC_NAMES
 from vlp_bench.experiment import load_config, run as run_experiment
 from vlp_bench.method import StepOutput
 from vlp_bench.methods.baseline import Baseline
@@ -132,7 +132,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_checkpoints_load_without_pickle(tmp_path):
     """Checkpoints are read with weights_only=True: an arbitrary pickled object is refused."""
-    from vlp_bench.trainer import load_checkpoint
+    from vlp_bench.train.trainer import load_checkpoint
 
     torch.save({"weights": {}, "evil": object()}, tmp_path / "c.pt")
     with pytest.raises(Exception, match="[Ww]eights only"):

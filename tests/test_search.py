@@ -42,7 +42,7 @@ def test_method_values_turn_an_inflection_into_a_ramp():
 
 
 def test_per_layer_lists_and_token_counts_are_schedules():
-    from vlp_bench.merging import token_counts
+    from vlp_bench.nn.merging import token_counts
 
     assert method_values({"r_layer_1": 4, "r_layer_0": 9}, depth=2) == {"r": [9, 4]}
     with pytest.raises(Exception, match="2 r_layer_\\* parameters for a bridge of 3 layers"):
@@ -124,7 +124,7 @@ def test_budget_mode_prunes_configs_over_budget_before_training(tiny_overrides, 
 
 def test_a_run_stopped_by_its_evaluation_callback_is_recorded_as_pruned(tiny_overrides, tmp_path):
     """How a pruner stops a trial: the callback sees each validation evaluation and raises StopRun."""
-    from vlp_bench.data import ImageLoader
+    from vlp_bench.data.images import ImageLoader
     from vlp_bench.experiment import StopRun, _one_run, load_config, prepare, training_data
     from vlp_bench.registry import TASKS
     from vlp_bench.results import env_info

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlp_bench.targets import bootstrap_ratio, curve, first_reach, speedups
+from vlp_bench.metrics.targets import bootstrap_ratio, curve, first_reach, speedups
 
 
 def val_row(step: int, wall_s: float, flops: float, cider: float | None, **extra) -> dict:

@@ -16,7 +16,7 @@ from vlp_bench.method import DecodingConfig
 from vlp_bench.registry import METHODS
 from vlp_bench.results import MetricsLog
 from vlp_bench.textside import TextSideMethod, allowed, beam_search
-from vlp_bench.trainer import TrainConfig, decoder_finetune, train
+from vlp_bench.train.trainer import TrainConfig, decoder_finetune, train
 
 TEXT_SIDE = [n for n in METHODS.names() if issubclass(METHODS.get(n), TextSideMethod)]
 CAPTIONS = ["two green stars left of a blue square", "a red circle", "three small yellow crosses above a star"]
@@ -185,7 +185,7 @@ def test_the_trained_lm_copy_is_counted_forward_and_backward(name):
     """Its weights train, so its backward is about twice its forward (input and weight gradients);
     FLM runs it twice, and nothing of the fusion or the reconstructor is counted in it."""
     from test_methods import _batch
-    from vlp_bench.trainer import count_step
+    from vlp_bench.train.trainer import count_step
 
     method = build(name).train()
     got = count_step(method, _batch(), method.stages(1)[0], torch.autocast("cpu", enabled=False))[0].by_part

@@ -12,7 +12,7 @@ from conftest import random_backbones
 from vlp_bench.method import Stage
 from vlp_bench.registry import METHODS
 from vlp_bench.results import MetricsLog
-from vlp_bench.trainer import NonFiniteLoss, TrainConfig, lr_at, train
+from vlp_bench.train.trainer import NonFiniteLoss, TrainConfig, lr_at, train
 
 CAPTIONS = ["a red circle", "two green stars", "a blue square above a red circle", "a yellow cross"]
 
@@ -85,7 +85,7 @@ def test_non_finite_loss_stops_training(tmp_path):
 
 @pytest.mark.parametrize("stop_at", [2, 3])  # 2 = the end of stage "one": stage "two" needs a fresh optimizer
 def test_resume_from_a_checkpoint_matches_an_uninterrupted_two_stage_run(tmp_path, stop_at):
-    from vlp_bench.data import TrainBatches
+    from vlp_bench.data.images import TrainBatches
 
     class Batches(TrainBatches):  # the trainer's sampler interface over the synthetic batches
         def __init__(self):
@@ -149,7 +149,7 @@ def test_peak_memory_is_measured_per_run():
     where the kernel keeps the old peak despite the reset, the kind says so."""
     import mmap
 
-    from vlp_bench.trainer import _proc_status_bytes, peak_memory_bytes, reset_peak_memory
+    from vlp_bench.train.trainer import _proc_status_bytes, peak_memory_bytes, reset_peak_memory
 
     cpu = torch.device("cpu")
     size = 256 * 2**20
@@ -169,7 +169,7 @@ def test_compiled_blocks_train_what_eager_blocks_train(tmp_path):
     """train.compile: every transformer block goes through torch.compile (here its "eager"
     backend: Dynamo's tracing without code generation, quick on a CPU), the FLOP replay and the
     evaluations run eagerly, and training is the same."""
-    from vlp_bench.trainer import compile_blocks
+    from vlp_bench.train.trainer import compile_blocks
 
     def simvlg():
         torch.manual_seed(0)

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from conftest import random_backbones
-from vlp_bench.data import ImageLoader
+from vlp_bench.data.images import ImageLoader
 from vlp_bench.errors import UserError
 from vlp_bench.method import DecodingConfig
 from vlp_bench.registry import METHODS
-from vlp_bench.video import ClipLoader, VideoSplit, segment_centres
-from vlp_bench.videoworld import EVENTS, TEMPORAL, said_order
-from vlp_bench.world import WorldConfig, build_world
+from vlp_bench.data.video import ClipLoader, VideoSplit, segment_centres
+from vlp_bench.data.world.clips import EVENTS, TEMPORAL, said_order
+from vlp_bench.data.world.stills import WorldConfig, build_world
 
 CLIPS = WorldConfig(n_train=8, n_val=2, n_test=2, n_clips_train=40, n_clips_val=6, n_clips_test=6)
 
@@ -277,7 +277,7 @@ def video_experiment(tmp_path_factory, tiny_overrides):
 
 
 def test_a_tiny_video_run_writes_valid_records(video_experiment):
-    from vlp_bench.caption_metrics import METRIC_NAMES
+    from vlp_bench.metrics.caption import METRIC_NAMES
     from vlp_bench.results import SCHEMA_VERSION, read_jsonl
 
     out, proc = video_experiment
@@ -309,7 +309,7 @@ def test_a_tiny_video_run_writes_valid_records(video_experiment):
 
 def test_video_subset_scores_equal_scoring_the_subset_alone(video_experiment):
     """The "temporal" scores are what the official scorers give for those clips' samples alone."""
-    from vlp_bench.caption_metrics import score_captions
+    from vlp_bench.metrics.caption import score_captions
     from vlp_bench.results import read_jsonl
 
     out, _ = video_experiment

@@ -1,4 +1,4 @@
-"""Tests for vlp_bench.vqa_metrics: VQAv2 accuracy as the official vqaEval.py computes it.
+"""Tests for vlp_bench.metrics.vqa: VQAv2 accuracy as the official vqaEval.py computes it.
 
 Every expected value below was worked out by hand from the official algorithm (see the
 module docstring); the comments show the arithmetic.
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from vlp_bench.errors import UserError
-from vlp_bench.vqa_metrics import (
+from vlp_bench.metrics.vqa import (
     answer_floor,
     evaluate_files,
     floor_answers,

@@ -4,7 +4,7 @@
 No data and no downloads: the backbones get random weights (frozen; bf16 on a GPU, as in a run),
 the images are one random tensor already on the device and the captions have the scale's length,
 so the figures are the model's alone. Each stage of each method is trained by the run's own
-trainer (vlp_bench.trainer.train) for `warmup + steps` steps; the trainer synchronises the device
+trainer (vlp_bench.train.trainer.train) for `warmup + steps` steps; the trainer synchronises the device
 around each step, leaves the first `warmup` out and reports medians; FLOPs are counted once per
 shape, off the clock, as in a run. Per stage: median step time, samples/s, achieved TFLOP/s, MFU
 (CUDA: against the device's dense bf16 peak, or train.peak_tflops) and peak memory.
@@ -25,7 +25,7 @@ from vlp_bench.method import Stage
 from vlp_bench.progress import text_table
 from vlp_bench.registry import METHODS
 from vlp_bench.results import MetricsLog
-from vlp_bench.trainer import peak_flops_per_s, peak_memory_bytes, reset_peak_memory, train
+from vlp_bench.train.trainer import peak_flops_per_s, peak_memory_bytes, reset_peak_memory, train
 
 
 class SyntheticBatches:

@@ -274,9 +274,9 @@ def export_shards(
     set_: Optional[list[str]] = SetOpt,
 ):
     """Write a COCO-layout split as WebDataset-style tar shards (train on them with data.shards)."""
-    from vlp_bench.data import CaptionSplit
+    from vlp_bench.data.images import CaptionSplit
     from vlp_bench.experiment import data_root, say
-    from vlp_bench.shards import export_shards as export
+    from vlp_bench.data.shards import export_shards as export
 
     cfg = _config(config, set_)
     data = CaptionSplit(data_root(cfg), split)
@@ -294,7 +294,7 @@ def import_coco(
     vqa_annotations: Optional[list[Path]] = typer.Option(None, help="VQAv2 annotations file, in the same order."),
 ):
     """Lay out real COCO (Karpathy splits) and VQAv2 as a vlp-bench data root (links the images)."""
-    from vlp_bench.coco import import_coco as do_import
+    from vlp_bench.data.import_coco import import_coco as do_import
 
     summary = do_import(karpathy, images, out, list(vqa_questions or []), list(vqa_annotations or []))
     for split, n in summary.items():
@@ -356,7 +356,7 @@ def evaluate_caption(
     spice: bool = typer.Option(False, help="Also compute SPICE (needs Stanford CoreNLP locally)."),
 ):
     """Score a caption results file exactly as the official coco-caption tools do; prints JSON."""
-    from vlp_bench.caption_metrics import evaluate_files
+    from vlp_bench.metrics.caption import evaluate_files
 
     typer.echo(json.dumps(evaluate_files(annotations, predictions, spice=spice), indent=2))
 
@@ -368,7 +368,7 @@ def evaluate_vqa(
     predictions: Path = typer.Option(..., help='Results JSON: [{"question_id": int, "answer": str}, ...].'),
 ):
     """Score VQA answers exactly as the official VQAv2 evaluation does; prints JSON."""
-    from vlp_bench.vqa_metrics import evaluate_files
+    from vlp_bench.metrics.vqa import evaluate_files
 
     typer.echo(json.dumps(evaluate_files(questions, annotations, predictions), indent=2))
 

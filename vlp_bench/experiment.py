@@ -14,18 +14,18 @@ from pathlib import Path
 
 import torch
 
-from vlp_bench import dist
-from vlp_bench.backbones import LLMConfig, VisionConfig, load_backbones
+from vlp_bench.train import dist
+from vlp_bench.backbones.encoders import LLMConfig, VisionConfig, load_backbones
 from vlp_bench.config import apply_overrides, from_dict, load_toml, suggest, to_dict
-from vlp_bench.data import CaptionSplit, DataConfig, ImageLoader, TrainBatches, check_global_batch
+from vlp_bench.data.images import CaptionSplit, DataConfig, ImageLoader, TrainBatches, check_global_batch
 from vlp_bench.errors import UserError
-from vlp_bench.targets import split_metric
+from vlp_bench.metrics.targets import split_metric
 from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.results import SCHEMA_VERSION, MetricsLog, atomic_write_json, env_info, write_jsonl
 from vlp_bench.search import SearchConfig
 from vlp_bench.trackers import Trackers, TrackersConfig
-from vlp_bench.trainer import NonFiniteLoss, TrainConfig, decoder_finetune, eager, train
-from vlp_bench.world import WorldConfig, build_world
+from vlp_bench.train.trainer import NonFiniteLoss, TrainConfig, decoder_finetune, eager, train
+from vlp_bench.data.world.stills import WorldConfig, build_world
 
 
 @dataclass
@@ -43,7 +43,7 @@ class ExperimentConfig:
 
 @dataclass
 class TargetConfig:
-    """Time- and FLOPs-to-target (vlp_bench/targets.py), read from the validation learning curves."""
+    """Time- and FLOPs-to-target (vlp_bench/metrics/targets.py), read from the validation learning curves."""
 
     # task.key of the curve; "" = the first task's headline metric: caption.CIDEr (what the papers
     # report) by default, video_caption.CIDEr for a video experiment
@@ -177,7 +177,7 @@ def data_root(cfg: BenchConfig, progress: bool = True) -> Path:
 
 def prepare(cfg: BenchConfig, progress: bool = True):
     """Build (or find in the cache) the data and the frozen backbones. Under torchrun this joins
-    the job (vlp_bench.dist) and rank zero builds the caches before the other ranks read them."""
+    the job (vlp_bench.train.dist) and rank zero builds the caches before the other ranks read them."""
     group, device = dist.init(resolve_device(cfg.experiment.device))
     cfg.trackers.check()  # a tracker switched on without its package fails before any work
     if cfg.experiment.threads:
@@ -282,7 +282,7 @@ def loader(cfg: BenchConfig, backbones):
     frames when the experiment's tasks are on clips."""
     images = ImageLoader(backbones.vision.image_size, backbones.vision.mean, backbones.vision.std)
     if on_clips(cfg):
-        from vlp_bench.video import ClipLoader
+        from vlp_bench.data.video import ClipLoader
 
         return ClipLoader(images, cfg.data.frames)
     return images
@@ -294,7 +294,7 @@ def training_data(cfg: BenchConfig, root: Path, images: ImageLoader, device: tor
     experiment's tasks are on clips)."""
     prompt = {"prompt": cfg.experiment.prompt}
     if cfg.data.shards:
-        from vlp_bench.shards import ShardBatches, shard_paths
+        from vlp_bench.data.shards import ShardBatches, shard_paths
 
         shard_paths(cfg.data.shards)  # missing shards fail before any long work
 
@@ -303,7 +303,7 @@ def training_data(cfg: BenchConfig, root: Path, images: ImageLoader, device: tor
                                 cfg.data.workers, cfg.data.shuffle_buffer, pin_memory=device.type == "cuda")
         return from_shards
     if on_clips(cfg):
-        from vlp_bench.video import VideoSplit
+        from vlp_bench.data.video import VideoSplit
 
         split = VideoSplit(root, "train")
     else:
@@ -435,7 +435,7 @@ def _save_token_groups(method, task, run_dir: Path) -> None:
     do not hand the LLM a visual prefix) write nothing."""
     from PIL import Image
 
-    from vlp_bench.merging import token_groups, track_sources
+    from vlp_bench.nn.merging import token_groups, track_sources
 
     vision = getattr(method, "vision", None)
     grid = getattr(getattr(getattr(vision, "model", None), "patch_embed", None), "grid_size", None)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlp_bench.backbones import Backbones
+from vlp_bench.backbones.encoders import Backbones
 
 
 @dataclass
@@ -100,7 +100,7 @@ class Method(nn.Module):
 
     def decoder_stage(self) -> Stage | None:
         """A stage trained before every evaluation on a copy of the weights, which are put back
-        afterwards (vlp_bench.trainer.decoder_finetune); its cost is recorded apart. None = none."""
+        afterwards (vlp_bench.train.trainer.decoder_finetune); its cost is recorded apart. None = none."""
         return None
 
     def set_progress(self, fraction: float) -> None:
@@ -111,7 +111,7 @@ class Method(nn.Module):
         return {}
 
     def flop_parts(self) -> tuple[dict[str, nn.Module], str]:
-        """The FLOP breakdown's parts (vlp_bench.flops): the frozen encoders; all else is the bridge."""
+        """The FLOP breakdown's parts (vlp_bench.train.flops): the frozen encoders; all else is the bridge."""
         return {"vision": self.vision, "llm": self.llm}, "bridge"
 
     def shape_key(self, batch: dict, stage: Stage):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from vlp_bench.errors import UserError
-from vlp_bench.targets import split_metric
+from vlp_bench.metrics.targets import split_metric
 
 @dataclass
 class SearchConfig:
@@ -140,7 +140,7 @@ def known_points(method_cls, cfg, backbones, space: dict) -> list[dict]:
     SimVLG keeps 29 of ViT-g's 257 tokens (r = 19 in 12 layers); here, with "r", the constant r
     within the space's range whose final count (ToMe clamps each layer to half) comes closest to
     that share, or with "tokens", that share itself."""
-    from vlp_bench.merging import token_counts
+    from vlp_bench.nn.merging import token_counts
 
     n = method_cls.input_tokens(cfg, backbones.vision)
     goal = n * 29 / 257
@@ -185,7 +185,7 @@ def run_search(bench, out: Path, progress: bool = True) -> dict:
 
     from vlp_bench import costmodel
     from vlp_bench.config import from_dict, to_dict
-    from vlp_bench.data import ImageLoader
+    from vlp_bench.data.images import ImageLoader
     from vlp_bench.experiment import StopRun, _one_run, prepare, say, training_data
     from vlp_bench.registry import METHODS, TASKS
     from vlp_bench.results import atomic_write_json, env_info

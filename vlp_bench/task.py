@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from vlp_bench.data import ImageLoader
+from vlp_bench.data.images import ImageLoader
 from vlp_bench.method import Method
 
 
@@ -13,7 +13,7 @@ class Task:
     name: ClassVar[str]  # set by the registry
     Config: ClassVar[type]
     # what the task evaluates on, and so what a run that evaluates it trains on: "images" (the
-    # COCO layout, vlp_bench.data) or "clips" (the MSR-VTT layout, vlp_bench.video)
+    # COCO layout, vlp_bench.data.images) or "clips" (the MSR-VTT layout, vlp_bench.data.video)
     data: ClassVar[str] = "images"
     primary: ClassVar[str] = ""  # the headline metric (target.metric "" picks the first task's)
 

@@ -11,7 +11,7 @@ pre-trained LM. The LM's own head predicts tokens for every objective.
 Evaluation decodes captions (and VQA answers) left to right from that stream by beam search, so the
 family is scored by the same tasks as the frozen-LLM methods. MLM's pre-training leaves no decoder,
 so every method of the family gets the same short AR fine-tuning (`decoder_steps`) on a copy of its
-weights before each evaluation (vlp_bench.trainer.decoder_finetune): its cost is recorded apart from
+weights before each evaluation (vlp_bench.train.trainer.decoder_finetune): its cost is recorded apart from
 the pre-training cost, and the weights go back afterwards.
 """
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlp_bench.layers import Attention, CrossAttention, mlp
+from vlp_bench.nn.layers import Attention, CrossAttention, mlp
 from vlp_bench.method import DecodingConfig, Method, Stage, StepOutput, lm_rows, pad_rows
 
 MODES = ("l2r", "r2l", "bi")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlp_bench.layers import projector
+from vlp_bench.nn.layers import projector
 from vlp_bench.method import FrozenLLMMethod
 
 

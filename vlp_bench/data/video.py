@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vlp_bench.data import ImageLoader
+from vlp_bench.data.images import ImageLoader
 from vlp_bench.errors import UserError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")

@@ -6,7 +6,7 @@ autocast on CUDA, periodic evaluation (excluded from the training clock), seeded
 on CPU. Wall-clock is read after synchronising the device; the first steps are excluded from the
 median step time (warm-up: allocator, kernel selection).
 
-FLOPs (vlp_bench.flops) are counted on the real batches as they ran: a step's forward and backward
+FLOPs (vlp_bench.train.flops) are counted on the real batches as they ran: a step's forward and backward
 is replayed once under the counter for each new shape (Method.shape_key), outside the clock, with
 the RNG restored and no gradient written, so counting changes neither the result nor the timing.
 """
@@ -27,9 +27,9 @@ from typing import Callable
 
 import torch
 
-from vlp_bench import dist
-from vlp_bench.data import TrainBatches
-from vlp_bench.flops import PASSES, UNIT, FlopCount, FlopCounter
+from vlp_bench.train import dist
+from vlp_bench.data.images import TrainBatches
+from vlp_bench.train.flops import PASSES, UNIT, FlopCount, FlopCounter
 from vlp_bench.method import Method, Stage, StepOutput
 from vlp_bench.progress import progress_bar
 from vlp_bench.results import MetricsLog
@@ -163,7 +163,7 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     run (decoder_finetune), which leaves that run's peak-memory window alone. With
     `decoder_batches`, each evaluation is preceded by the method's decoder stage (decoder_finetune).
 
-    Under torchrun (vlp_bench.dist) every rank calls this with its slice of each batch; the
+    Under torchrun (vlp_bench.train.dist) every rank calls this with its slice of each batch; the
     returned costs are the job's (samples and FLOPs of all ranks), evaluation is rank zero's."""
     group = dist.group()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlp_bench.data import CaptionSplit, ImageLoader, TrainBatches
+from vlp_bench.data.images import CaptionSplit, ImageLoader, TrainBatches
 from vlp_bench.errors import UserError
 from vlp_bench.progress import interactive, progress_bar
 
@@ -114,7 +114,7 @@ class VisionEncoder(nn.Module):
         return isinstance(self.model, VisionTransformer) and all(type(b) is Block for b in self.model.blocks)
 
     def _forward_blocks(self, images: torch.Tensor, keep: torch.Tensor | None, merge) -> torch.Tensor:
-        from vlp_bench.merging import TokenMerger, merged_block
+        from vlp_bench.nn.merging import TokenMerger, merged_block
 
         m = self.model
         x = m._pos_embed(m.patch_embed(images))  # (B, prefix + patches, D), positions added
@@ -295,7 +295,7 @@ def _lm_documents(root: Path, rng: random.Random, n: int) -> list[str]:
     """Pre-training documents: context references of one image (or clip), then another in a prompt
     form. Clips (the root's msrvtt/ train split, when it has one) are drawn in proportion to their
     number, so the LM also knows how clips are described."""
-    from vlp_bench.video import annotation_files
+    from vlp_bench.data.video import annotation_files
 
     train = CaptionSplit(root, "train")
     clips = _clip_refs(root) if annotation_files(root) else []
@@ -319,7 +319,7 @@ def _lm_documents(root: Path, rng: random.Random, n: int) -> list[str]:
 
 def _clip_refs(root: Path) -> list[list[str]]:
     """The references of every training clip (no video is read)."""
-    from vlp_bench.video import SPLIT_NAMES, annotation_files
+    from vlp_bench.data.video import SPLIT_NAMES, annotation_files
 
     clips: dict[str, list[str]] = {}
     for path in annotation_files(root):

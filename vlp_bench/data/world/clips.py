@@ -1,5 +1,5 @@
 """The tiny world's clips: short videos of its shapes doing one thing, with five references each,
-in the MSR-VTT annotation layout that vlp_bench.video reads for real MSR-VTT too.
+in the MSR-VTT annotation layout that vlp_bench.data.video reads for real MSR-VTT too.
 
 A clip holds an *actor* (one shape) and, half the time, a still *bystander*. The actor does one
 of five things over `clip_frames` frames; the first four can only be told apart from their time
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlp_bench import world as W
+from vlp_bench.data.world import stills as W
 
 EVENTS = ("moves", "appears", "disappears", "turns", "stays")
 TEMPORAL = ("moves", "appears", "disappears", "turns")  # reversing the clip changes what is true

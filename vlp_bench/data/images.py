@@ -7,7 +7,7 @@ laid out the same way or pointed at with links):
     annotations/captions_{split}.json  COCO caption annotations (images + annotations lists)
     vqa/questions_{split}.json         VQAv2 questions            (optional)
     vqa/annotations_{split}.json       VQAv2 annotations          (optional)
-    msrvtt/                            MSR-VTT-style clips        (optional; vlp_bench/video.py)
+    msrvtt/                            MSR-VTT-style clips        (optional; vlp_bench/data/video.py)
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from vlp_bench.errors import UserError, from_worker
 @dataclass
 class DataConfig:
     root: str = ""  # "" = the embedded tiny world built from [world]; else a directory laid out as above
-    # training data as tar shards (vlp_bench/shards.py): a directory, a glob or "dir/x-{000000..000099}.tar";
+    # training data as tar shards (vlp_bench/data/shards.py): a directory, a glob or "dir/x-{000000..000099}.tar";
     # "" = the root's train split. Evaluation always reads the root's val/test splits.
     shards: str = ""
     workers: int = 2  # image-decoding processes per rank (0 = in the training process): decoding overlaps the step
     shuffle_buffer: int = 1000  # samples shuffled together while streaming shards (WebDataset's usual size)
-    frames: int = 4  # frames read per clip by video tasks (vlp_bench/video.py); the paper's 4
+    frames: int = 4  # frames read per clip by video tasks (vlp_bench/data/video.py); the paper's 4
 
     def validate(self) -> None:
         if self.workers < 0 or self.shuffle_buffer < 1:
@@ -116,7 +116,7 @@ class TrainBatches:
     many DataLoader processes (into pinned memory with `pin_memory`), so decoding overlaps the
     training step. The batches do not depend on `workers`.
 
-    Data-parallel (vlp_bench.dist): every rank draws the same global batch of `batch_size` and
+    Data-parallel (vlp_bench.train.dist): every rank draws the same global batch of `batch_size` and
     loads only its `rank`-th of `world` equal slices, so the job trains on what one process would."""
 
     def __init__(self, split: CaptionSplit, loader: ImageLoader, batch_size: int, seed: int,

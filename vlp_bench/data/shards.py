@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vlp_bench.data import CaptionSplit, ImageLoader, check_global_batch
+from vlp_bench.data.images import CaptionSplit, ImageLoader, check_global_batch
 from vlp_bench.errors import UserError, from_worker
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")

@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from vlp_bench.errors import UserError
-from vlp_bench.jsonfiles import is_int, json_type, load_json, load_results, some_ids
+from vlp_bench.metrics.jsonfiles import is_int, json_type, load_json, load_results, some_ids
 
 PRECISION = 2  # the official VQAEval's default ``n``: decimals kept by ``round``
 

@@ -35,7 +35,7 @@ Layout under `world_dir(cfg, cache)`:
     vqa/questions_{split}.json             VQAv2 questions format
     vqa/annotations_{split}.json           VQAv2 annotations format, 10 answers per question
     scenes.json                            the scene facts per image (for debugging)
-    msrvtt/                                clips in the MSR-VTT layout (vlp_bench/videoworld.py)
+    msrvtt/                                clips in the MSR-VTT layout (vlp_bench/data/world/clips.py)
     world.json                             config, generator version, counts
     DONE                                   written last
 """
@@ -72,7 +72,7 @@ class WorldConfig:
     image_size: int = 64  # small enough for CPU training, large enough to tell shapes apart
     max_objects: int = 3  # 1..3 objects give relations and counts without clutter
     questions_per_image: int = 3  # ~ the VQAv2 rate (5.4 per image) scaled to simple scenes
-    # clips (vlp_bench/videoworld.py, for video captioning): a quarter as many as images, since each
+    # clips (vlp_bench/data/world/clips.py, for video captioning): a quarter as many as images, since each
     # clip is clip_frames images; 8 frames leave the samplers of 4 frames (the paper's) both halves.
     # 5000 training clips is where simvlg-video beats the frame average (README), but the tiny LM
     # would then pre-train mostly on clip captions, so the image default stays 1000
@@ -726,7 +726,7 @@ def _generate(cfg: WorldConfig, out: Path, progress: bool) -> dict:
         counts["captions"][split] = len(caps)
         counts["questions"][split] = len(questions)
     _write_json(out / "scenes.json", {"image_size": S, "scenes": scenes_out})
-    from vlp_bench.videoworld import generate_clips
+    from vlp_bench.data.world.clips import generate_clips
 
     counts.update(generate_clips(cfg, out, progress))
     info = {"config": asdict(cfg), "generator_version": GENERATOR_VERSION, "counts": counts}

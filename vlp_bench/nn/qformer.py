@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from vlp_bench.layers import Attention, CrossAttention, mlp
+from vlp_bench.nn.layers import Attention, CrossAttention, mlp
 
 MaskMode = Literal["queries", "text", "itm", "itg"]
 

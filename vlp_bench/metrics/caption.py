@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vlp_bench.errors import UserError
-from vlp_bench.jsonfiles import is_int, load_json, load_results, some_ids
+from vlp_bench.metrics.jsonfiles import is_int, load_json, load_results, some_ids
 
 METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 SPICE_NAME = "SPICE"
