@@ -35,7 +35,8 @@ def main() -> None:
     args = ap.parse_args()
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     cfg = load_config(args.config, args.set)
-    root, backbones, device = prepare(cfg, progress=False)
+    experiment = prepare(cfg)
+    root, backbones, device = experiment.root, experiment.backbones, experiment.device
     images = ImageLoader(backbones.vision.image_size, backbones.vision.mean, backbones.vision.std)
     batches = TrainBatches(CaptionSplit(root, "train"), images, cfg.train.batch_size, seed=0)
     fixed = [{**next(batches), "prompt": cfg.experiment.prompt} for _ in range(4)]  # same data for all

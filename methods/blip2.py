@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlp_bench.method import FrozenLLMMethod, Stage, StepOutput, pad_rows
+from vlp_bench.method import FrozenLLMMethod, Stage, StepOutput
+from vlp_bench.nn.generation import pad_rows
 from vlp_bench.nn.qformer import QFormer, attention_mask
 from vlp_bench.registry import METHODS
 

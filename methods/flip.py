@@ -41,7 +41,7 @@ class FLIPSide(VisionSide):
         super().check(cfg, backbones)
         if cfg.where == "vit" and not backbones.vision.is_plain_vit():
             raise ValueError(f"where = 'vit' needs a timm VisionTransformer, not {type(backbones.vision.model).__name__}")
-        if getattr(cls, "needs_patch_grid", False):
+        if cls.needs_patch_grid:
             raise ValueError("masking leaves no patch grid, and this bridge pools one")
 
     def stages(self, total_steps: int) -> list[Stage]:

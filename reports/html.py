@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from vlp_bench.errors import UserError
-from vlp_bench.results import read_jsonl
+from vlp_bench.files import read_jsonl
 from vlp_bench.reports.summary import captioning, compute_speedups, format_ratio, load_results, run_metric
 
 TEMPLATES = Path(__file__).parent / "templates"

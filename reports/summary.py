@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 from vlp_bench.errors import UserError
-from vlp_bench.progress import text_table
-from vlp_bench.results import READABLE_VERSIONS, read_jsonl
+from vlp_bench.log import text_table
+from vlp_bench.results import READABLE_VERSIONS
+from vlp_bench.files import read_jsonl
 from vlp_bench.metrics.targets import speedups
 
 

@@ -26,6 +26,7 @@ class Captioning(Task):
     Config = CaptionConfig
     Split: ClassVar[type] = CaptionSplit  # reads a split's samples and references (VideoSplit for clips)
     primary = "CIDEr"
+    token_pictures = True  # the report shows its captions beside what merging did to the image
 
     def __init__(self, cfg: CaptionConfig, data_root, images):
         super().__init__(cfg, data_root, images)

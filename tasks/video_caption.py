@@ -30,6 +30,7 @@ class VideoCaptioning(Captioning):
     Config = VideoCaptionConfig
     Split = VideoSplit
     data = "clips"
+    token_pictures = False  # clips: the tokens are frame averages, no one picture
 
     def subsets(self, data: VideoSplit, ids: list[int]) -> dict[str, list[int]]:
         groups: dict[str, list[int]] = {}

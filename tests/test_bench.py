@@ -22,7 +22,7 @@ def cfg():
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_bench_times_every_stage_of_every_method(cfg, name):
-    table = bench.bench(cfg, "tiny", [name], torch.device("cpu"), batch_size=4, steps=2, warmup=1, progress=False)
+    table = bench.bench(cfg, "tiny", [name], torch.device("cpu"), batch_size=4, steps=2, warmup=1)
     stages = [s.name for s in METHODS.get(name)(cfg.methods[name], costmodel.tiny_scale(cfg, "cpu").backbones).stages(3)]
     rows = table["rows"]
     assert [r["stage"] for r in rows] == stages and all(r["method"] == name for r in rows)

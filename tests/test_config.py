@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vlp_bench.config import parse_override, to_dict
+from vlp_bench.typed import parse_override, to_dict
 from vlp_bench.errors import UserError
 from vlp_bench.experiment import load_config
 

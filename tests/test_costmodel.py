@@ -13,7 +13,7 @@ from vlp_bench import costmodel
 
 @pytest.fixture(scope="module")
 def paper():
-    return costmodel.cost_table(costmodel.paper_scale(), ["baseline", "simvlg", "blip2"])
+    return costmodel.cost_table(costmodel.paper_scale(), ["baseline", "simvlg", "blip2"], "baseline")
 
 
 def opt_2_7b(tokens: int, backward: bool = False) -> int:
@@ -47,9 +47,9 @@ def test_paper_preset_is_pinned_to_the_models_layer_shapes(paper):
 
 def test_ratios_and_stage_weights(paper):
     m = paper["methods"]
-    assert m["baseline"]["ratio_to_baseline"] == 1.0
+    assert m["baseline"]["ratio_to_reference"] == 1.0
     for r in m.values():
-        assert r["ratio_to_baseline"] == pytest.approx(m["baseline"]["total"] / r["total"])
+        assert r["ratio_to_reference"] == pytest.approx(m["baseline"]["total"] / r["total"])
         assert r["total"] == pytest.approx(r["forward"] + r["backward"])
     s1, s2 = m["blip2"]["stages"]
     assert (s1["name"], s2["name"]) == ("stage1", "stage2")
@@ -57,7 +57,7 @@ def test_ratios_and_stage_weights(paper):
     assert "llm" not in s1["per_sample"] and s1["tokens_to_llm"] == 0  # stage 1 never runs the LLM
     assert m["blip2"]["total"] == pytest.approx(s1["share"] * s1["total"] + s2["share"] * s2["total"])
     # SimVLG's merging cuts what the LLM sees from 257 to 29 tokens: ~3x cheaper per sample, not 5x
-    assert 2.5 < m["simvlg"]["ratio_to_baseline"] < 3.5
+    assert 2.5 < m["simvlg"]["ratio_to_reference"] < 3.5
 
 
 def test_flops_cli_tiny_and_paper(tiny_overrides):
@@ -87,6 +87,6 @@ def test_every_method_as_configured_by_default_fits_the_default_tiny_backbones()
 
     cfg = load_config(None)
     names = METHODS.names()
-    table = costmodel.cost_table(costmodel.tiny_scale(cfg), names)  # runs each method's check() first
+    table = costmodel.cost_table(costmodel.tiny_scale(cfg), names, names[0])  # runs each method's check() first
     assert set(table["methods"]) == set(names)
     assert table["methods"]["simvlg+tome-vit"]["tokens_to_llm"] == table["methods"]["simvlg"]["tokens_to_llm"]

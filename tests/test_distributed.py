@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from vlp_bench.results import read_jsonl
+from vlp_bench.files import read_jsonl
 
 
 def _run(args: list[str], out, processes: int):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from vlp_bench.metrics.caption import METRIC_NAMES, evaluate_files
-from vlp_bench.results import SCHEMA_VERSION, read_jsonl
+from vlp_bench.results import SCHEMA_VERSION
+from vlp_bench.files import read_jsonl
 from vlp_bench.metrics.vqa import evaluate_files as evaluate_vqa_files
 
 

@@ -17,7 +17,8 @@ from test_trainer import batches
 from vlp_bench.train import flops
 from vlp_bench.nn.merging import layer_schedule
 from vlp_bench.registry import METHODS
-from vlp_bench.results import MetricsLog, read_jsonl
+from vlp_bench.results import MetricsLog
+from vlp_bench.files import read_jsonl
 from vlp_bench.train.trainer import TrainConfig, count_step, train
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import random_backbones
-from vlp_bench.config import from_dict
+from vlp_bench.typed import from_dict
 from vlp_bench.errors import UserError
 from vlp_bench.nn.layers import Attention
 from vlp_bench.nn.merging import (TokenMerger, apply_merge, bipartite_soft_matching, curriculum_scale,

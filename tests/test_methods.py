@@ -80,7 +80,7 @@ def test_batched_generation_with_prompts_of_different_lengths_matches_one_by_one
 
 
 def test_pad_rows_right_and_left():
-    from vlp_bench.method import pad_rows
+    from vlp_bench.nn.generation import pad_rows
 
     ids, valid = pad_rows([[5, 6, 7], [8], []], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]

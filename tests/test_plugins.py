@@ -17,7 +17,8 @@ from vlp_bench.errors import UserError
 from vlp_bench.experiment import load_config
 from vlp_bench.methods.baseline import Baseline
 from vlp_bench.registry import METHODS
-from vlp_bench.results import SCHEMA_VERSION, read_jsonl
+from vlp_bench.results import SCHEMA_VERSION
+from vlp_bench.files import read_jsonl
 from vlp_bench.trackers import Trackers, TrackersConfig
 from vlp_bench.validate import validate
 

@@ -19,7 +19,7 @@ from vlp_bench.experiment import load_config, run as run_experiment
 from vlp_bench.method import StepOutput
 from vlp_bench.methods.baseline import Baseline
 from vlp_bench.registry import METHODS
-from vlp_bench.results import atomic_write_json, read_jsonl
+from vlp_bench.files import atomic_write_json, read_jsonl
 
 
 def _sets(overrides):
@@ -102,7 +102,7 @@ def test_a_diverging_method_is_isolated_while_the_others_finish(tiny_overrides, 
         cfg = load_config(None, [*tiny_overrides, "experiment.tasks=['caption']"])
         cfg = replace(cfg, methods={**cfg.methods, "test-diverges": cfg.methods["baseline"]},
                       experiment=replace(cfg.experiment, methods=["test-diverges", "baseline"], out=str(tmp_path)))
-        run_experiment(cfg, progress=False)
+        run_experiment(cfg)
     finally:
         METHODS._entries.pop("test-diverges")
     bad = json.loads((tmp_path / "test-diverges-seed0" / "results.json").read_text())

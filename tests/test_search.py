@@ -18,7 +18,8 @@ import pytest
 
 from vlp_bench.errors import UserError
 from vlp_bench.registry import METHODS
-from vlp_bench.search import method_values, space_of
+from vlp_bench.methods.simvlg import schedule_values as method_values
+from vlp_bench.search import space_of
 
 optuna = pytest.importorskip("optuna")
 
@@ -124,15 +125,10 @@ def test_budget_mode_prunes_configs_over_budget_before_training(tiny_overrides, 
 
 def test_a_run_stopped_by_its_evaluation_callback_is_recorded_as_pruned(tiny_overrides, tmp_path):
     """How a pruner stops a trial: the callback sees each validation evaluation and raises StopRun."""
-    from vlp_bench.data.images import ImageLoader
-    from vlp_bench.experiment import StopRun, _one_run, load_config, prepare, training_data
-    from vlp_bench.registry import TASKS
-    from vlp_bench.results import env_info
+    from vlp_bench.experiment import StopRun, load_config, prepare
 
     cfg = load_config(None, [*tiny_overrides, "experiment.tasks=['caption']"])
-    root, backbones, device = prepare(cfg, progress=False)
-    images = ImageLoader(backbones.vision.image_size, backbones.vision.mean, backbones.vision.std)
-    tasks = {"caption": TASKS.get("caption")(cfg.tasks["caption"], root, images)}
+    experiment = prepare(cfg)
     seen = []
 
     def on_eval(step, metrics):
@@ -141,8 +137,7 @@ def test_a_run_stopped_by_its_evaluation_callback_is_recorded_as_pruned(tiny_ove
             raise StopRun("pruned at step 4")
 
     with pytest.raises(StopRun):
-        _one_run(cfg, "simvlg", 0, tmp_path / "run", backbones, tasks, training_data(cfg, root, images, device),
-                 device, env_info(device), False, on_eval=on_eval)
+        experiment.run_one("simvlg", 0, tmp_path / "run", on_eval=on_eval)
     rec = json.loads((tmp_path / "run" / "results.json").read_text())
     assert rec["status"] == "pruned" and rec["error"] == "pruned at step 4" and [s for s, _ in seen] == [0, 4]
     assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -15,7 +15,8 @@ from test_trainer import batches
 from vlp_bench.method import DecodingConfig
 from vlp_bench.registry import METHODS
 from vlp_bench.results import MetricsLog
-from vlp_bench.textside import TextSideMethod, allowed, beam_search
+from vlp_bench.nn.generation import beam_search
+from vlp_bench.textside import TextSideMethod, allowed
 from vlp_bench.train.trainer import TrainConfig, decoder_finetune, train
 
 TEXT_SIDE = [n for n in METHODS.names() if issubclass(METHODS.get(n), TextSideMethod)]
@@ -222,7 +223,7 @@ def test_run_the_family_through_the_cli(tmp_path, tiny_overrides):
     """`vlp-bench run --methods flm,mlm,ar` on the tiny world: every run finishes, each evaluation
     follows the decoder phase, whose cost is recorded apart from pre-training."""
     from test_e2e import cli
-    from vlp_bench.results import read_jsonl
+    from vlp_bench.files import read_jsonl
 
     sets = [a for o in tiny_overrides for a in ("--set", o)]
     sets += [a for m in ("flm", "mlm", "ar") for a in ("--set", f"methods.{m}.decoder_steps=2")]

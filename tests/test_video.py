@@ -278,7 +278,8 @@ def video_experiment(tmp_path_factory, tiny_overrides):
 
 def test_a_tiny_video_run_writes_valid_records(video_experiment):
     from vlp_bench.metrics.caption import METRIC_NAMES
-    from vlp_bench.results import SCHEMA_VERSION, read_jsonl
+    from vlp_bench.results import SCHEMA_VERSION
+    from vlp_bench.files import read_jsonl
 
     out, proc = video_experiment
     for method in ("simvlg-video", "simvlg"):
@@ -310,7 +311,7 @@ def test_a_tiny_video_run_writes_valid_records(video_experiment):
 def test_video_subset_scores_equal_scoring_the_subset_alone(video_experiment):
     """The "temporal" scores are what the official scorers give for those clips' samples alone."""
     from vlp_bench.metrics.caption import score_captions
-    from vlp_bench.results import read_jsonl
+    from vlp_bench.files import read_jsonl
 
     out, _ = video_experiment
     res = json.loads((out / "simvlg-seed0" / "results.json").read_text())

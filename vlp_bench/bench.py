@@ -22,7 +22,7 @@ import torch
 from vlp_bench import costmodel
 from vlp_bench.errors import UserError
 from vlp_bench.method import Stage
-from vlp_bench.progress import text_table
+from vlp_bench.log import say, text_table
 from vlp_bench.registry import METHODS
 from vlp_bench.results import MetricsLog
 from vlp_bench.train.trainer import peak_flops_per_s, peak_memory_bytes, reset_peak_memory, train
@@ -48,8 +48,7 @@ class SyntheticBatches:
         return dict(self.batch)
 
 
-def bench(cfg, preset: str, names: list[str], device: torch.device, batch_size: int, steps: int, warmup: int,
-          progress: bool = True, say=lambda msg: None) -> dict:
+def bench(cfg, preset: str, names: list[str], device: torch.device, batch_size: int, steps: int, warmup: int) -> dict:
     """{preset, device, ..., rows: [one per (method, stage)]} measured on `device`."""
     if steps < 1 or warmup < 0:
         raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
@@ -77,7 +76,7 @@ def bench(cfg, preset: str, names: list[str], device: torch.device, batch_size: 
         for stage in method.stages(warmup + steps):  # each stage on its own, for as many steps
             say(f"{name}: stage {stage.name}, {warmup} + {steps} steps of {batch_size}")
             memory_kind = reset_peak_memory(device)
-            cost = train(method, batches, tcfg, device, MetricsLog(None), progress=progress,
+            cost = train(method, batches, tcfg, device, MetricsLog(None),
                          stages=[Stage(stage.name, warmup + steps)])
             achieved = cost["achieved_flops_per_s"]
             rows.append({"method": name, "stage": stage.name, "tokens_to_llm": cost["tokens_to_llm"],

@@ -33,6 +33,7 @@ def _overrides(set_: Optional[list[str]], methods: Optional[str] = None, tasks: 
 
 
 def _config(config: Optional[Path], overrides: Optional[list[str]]):
+    """The experiment's config: --config, else ./bench.toml when there is one, else the defaults."""
     from vlp_bench.experiment import load_config
 
     if config is None and Path("bench.toml").is_file():
@@ -53,52 +54,29 @@ def run(
 ):
     """Train and evaluate each method; write one run directory per (method, seed)."""
     from vlp_bench.experiment import resume_config, run as run_experiment
+    from vlp_bench.log import is_main
 
     if resume is not None:
         if config or set_ or methods or tasks or seeds or out:
             raise UserError("--resume continues an experiment with its saved config; give it no other option")
         cfg = resume_config(resume)
-        dirs = run_experiment(cfg, resume=True)
-        _after_run(resume, dirs, cfg)
+    else:
+        overrides = _overrides(set_, methods, tasks)
+        if seeds is not None:
+            if seeds < 1:
+                raise UserError(f"--seeds must be >= 1, got {seeds}")
+            overrides.append(f"experiment.seeds={list(range(seeds))}")
+        if out is not None:
+            overrides.append("experiment.out=" + json.dumps(str(out)))
+        cfg = _config(config, overrides)
+    dirs = run_experiment(cfg, resume=resume is not None)
+    if not is_main():  # under torchrun: rank zero speaks
         return
-    overrides = _overrides(set_, methods, tasks)
-    if seeds is not None:
-        if seeds < 1:
-            raise UserError(f"--seeds must be >= 1, got {seeds}")
-        overrides.append(f"experiment.seeds={list(range(seeds))}")
-    if out is not None:
-        overrides.append("experiment.out=" + json.dumps(str(out)))
-    cfg = _config(config, overrides)
-    dirs = run_experiment(cfg)
-    _after_run(dirs[0].parent, dirs, cfg)
-
-
-def _after_run(out: Path, dirs, cfg) -> None:
-    """The tables on stdout; then, in the experiment directory, the methods' paper-scale costs
-    (flops-paper.json, once) and report.html. Neither of the last two can fail a finished run.
-    Under torchrun: rank zero's work; the job ends here."""
-    from vlp_bench import costmodel, dist
-    from vlp_bench.experiment import say
-    from vlp_bench.reports import html
-
-    if not dist.finish():
-        return
-
     _print_summary(dirs, cfg.target)
-    paper = out / "flops-paper.json"
-    try:
-        if not paper.is_file():
-            say("paper-scale costs of these methods (flops-paper.json)")
-            table = costmodel.costable_table(costmodel.paper_scale(frames=costmodel.frames_of(cfg)),
-                                             cfg.experiment.methods)
-            paper.write_text(json.dumps(table, indent=2))
-        say("report")
-        report = html.write(dirs, out / "report.html", metric=cfg.target.metric, target=cfg.target.value or None,
-                            reference=cfg.target.reference or None, flops_files=[paper] if paper.is_file() else [])
-        typer.echo(f"report: {report}")
-    except Exception as e:  # noqa: BLE001 - the runs are done and saved; say what went wrong, keep them
-        say(f"the report could not be written ({type(e).__name__}: {e}); `vlp-bench report {out}` retries")
-    typer.echo(f"results in {out}")
+    out_dir = dirs[0].parent
+    if (out_dir / "report.html").is_file():
+        typer.echo(f"report: {out_dir / 'report.html'}")
+    typer.echo(f"results in {out_dir}")
 
 
 def _print_summary(dirs, target, as_json: bool = False, strict: bool = False) -> None:
@@ -131,7 +109,7 @@ def summary(
     as_json: bool = typer.Option(False, "--json", help="Print the runs and speed-ups as JSON."),
 ):
     """Re-print the tables of finished runs: quality, cost, time- and FLOPs-to-target."""
-    from vlp_bench.experiment import TargetConfig
+    from vlp_bench.config import TargetConfig
     from vlp_bench.reports.summary import run_dirs
 
     cfg = TargetConfig(metric=metric or TargetConfig.metric, value=target or 0.0, reference=reference or "")
@@ -190,7 +168,7 @@ def report(
                                                 "(repeatable; default: the flops-*.json of the experiment directories)."),
 ):
     """Write the self-contained HTML speed-up report of finished runs (from their result files only)."""
-    from vlp_bench.experiment import TargetConfig
+    from vlp_bench.config import TargetConfig
     from vlp_bench.reports import html
     from vlp_bench.reports.summary import run_dirs
 
@@ -229,11 +207,11 @@ def flops(
 ):
     """FLOPs of one training sample per method, by part and pass, on the meta device (no weights)."""
     from vlp_bench import costmodel
+    from vlp_bench.experiment import reference_method
 
     overrides = _overrides(set_, methods)
     cfg = _config(config, overrides)  # unknown methods: a one-line error with a suggestion
-    names = cfg.experiment.methods
-    table = costmodel.cost_table(costmodel.scale(preset, cfg), names)
+    table = costmodel.cost_table(costmodel.scale(preset, cfg), cfg.experiment.methods, reference_method(cfg, costs_only=True))
     typer.echo(json.dumps(table, indent=2) if as_json else costmodel.format_table(table))
 
 
@@ -251,7 +229,8 @@ def bench(
 ):
     """Step time, samples/s, TFLOP/s, MFU and peak memory per method on this device, without data."""
     from vlp_bench import bench as bench_mod
-    from vlp_bench.experiment import resolve_device, say
+    from vlp_bench.experiment import resolve_device
+    from vlp_bench.log import set_progress
 
     overrides = _overrides(set_, methods)
     cfg = _config(config, overrides)
@@ -260,8 +239,9 @@ def bench(
         import torch
 
         torch.set_num_threads(cfg.experiment.threads)
+    set_progress(not as_json)
     table = bench_mod.bench(cfg, preset, cfg.experiment.methods, device, batch_size or cfg.train.batch_size, steps,
-                            warmup, progress=not as_json, say=say)
+                            warmup)
     typer.echo(json.dumps(table, indent=2) if as_json else bench_mod.format_table(table))
 
 
@@ -275,8 +255,9 @@ def export_shards(
 ):
     """Write a COCO-layout split as WebDataset-style tar shards (train on them with data.shards)."""
     from vlp_bench.data.images import CaptionSplit
-    from vlp_bench.experiment import data_root, say
     from vlp_bench.data.shards import export_shards as export
+    from vlp_bench.experiment import data_root
+    from vlp_bench.log import say
 
     cfg = _config(config, set_)
     data = CaptionSplit(data_root(cfg), split)
@@ -310,11 +291,10 @@ def validate(
 ):
     """Check a config and its methods and tasks, plug-ins included, without training: one batch
     forward and backward, declared tokens and cost hooks against what runs. Exit 1 on any problem."""
-    from vlp_bench.experiment import say
     from vlp_bench.validate import format_findings, validate as check_all
 
     overrides = _overrides(set_, methods)
-    found = check_all(lambda: _config(config, overrides), say)
+    found = check_all(lambda: _config(config, overrides))
     typer.echo(format_findings(found))
     if found.problems:
         raise typer.Exit(1)
@@ -325,8 +305,8 @@ def prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
     """Build the tiny world and pre-train the tiny backbones into the cache (run does it on demand)."""
     from vlp_bench.experiment import prepare as prepare_experiment
 
-    root, _, _ = prepare_experiment(_config(config, set_))
-    typer.echo(f"data ready in {root}")
+    experiment = prepare_experiment(_config(config, set_))
+    typer.echo(f"data ready in {experiment.root}")
 
 
 @app.command("list")

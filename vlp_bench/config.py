@@ -1,145 +1,239 @@
-"""Typed configuration: bench.toml -> dataclasses, validated once, saved with every run.
+"""The experiment's configuration: every section of bench.toml as a typed dataclass, read,
+resolved and validated here once, then saved with every run.
 
-Every section of bench.toml is a dataclass that lives next to the component it configures
-(`WorldConfig` in world.py, `TrainConfig` in trainer.py, ...); this module only knows how to
-fill dataclasses from plain dicts, apply `--set section.key=value` overrides and explain
-mistakes in one line with a "did you mean" suggestion.
+A section that configures one component keeps its dataclass beside that component (`TrainConfig`
+in vlp_bench/train/trainer.py, `DataConfig` in vlp_bench/data/images.py, ...); this module gathers
+them into `BenchConfig`, defines the experiment-level sections, and resolves the plug-ins'
+[methods.NAME] and [tasks.NAME] tables into each one's own Config. It names no method and no task:
+the default comparison is the application's (vlp_bench/experiment.py `DEFAULTS`, and bench.toml).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import tomllib
-import types
-import typing
+import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-from vlp_bench.errors import UserError
-
-
-def suggest(name: str, choices) -> str:
-    """' (did you mean 'x'?)' for the closest choice, or ''."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _check_type(value: Any, tp: Any, where: str) -> Any:
-    """Return `value` as type `tp` or raise UserError. Ints are accepted where floats are."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, where)
-            except UserError as e:
-                errors.append(str(e))
-        raise UserError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            choices = ", ".join(repr(a) for a in typing.get_args(tp))
-            raise UserError(f"{where}: {value!r} is not one of {choices}{suggest(value, typing.get_args(tp))}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        (item,) = typing.get_args(tp)[:1] or (Any,)
-        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
-        return from_dict(tp, value, where)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool):
-        if isinstance(value, bool) and tp is not bool:
-            raise UserError(f"{where}: expected {tp.__name__}, got bool {value!r}")
-        if not isinstance(value, tp):
-            raise UserError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    return value
+from vlp_bench.backbones.encoders import LLMConfig, VisionConfig
+from vlp_bench.data.images import DataConfig
+from vlp_bench.data.world.stills import WorldConfig
+from vlp_bench.errors import UserError, suggest
+from vlp_bench.metrics.targets import split_metric
+from vlp_bench.nn.generation import CAPTION_PROMPT
+from vlp_bench.registry import METHODS, TASKS
+from vlp_bench.trackers import TrackersConfig
+from vlp_bench.train.trainer import TrainConfig
+from vlp_bench.typed import apply_overrides, from_dict, load_toml, to_dict
 
 
-def from_dict(cls: type, data: dict, where: str = "") -> Any:
-    """Build dataclass `cls` from `data`; unknown keys and wrong types are UserErrors."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else key
-        if key not in fields:
-            raise UserError(f"unknown config key '{path}'{suggest(key, fields)}")
-        kwargs[key] = _check_type(value, hints[key], path)
-    try:
-        obj = cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{where or cls.__name__}: {e}") from None
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        try:
-            validate()
-        except ValueError as e:
-            raise UserError(f"{where or cls.__name__}: {e}") from None
-    return obj
+@dataclass
+class ExperimentConfig:
+    methods: list[str] = field(default_factory=list)  # one run per (method, seed); names: `vlp-bench list`
+    seeds: list[int] = field(default_factory=lambda: [0])  # one run per (method, seed)
+    tasks: list[str] = field(default_factory=list)  # evaluated after training (and during, on val)
+    out: str = ""  # "" = runs/<date-time>
+    cache: str = ""  # "" = $VLP_BENCH_CACHE, else ~/.cache/vlp-bench (world and tiny backbones)
+    device: str = "auto"  # auto = cuda when available, else cpu
+    threads: int = 0  # torch CPU threads; 0 = torch's default (all cores)
+    prompt: str = CAPTION_PROMPT  # text between the soft prompt and the caption during training (= caption prompt)
 
 
-def to_dict(obj: Any) -> Any:
-    """Dataclasses (nested) -> plain JSON-able dicts."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    return obj
+@dataclass
+class TargetConfig:
+    """Time- and FLOPs-to-target (vlp_bench/metrics/targets.py), read from the validation learning curves."""
+
+    # task.key of the curve; "" = the first task's headline metric (`Task.primary`): caption.CIDEr
+    # (what the papers report) by default, video_caption.CIDEr for a video experiment
+    metric: str = ""
+    value: float = 0.0  # 0 = the reference method's final validation value (mean over its seeds)
+    # the method speed-ups (and the cost model's ratios) are measured against; "" = the application's
+    # reference (the no-merge baseline when it ran, else the first method)
+    reference: str = ""
+
+    def validate(self) -> None:
+        if self.metric:
+            split_metric(self.metric)
+        if self.value < 0:
+            raise ValueError(f"value must be >= 0 (0 = the reference's final value), got {self.value}")
 
 
-def load_toml(path: Path) -> dict:
-    path = Path(path)
+@dataclass
+class RecipeConfig:
+    """Where a config file's settings come from (recipes/*.toml): saved with every run's results."""
+
+    source: str = ""  # the paper (and its section or table) the settings follow; "" = not a recipe
+    differences: list[str] = field(default_factory=list)  # what this harness runs differently, each with why
+
+
+@dataclass
+class SearchConfig:
+    """`vlp-bench search` (vlp_bench/search.py): an Optuna study over one method's settings."""
+
+    method: str = ""  # the method whose [methods.NAME] values the search varies ("" = the application's default)
+    trials: int = 20  # finished (complete or pruned) trials the study should hold; re-running tops it up
+    mode: Literal["pareto", "budget"] = "pareto"  # pareto: quality vs cost; budget: quality under a FLOPs budget
+    metric: str = ""  # maximised: the final validation value (the test split never chooses); "" = target.metric
+    cost: Literal["flops", "wall_s"] = "flops"  # minimised in pareto mode: training FLOPs (exact) or wall-clock (noisy)
+    budget_gflop_per_sample: float = 0.0  # budget mode: configs above it are pruned before training (0 = no budget)
+    pruner: Literal["median", "hyperband", "none"] = "median"  # budget mode: stops trials at validation evaluations
+    storage: str = ""  # "" = sqlite:///OUT/study.db; any Optuna RDB URL (postgresql://...) for several workers
+    study: str = ""  # "" = "<method>-<mode>"
+    seed: int = 0  # the sampler's seed (each worker adds its trial count, so workers do not repeat each other)
+    heartbeat_s: int = 30  # a trial whose worker stops beating for 2 x this is marked failed and retried
+    retries: int = 2  # retries of a failed trial (a killed worker, a crash)
+    # laid over the method's own space (its `search_space`): an entry here replaces or adds that
+    # parameter; a one-item list fixes one. {} = the method's space as it declares it.
+    space: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.metric:
+            split_metric(self.metric)
+        if self.trials < 1:
+            raise ValueError(f"trials must be >= 1, got {self.trials}")
+        for name, spec in self.space.items():
+            check_spec(name, spec)
+
+
+def check_spec(name: str, spec) -> None:
+    """One parameter of a search space: a list of choices or {low, high[, log]}."""
+    if isinstance(spec, list):
+        if not spec:
+            raise ValueError(f"space.{name}: an empty list of choices")
+        return
+    if not isinstance(spec, dict) or set(spec) - {"low", "high", "log"} or not {"low", "high"} <= set(spec):
+        raise ValueError(f"space.{name}: a list of choices or {{low, high[, log]}}, got {spec!r}")
+    if not all(isinstance(spec[k], (int, float)) and not isinstance(spec[k], bool) for k in ("low", "high")):
+        raise ValueError(f"space.{name}: low and high must be numbers, got {spec!r}")
+    if spec["low"] > spec["high"]:
+        raise ValueError(f"space.{name}: low {spec['low']} > high {spec['high']}")
+
+
+@dataclass
+class BenchConfig:
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)  # `vlp-bench search`
+    trackers: TrackersConfig = field(default_factory=TrackersConfig)  # TensorBoard, W&B (off by default)
+    methods: dict = field(default_factory=dict)  # [methods.NAME] tables, resolved into each method's Config
+    tasks: dict = field(default_factory=dict)  # [tasks.NAME] tables, resolved into each task's Config
+
+
+def load_config(path: Path | None = None, overrides: list[str] = (), defaults: dict | None = None) -> BenchConfig:
+    """`defaults` (the application's), then the TOML file (or nothing), then --set overrides ->
+    a validated BenchConfig."""
+    data = _laid_over(json.loads(json.dumps(defaults or {})), load_toml(path) if path is not None else {})
+    return load_config_dict(apply_overrides(data, list(overrides)))
+
+
+def _laid_over(base: dict, top: dict) -> dict:
+    """`top`'s values over `base`'s, table by table."""
+    for key, value in top.items():
+        base[key] = _laid_over(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return base
+
+
+def load_config_dict(data: dict) -> BenchConfig:
+    """A plain dict (a TOML file's, or a saved experiment.json) -> a validated BenchConfig."""
+    cfg = from_dict(BenchConfig, data)
+    exp = cfg.experiment
+    if not exp.methods or not exp.seeds or not exp.tasks:
+        raise UserError("experiment.methods, experiment.seeds and experiment.tasks must not be empty")
+    if len(set(exp.methods)) != len(exp.methods):
+        raise UserError(f"experiment.methods lists a method twice: {exp.methods}")
+    for name in exp.methods:
+        METHODS.get(name)  # unknown names (and impossible compositions) fail here, before any work
+    for name in exp.tasks:
+        TASKS.get(name)
+    searched = [cfg.search.method] if cfg.search.method else []
+    for name in searched:
+        METHODS.get(name)
+    cfg.methods = _resolve_plugins(cfg.methods, METHODS, "methods", [*exp.methods, *searched])
+    cfg.tasks = _resolve_plugins(cfg.tasks, TASKS, "tasks")
+    _check_data_kinds(cfg)
+    if not cfg.target.metric:
+        headline = [f"{n}.{TASKS.get(n).primary}" for n in exp.tasks if TASKS.get(n).primary]
+        if not headline:
+            raise UserError(f"target.metric: none of experiment.tasks {exp.tasks} declares a headline metric; set it")
+        cfg.target.metric = headline[0]
+    if not cfg.search.metric:
+        cfg.search.metric = cfg.target.metric
+    if cfg.target.reference and cfg.target.reference not in exp.methods:
+        raise UserError(f"target.reference '{cfg.target.reference}' is not one of experiment.methods {exp.methods}")
+    return cfg
+
+
+def _resolve_plugins(tables: dict, registry, section: str, wanted: list[str] = ()) -> dict:
+    """Validate every [section.NAME] table against the registered plug-in's Config; every plug-in
+    (and every composition named in `wanted`) gets its config, so configs saved with results are
+    complete. A composition "bridge+side" starts from its parts as configured here (and the pair's
+    own defaults, registered with it)."""
+    for name in tables:
+        if "+" not in name and name not in registry:
+            raise UserError(f"[{section}.{name}]: unknown {registry.kind} '{name}'{suggest(name, registry.names())}")
+    resolved: dict = {}
+    names = dict.fromkeys([*registry.names(), *tables, *wanted])
+    for name in sorted(names, key=lambda n: "+" in n):  # the parts before their compositions
+        cls = registry.get(name)
+        base = {}
+        if getattr(cls, "parts", None):  # a composition of methods (tasks have none)
+            bridge, side = cls.parts
+            own = {f.name for f in dataclasses.fields(registry.get(side).Options)}
+            base = {**{k: v for k, v in to_dict(resolved[side]).items() if k in own}, **to_dict(resolved[bridge]),
+                    **cls.config_defaults}
+        resolved[name] = from_dict(cls.Config, {**base, **tables.get(name, {})}, f"{section}.{name}")
+    return resolved
+
+
+def on_clips(cfg: BenchConfig) -> bool:
+    """Whether the experiment's tasks (and so its training data) are clips rather than images."""
+    return any(TASKS.get(name).data == "clips" for name in cfg.experiment.tasks)
+
+
+def _check_data_kinds(cfg: BenchConfig) -> None:
+    """One kind of training data per experiment; and what a video experiment cannot do, found when
+    the config is read: train on (image) shards, or run a method that does not take clips or
+    learns fewer frame positions than data.frames."""
+    kinds = {name: TASKS.get(name).data for name in cfg.experiment.tasks}
+    if len(set(kinds.values())) > 1:
+        raise UserError(f"experiment.tasks mixes tasks on images and on clips ({', '.join(f'{n}: {k}' for n, k in kinds.items())}): "
+                        f"a run trains on one kind of data; run them as two experiments")
+    if not on_clips(cfg):
+        return
+    if cfg.data.shards:
+        raise UserError("data.shards hold images; a video experiment trains on the clips of msrvtt/ (unset data.shards)")
+    for name in cfg.experiment.methods:
+        if not METHODS.get(name).video:
+            raise UserError(f"method '{name}' does not take video clips (its encoder's tokens differ from frame "
+                            f"to frame), and experiment.tasks {cfg.experiment.tasks} evaluate on clips")
+        max_frames = getattr(cfg.methods[name], "max_frames", None)
+        if max_frames is not None and max_frames < cfg.data.frames:
+            raise UserError(f"methods.{name}.max_frames = {max_frames} is less than data.frames = {cfg.data.frames}")
+
+
+def resume_config(out: Path) -> BenchConfig:
+    """The config an experiment directory was started with (OUT/experiment.json, complete)."""
+    path = Path(out) / "experiment.json"
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"nothing to resume in {out}: no experiment.json (was it made by `vlp-bench run`?)")
     try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: invalid TOML: {e}") from None
+        return load_config_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON: {e}") from None
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.steps=100' -> (['train', 'steps'], 100). Values are TOML; bare words are strings."""
-    if "=" not in text:
-        raise UserError(f"--set expects section.key=value, got '{text}'")
-    key, raw = text.split("=", 1)
-    keys = [k.strip() for k in key.strip().split(".")]
-    if not all(keys):
-        raise UserError(f"--set expects section.key=value, got '{text}'")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()  # a bare word such as `cpu` or `baseline,simvlg`
-    return keys, value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set each `a.b.c=value` in a nested dict (creating tables as needed)."""
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for k in keys[:-1]:
-            child = node.setdefault(k, {})
-            if not isinstance(child, dict):
-                raise UserError(f"--set {text}: '{k}' is a value, not a table")
-            node = child
-        node[keys[-1]] = value
-    return data
+def cache_dir(cfg: BenchConfig) -> Path:
+    """Where the tiny world and the tiny backbones are kept between runs."""
+    if cfg.experiment.cache:
+        return Path(cfg.experiment.cache).expanduser()
+    if os.environ.get("VLP_BENCH_CACHE"):
+        return Path(os.environ["VLP_BENCH_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "vlp-bench"

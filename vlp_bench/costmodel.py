@@ -24,14 +24,14 @@ from types import SimpleNamespace
 
 import torch
 
+from vlp_bench.config import on_clips
 from vlp_bench.backbones.encoders import Backbones, VisionEncoder, _tiny_vit, freeze, frozen_dtype, tiny_llama
 from vlp_bench.errors import UserError
 from vlp_bench.train.flops import UNIT, FlopCount
-from vlp_bench.progress import text_table
+from vlp_bench.log import text_table
 from vlp_bench.registry import METHODS
 from vlp_bench.train.trainer import count_step
 
-REFERENCE = "baseline"  # ratios are the baseline's cost over each method's
 BATCH = 8  # samples per counted step: costs are per sample; >= 2 for BLIP-2's in-batch negatives
 
 
@@ -72,8 +72,6 @@ def _frozen(module, device) -> torch.nn.Module:
 
 def frames_of(bench) -> int:
     """data.frames when the experiment's tasks are on clips (its samples are clips), else 0."""
-    from vlp_bench.experiment import on_clips
-
     return bench.data.frames if on_clips(bench) else 0
 
 
@@ -147,10 +145,11 @@ def scale(name: str, bench, device="meta") -> Scale:
     return (vitl1b_scale if name == "vitl-1b" else paper_scale)(device, frames_of(bench))
 
 
-def per_sample_costs(scale: Scale, names: list[str]) -> dict:
-    """{method: {tokens_to_llm, stages: [...], per_sample: by_part, total, ratio}} at this scale."""
+def per_sample_costs(scale: Scale, names: list[str], reference: str | None = None) -> dict:
+    """{method: {tokens_to_llm, stages: [...], per_sample: by_part, total[, ratio_to_reference]}} at
+    this scale; with a `reference` method, each one's ratio is the reference's cost over its own."""
     results = {}
-    for name in dict.fromkeys([REFERENCE, *names]):  # the reference first: every ratio needs it
+    for name in dict.fromkeys([*([reference] if reference else []), *names]):  # the reference first
         if name in scale.costs:
             results[name] = dict(scale.costs[name])
             continue
@@ -180,19 +179,21 @@ def per_sample_costs(scale: Scale, names: list[str]) -> dict:
                              "per_sample": mean.by_part, "forward": mean.forward, "backward": mean.backward,
                              "total": mean.total}
         results[name] = dict(scale.costs[name])
-    ref = results[REFERENCE]["total"]
-    for r in results.values():
-        r["ratio_to_baseline"] = ref / r["total"]
-    return {name: results[name] for name in dict.fromkeys([*names, REFERENCE]) if name in results}
+    if reference:
+        for r in results.values():
+            r["ratio_to_reference"] = results[reference]["total"] / r["total"]
+    return {name: results[name] for name in dict.fromkeys([*names, *([reference] if reference else [])])}
 
 
-def cost_table(scale: Scale, names: list[str]) -> dict:
+def cost_table(scale: Scale, names: list[str], reference: str) -> dict:
+    """`vlp-bench flops --json`: the methods' per-sample costs at this scale, with what they are per."""
     return {"preset": scale.name, "unit": UNIT, "per": "training sample", "batch": BATCH, "frames": scale.frames,
             "image_size": scale.image_size, "caption_tokens": scale.caption_words + 1, "prompt": scale.prompt,
-            "vision_tokens": scale.backbones.vision.num_tokens, "methods": per_sample_costs(scale, names)}
+            "vision_tokens": scale.backbones.vision.num_tokens, "reference": reference,
+            "methods": per_sample_costs(scale, names, reference)}
 
 
-def costable_table(scale: Scale, names: list[str]) -> dict:
+def costable_table(scale: Scale, names: list[str], reference: str) -> dict:
     """cost_table of the methods this scale can cost; the others are listed under "skipped" with
     the reason (no config at this scale, or one its backbones cannot run), so a report can say so."""
     ok, skipped = [], {}
@@ -210,19 +211,20 @@ def costable_table(scale: Scale, names: list[str]) -> dict:
             skipped[name] = str(e)
             continue
         ok.append(name)
-    return {**cost_table(scale, ok), "skipped": skipped}
+    reference = reference if reference in ok else (ok[0] if ok else None)  # the reference itself may be skipped
+    return {**(cost_table(scale, ok, reference) if ok else {}), "skipped": skipped}
 
 
 def format_table(table: dict) -> str:
     """A plain-text table in GFLOP per sample."""
     parts = ["vision", "bridge", "llm"]
     header = ["method", "tokens->LLM", *[f"{p} {d}" for p in parts for d in ("fwd", "bwd")], "total",
-              "baseline / method"]
+              f"{table['reference']} / method"]
     rows = []
     for name, m in table["methods"].items():
         cells = [m["per_sample"].get(p, {}).get(d, 0.0) / 1e9 for p in parts for d in ("forward", "backward")]
         rows.append([name, str(m["tokens_to_llm"]), *[f"{c:.4g}" for c in cells], f"{m['total'] / 1e9:.4g}",
-                     f"{m['ratio_to_baseline']:.2f}x"])
+                     f"{m['ratio_to_reference']:.2f}x"])
     title = (f"{table['preset']} preset: GFLOP per training sample ({table['unit']}); "
              f"{table['vision_tokens']} vision tokens{' per frame of clips of %d frames' % table['frames'] if table.get('frames') else ''}, captions of {table['caption_tokens']} tokens (with EOS)"
              f"{' after the prompt ' + repr(table['prompt']) if table['prompt'] else ''}; "

@@ -22,9 +22,9 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from vlp_bench.backbones.encoders import Backbones
+from vlp_bench.nn.generation import DecodingConfig, generate_from_prefix, lm_rows, prefix_lm_loss
 
 
 @dataclass
@@ -42,15 +42,6 @@ class StepOutput:
     weight: float | None = None
 
 
-@dataclass
-class DecodingConfig:
-    prompt: str = "a photo of"  # BLIP-2's captioning prompt
-    num_beams: int = 5  # BLIP-2's decoding: beam 5, max 30, min 8 new tokens
-    max_new_tokens: int = 30
-    min_new_tokens: int = 8
-    batch_size: int = 64  # images per generate() call; memory only, results do not depend on it
-
-
 class Method(nn.Module):
     name: ClassVar[str]  # set by the registry
     Config: ClassVar[type]
@@ -64,6 +55,24 @@ class Method(nn.Module):
     # modules inside the frozen encoder train (simvlg-video's temporal attention): the backward then
     # runs through the encoder to reach them, and its FLOPs are counted (tests/test_flops.py)
     trains_encoder: ClassVar[bool] = False
+    # the bridge reads the encoder's tokens as a whole patch grid (pooling by position): a vision
+    # side that drops patches (FLIP) cannot feed it
+    needs_patch_grid: ClassVar[bool] = False
+    # a composition "bridge+side" (compose()): its parts' names and its own config defaults
+    parts: ClassVar[tuple[str, str] | None] = None
+    config_defaults: ClassVar[dict] = {}
+
+    @classmethod
+    def search_values(cls, params: dict, cfg, backbones: Backbones) -> dict:
+        """`vlp-bench search`: a trial's sampled parameters -> this method's config values. Taken as
+        they are by default; a method whose space has derived parameters (SimVLG's schedule grammar)
+        reads them here. `cfg`: the method's configured settings the trial starts from."""
+        return dict(params)
+
+    @classmethod
+    def search_start_points(cls, cfg, backbones: Backbones, space: dict) -> list[dict]:
+        """`vlp-bench search`: points of `space` every study tries first (e.g. its paper's setting)."""
+        return []
 
     def __init__(self, cfg, backbones: Backbones):
         super().__init__()
@@ -164,18 +173,16 @@ class VisionSide(FrozenLLMMethod):
     Options: ClassVar[type]
 
 
-def compose(name: str, bridge: type, side: type) -> type:
+def compose(name: str, bridge: type, side: type, defaults: dict) -> type:
     """The method `name` = bridge method + vision side: the side's encode in front of the bridge's
-    bridge, one config holding both parts' settings."""
+    bridge, one config holding both parts' settings; `defaults`: the pair's own settings where they
+    differ from its parts' (registered with it, e.g. a smaller merge rate)."""
     if not (isinstance(bridge, type) and issubclass(bridge, FrozenLLMMethod)) or issubclass(bridge, VisionSide):
         raise ValueError(f"'{name}': the first part must be a frozen-LLM bridge method (e.g. baseline, simvlg, "
                          f"blip2), not '{bridge.name}'")
     options = getattr(side, "Options", None)
     if options is None or not issubclass(side, FrozenLLMMethod):
         raise ValueError(f"'{name}': '{side.name}' is not a vision-side method that can be stacked onto a bridge")
-    from vlp_bench.methods import COMPOSITIONS
-
-    defaults = dict(COMPOSITIONS.get(name, {}))  # a registered pair's own defaults, e.g. a smaller r
     types = {f.name: f.type for c in (options, bridge.Config) for f in dataclasses.fields(c)}
     config = dataclasses.make_dataclass(f"{bridge.Config.__name__}_{options.__name__}",
                                         [(k, types[k], dataclasses.field(default=v)) for k, v in defaults.items()],
@@ -199,74 +206,3 @@ def frame_average(encoder, images: torch.Tensor) -> torch.Tensor:
         return encoder(images)
     B, T = images.shape[:2]
     return encoder(images.flatten(0, 1)).unflatten(0, (B, T)).mean(dim=1)
-
-
-def _embed(llm: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return llm.get_input_embeddings()(ids)
-
-
-def pad_rows(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id rows -> (ids (B, L), valid (B, L) bool), padded on the right (or the left)."""
-    L = max(map(len, rows))
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    valid = torch.zeros((len(rows), L), dtype=torch.bool)
-    for r, row in enumerate(rows):
-        if row:
-            span = slice(L - len(row), L) if left else slice(0, len(row))
-            ids[r, span] = torch.tensor(row)
-            valid[r, span] = True
-    return ids, valid
-
-
-def lm_rows(tokenizer, prompt: str, targets: list[str]) -> tuple[list[int], list[list[int]]]:
-    """(prompt ids, one row per target: prompt ids + target ids + EOS)."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids if prompt else []
-    return prompt_ids, [prompt_ids + tokenizer(" " + t, add_special_tokens=False).input_ids
-                        + [tokenizer.eos_token_id] for t in targets]
-
-
-def prefix_lm_loss(llm, tokenizer, prefix: torch.Tensor, prompt: str, targets: list[str]) -> tuple[torch.Tensor, int]:
-    """Causal LM loss of `targets` (+ EOS) after [soft prefix][prompt] (prefix and prompt get no
-    loss), and the number of target tokens it is the mean over."""
-    device = prefix.device
-    prompt_ids, rows = lm_rows(tokenizer, prompt, targets)
-    ids, valid = pad_rows(rows, tokenizer.pad_token_id)  # right padding: pads come last and get no loss
-    labels = ids.masked_fill(~valid, -100)
-    labels[:, : len(prompt_ids)] = -100  # nor does the prompt
-    n_targets = int((labels != -100).sum())  # counted on the CPU (the device may be meta)
-    ids, labels, mask = ids.to(device), labels.to(device), valid.long().to(device)
-    B, P, _ = prefix.shape
-    L = ids.shape[1]
-    text = _embed(llm, ids)  # embedded once: `vlp-bench validate` counts the LLM's text positions here
-    embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
-    attn = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), mask], dim=1)
-    if bool(valid.all()):  # no padding: the causal mask alone (same result; and no data-dependent
-        attn = None  # mask check, so the meta device of `vlp-bench flops` can run it)
-    logits = llm(inputs_embeds=embeds, attention_mask=attn, use_cache=False).logits  # (B, P + L, V)
-    # text token j sits at position P + j and is predicted by the logits at position P + j - 1
-    loss = F.cross_entropy(logits[:, P - 1 : P + L - 1].float().reshape(B * L, -1), labels.reshape(-1))
-    return loss, n_targets
-
-
-@torch.no_grad()
-def generate_from_prefix(llm, tokenizer, prefix: torch.Tensor, prompts: list[str], dec: DecodingConfig) -> list[str]:
-    """Beam search through the frozen LLM from [soft prefix][prompt]; prompts are left-padded."""
-    device = prefix.device
-    prompt_ids = [tokenizer(p, add_special_tokens=True).input_ids if p else [] for p in prompts]
-    ids, valid = pad_rows(prompt_ids, tokenizer.pad_token_id, left=True)
-    ids, text_mask = ids.to(device), valid.long().to(device)
-    B, P, _ = prefix.shape
-    # left padding: [pads][prefix][prompt] so every row ends where generation starts
-    text = _embed(llm, ids)
-    embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
-    attn = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), text_mask], dim=1)
-    if not bool(valid.all()):  # move each row's pads to the front
-        order = torch.argsort(attn, dim=1, stable=True)
-        embeds = torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds))
-        attn = torch.gather(attn, 1, order)
-    out = llm.generate(
-        inputs_embeds=embeds, attention_mask=attn, num_beams=dec.num_beams, do_sample=False,
-        max_new_tokens=dec.max_new_tokens, min_new_tokens=dec.min_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -1,18 +1,27 @@
 """One registry per kind of plug-in (methods, tasks), keyed by name, with suggestions on typos.
 
-Built-in entries register themselves with a decorator when their package is imported:
-
-    @METHODS.register("baseline")
-    class Baseline(FrozenLLMMethod): ...
-
-Other installed packages add entries through Python entry points (docs/adding-a-method.md):
+Every entry, built-in or not, is found through Python entry points in the registry's group
+("vlp_bench.methods", "vlp_bench.tasks"; docs/adding-a-method.md). An entry point names either one
+class:
 
     [project.entry-points."vlp_bench.methods"]
     stride = "vlp_bench_stride:Stride"
 
-The registry imports its package and the plug-ins lazily on first lookup, so `import vlp_bench`
-stays cheap. A plug-in that fails to import, is not a method (task) class, or reuses a taken name
-is left out with a one-line warning naming its package; the other entries work as before.
+or, with no ":attr", a package whose import registers its classes with the decorator (this is how
+vlp-bench's own methods/ and tasks/ come in: pyproject.toml names them, and methods/__init__.py
+is their one registration list):
+
+    @METHODS.register("baseline")
+    class Baseline(FrozenLLMMethod): ...
+
+The core never imports a plug-in by name. The registry loads the entry points lazily on first
+lookup, so `import vlp_bench` stays cheap, vlp-bench's own first (their names are kept). A plug-in
+that fails to import, is not a method (task) class, or reuses a taken name is left out with a
+one-line warning naming its package; the other entries work as before.
+
+Compositions ("bridge+side", vlp_bench.method.compose) are registered by name with the settings the
+pair needs beyond its parts' (`register_composition`), and listed and tested like any entry; any
+other pair can be named and is composed on demand.
 """
 
 from __future__ import annotations
@@ -20,27 +29,25 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-import pkgutil
 import sys
 from importlib import metadata
 from typing import Callable, Generic, TypeVar
 
-from vlp_bench.config import suggest
+from vlp_bench.errors import suggest
 from vlp_bench.errors import UserError
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, package: str, base: str, composer: str = ""):
+    def __init__(self, kind: str, group: str, base: str, composer: str = ""):
         self.kind = kind
-        # every module of this package is imported to populate the registry; its name is also the
-        # entry-point group of the plug-ins ("vlp_bench.methods", "vlp_bench.tasks")
-        self.package = package
+        self.group = group  # the entry-point group its entries are declared in
         self.base = base  # "module:Class" every entry subclasses (checked for plug-ins)
         self.composer = composer  # "module:function" building entry "a+b" from entries a and b
         self._entries: dict[str, T] = {}
         self._composed: dict[str, T] = {}  # built on demand: usable by name, not listed
+        self._compositions: dict[str, dict] = {}  # registered pairs -> their own config defaults
         self._origins: dict[str, str] = {}  # plug-in name -> "package version"; absent = built-in
         self.problems: list[str] = []  # why each plug-in left out was (one line each)
         self._broken: dict[str, str] = {}  # a name only a plug-in that failed to load had -> why
@@ -56,44 +63,68 @@ class Registry(Generic[T]):
 
         return deco
 
+    def register_composition(self, name: str, **defaults) -> None:
+        """List the composition `name` ("bridge+side") with the settings it needs beyond its parts'
+        (e.g. a smaller merge rate); it is built when the registry loads."""
+        self._compositions[name] = defaults
+
     def _load(self) -> None:
         if self._loaded:
             return
         self._loaded = True
-        pkg = importlib.import_module(self.package)
-        for info in pkgutil.iter_modules(pkg.__path__):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{self.package}.{info.name}")
-        for name in getattr(pkg, "COMPOSITIONS", ()):  # compositions listed (and tested) like any entry
-            self.register(name)(self.compose(name))
-        self._load_plugins()
-
-    def _load_plugins(self) -> None:
         module, _, cls = self.base.partition(":")
         base = getattr(importlib.import_module(module), cls)
-        for ep in sorted(metadata.entry_points(group=self.package), key=lambda e: (e.name, e.value)):
-            package = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "an unnamed package"
-            where = f"plug-in {self.kind} '{ep.name}' of {package} ({ep.value})"
-            if "+" in ep.name:
-                self._left_out(f"{where}: '+' is kept for compositions")
-                continue
-            if ep.name in self._entries:  # the name keeps meaning the entry that holds it
-                taken = f"the one of {self._origins[ep.name]}" if ep.name in self._origins else "a built-in one"
-                self._left_out(f"{where}: the name is taken by {taken}")
-                continue
+        for ep in sorted(self._entry_points(), key=_own_first):
+            self._load_entry_point(ep, base)
+        for name in self._compositions:  # listed (and tested) like any entry
+            self.register(name)(self.compose(name))
+        if not self._entries and not self.problems:
+            raise UserError(f"no {self.kind} is registered: vlp-bench's own come from its entry points, so it "
+                            f"must be installed (pip install -e .)")
+
+    def _entry_points(self) -> list:
+        """The group's entry points of every installed distribution. Not metadata.entry_points(),
+        which keeps the first distribution of a name on the path: a stale vlp_bench.egg-info in the
+        working directory would then hide the installed one's."""
+        found = {}
+        for dist in metadata.distributions():
+            for ep in dist.entry_points.select(group=self.group):
+                found.setdefault((ep.name, ep.value), ep)  # the same distribution seen twice: once
+        return list(found.values())
+
+    def _load_entry_point(self, ep, base: type) -> None:
+        package = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "an unnamed package"
+        where = f"plug-in {self.kind} '{ep.name}' of {package} ({ep.value})"
+        if ":" not in ep.value:  # a package of entries that register themselves
+            before = set(self._entries)
             try:
-                obj = ep.load()
+                ep.load()
             except Exception as e:  # noqa: BLE001 - any error of a third-party import: report it, go on
-                self._left_out(f"{where} cannot be imported: {type(e).__name__}: {e}", ep.name)
-                continue
-            if not (isinstance(obj, type) and issubclass(obj, base)):
-                self._left_out(f"{where} is not a subclass of {self.base}", ep.name)
-            elif not dataclasses.is_dataclass(getattr(obj, "Config", None)):
-                self._left_out(f"{where} has no Config dataclass", ep.name)
-            else:
-                self._entries[ep.name] = obj
-                obj.name = ep.name
-                self._origins[ep.name] = package
+                self._left_out(f"{where} cannot be imported: {type(e).__name__}: {e}")
+                return
+            if ep.dist is None or ep.dist.name != OWN_DISTRIBUTION:
+                self._origins.update({name: package for name in set(self._entries) - before})
+            return
+        if "+" in ep.name:
+            self._left_out(f"{where}: '+' is kept for compositions")
+            return
+        if ep.name in self._entries:  # the name keeps meaning the entry that holds it
+            taken = f"the one of {self._origins[ep.name]}" if ep.name in self._origins else "a built-in one"
+            self._left_out(f"{where}: the name is taken by {taken}")
+            return
+        try:
+            obj = ep.load()
+        except Exception as e:  # noqa: BLE001 - any error of a third-party import: report it, go on
+            self._left_out(f"{where} cannot be imported: {type(e).__name__}: {e}", ep.name)
+            return
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            self._left_out(f"{where} is not a subclass of {self.base}", ep.name)
+        elif not dataclasses.is_dataclass(getattr(obj, "Config", None)):
+            self._left_out(f"{where} has no Config dataclass", ep.name)
+        else:
+            self._entries[ep.name] = obj
+            obj.name = ep.name
+            self._origins[ep.name] = package
 
     def _left_out(self, why: str, name: str = "") -> None:
         """A plug-in left out: kept for `vlp-bench list` and `validate`, said once on stderr (rank
@@ -134,7 +165,7 @@ class Registry(Generic[T]):
         first, second = (self.get(p) for p in parts)
         module, _, func = self.composer.partition(":")
         try:
-            obj = getattr(importlib.import_module(module), func)(name, first, second)
+            obj = getattr(importlib.import_module(module), func)(name, first, second, self._compositions.get(name, {}))
         except ValueError as e:
             raise UserError(str(e)) from None
         obj.name = name
@@ -148,6 +179,12 @@ class Registry(Generic[T]):
         return True
 
 
+def _own_first(ep) -> tuple:
+    """vlp-bench's own entry points before any other package's (their names are kept), then by name."""
+    return (ep.dist is None or ep.dist.name != OWN_DISTRIBUTION, ep.name, ep.value)
+
+
+OWN_DISTRIBUTION = "vlp-bench"
 METHODS: Registry = Registry("method", "vlp_bench.methods", "vlp_bench.method:Method",
                              composer="vlp_bench.method:compose")
 TASKS: Registry = Registry("task", "vlp_bench.tasks", "vlp_bench.task:Task")

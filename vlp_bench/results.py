@@ -1,4 +1,4 @@
-"""Run records and their schema. Every file is written to a temporary name and renamed.
+"""Run records and their schema. Every file is written atomically (vlp_bench/files.py).
 
 OUT/<run-id>/
     config.json            the resolved experiment config this run used
@@ -13,51 +13,19 @@ results.json, schema_version 4 (docs/results-schema.md describes every field):
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
-from vlp_bench.errors import UserError
+from vlp_bench.files import write_jsonl
 
 # 2: FLOPs and the validation learning curve (step 0 .. last); 3: `data` (the training data's source and
 # skipped samples) and `distributed`; 4: `env.plugins` (the plug-in package of each method and task that
 # did not come with vlp-bench); see docs/results-schema.md
 SCHEMA_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)  # older records read fine: the fields they lack are just absent
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # the previous file, if any, is untouched
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    except ValueError as e:  # bad JSON or bad UTF-8: name the file, never a traceback
-        raise UserError(f"{path}: not a JSON-lines file ({type(e).__name__}: {e})") from None
 
 
 class MetricsLog:

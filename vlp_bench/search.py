@@ -18,56 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import socket
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
+from vlp_bench import costmodel
+from vlp_bench.config import BenchConfig, SearchConfig, check_spec
 from vlp_bench.errors import UserError
-from vlp_bench.metrics.targets import split_metric
-
-@dataclass
-class SearchConfig:
-    method: str = "simvlg"  # the method whose [methods.NAME] values the search varies
-    trials: int = 20  # finished (complete or pruned) trials the study should hold; re-running tops it up
-    mode: Literal["pareto", "budget"] = "pareto"  # pareto: quality vs cost; budget: quality under a FLOPs budget
-    metric: str = "caption.CIDEr"  # maximised: the final validation value (the test split never chooses)
-    cost: Literal["flops", "wall_s"] = "flops"  # minimised in pareto mode: training FLOPs (exact) or wall-clock (noisy)
-    budget_gflop_per_sample: float = 0.0  # budget mode: configs above it are pruned before training (0 = no budget)
-    pruner: Literal["median", "hyperband", "none"] = "median"  # budget mode: stops trials at validation evaluations
-    storage: str = ""  # "" = sqlite:///OUT/study.db; any Optuna RDB URL (postgresql://...) for several workers
-    study: str = ""  # "" = "<method>-<mode>"
-    seed: int = 0  # the sampler's seed (each worker adds its trial count, so workers do not repeat each other)
-    heartbeat_s: int = 30  # a trial whose worker stops beating for 2 x this is marked failed and retried
-    retries: int = 2  # retries of a failed trial (a killed worker, a crash)
-    # laid over the method's own space (its `search_space`): an entry here replaces or adds that
-    # parameter; a one-item list fixes one. {} = the method's space as it declares it.
-    space: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        split_metric(self.metric)
-        if self.trials < 1:
-            raise ValueError(f"trials must be >= 1, got {self.trials}")
-        for name, spec in self.space.items():
-            _check_spec(name, spec)
-
-
-def _check_spec(name: str, spec) -> None:
-    if isinstance(spec, list):
-        if not spec:
-            raise ValueError(f"space.{name}: an empty list of choices")
-        return
-    if not isinstance(spec, dict) or set(spec) - {"low", "high", "log"} or not {"low", "high"} <= set(spec):
-        raise ValueError(f"space.{name}: a list of choices or {{low, high[, log]}}, got {spec!r}")
-    if not all(isinstance(spec[k], (int, float)) and not isinstance(spec[k], bool) for k in ("low", "high")):
-        raise ValueError(f"space.{name}: low and high must be numbers, got {spec!r}")
-    if spec["low"] > spec["high"]:
-        raise ValueError(f"space.{name}: low {spec['low']} > high {spec['high']}")
-
+from vlp_bench.experiment import Experiment, StopRun, prepare
+from vlp_bench.files import atomic_write_json, read_jsonl
+from vlp_bench.log import say
+from vlp_bench.registry import METHODS
+from vlp_bench.typed import from_dict, to_dict
 
 def space_of(method_cls, overrides: dict) -> dict:
     """The space searched: the method's own `search_space` with [search.space]'s entries laid over it."""
@@ -77,7 +41,7 @@ def space_of(method_cls, overrides: dict) -> dict:
                         f"[search.space] (a list = choices, {{low, high}} = a range)")
     for name, spec in space.items():
         try:
-            _check_spec(name, spec)
+            check_spec(name, spec)
         except ValueError as e:
             raise UserError(f"{method_cls.name}.search_space: {e}") from None
     return space
@@ -94,71 +58,6 @@ def suggest(trial, space: dict) -> dict:
         else:
             params[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=spec.get("log", False))
     return params
-
-
-def schedule_for_tokens(n_tokens: int, depth: int, tokens: int, protected: int = 1) -> list[int]:
-    """Per-layer r that takes n_tokens to `tokens` (or as close as ToMe's per-layer clamp allows),
-    merging as evenly as possible across the layers."""
-    def fewest(t: int, layers: int) -> int:  # the fewest tokens `layers` more layers can leave
-        for _ in range(layers):
-            t -= (t - protected) // 2
-        return t
-
-    schedule, t = [], n_tokens
-    for i in range(depth):
-        cap = (t - protected) // 2
-        r = min(max(math.ceil((t - tokens) / (depth - i)), 0), cap)
-        while r < cap and fewest(t - r, depth - i - 1) > tokens:  # merge more now if later layers cannot
-            r += 1
-        schedule.append(r)
-        t -= r
-    return schedule
-
-
-def method_values(params: dict, n_tokens: int = 2, depth: int = 1) -> dict:
-    """Sampled parameters -> [methods.NAME] values, reading the schedule grammar's three forms:
-    - "r" with "inflection": the ramp [r, inflection] (inflection 0: the same r in every layer);
-    - "r_layer_0", "r_layer_1", ...: a per-layer list (one per bridge layer);
-    - "tokens": the final token count, reached by merging evenly across the layers
-      (n_tokens: tokens into the bridge; depth: its layers)."""
-    values = dict(params)
-    inflection = values.pop("inflection", None)
-    if inflection is not None and "r" in values and round(inflection, 6) != 0:
-        values["r"] = [values["r"], float(inflection)]
-    layers = sorted((k for k in values if k.startswith("r_layer_")), key=lambda k: int(k.rpartition("_")[2]))
-    if layers:
-        if len(layers) != depth:
-            raise UserError(f"search.space: {len(layers)} r_layer_* parameters for a bridge of {depth} layers")
-        values["r"] = [int(values.pop(k)) for k in layers]
-    if "tokens" in values:
-        values["r"] = schedule_for_tokens(n_tokens, depth, int(values.pop("tokens")))
-    return values
-
-
-def known_points(method_cls, cfg, backbones, space: dict) -> list[dict]:
-    """Trials every study starts from: no merging, and the paper's schedule scaled to this encoder:
-    SimVLG keeps 29 of ViT-g's 257 tokens (r = 19 in 12 layers); here, with "r", the constant r
-    within the space's range whose final count (ToMe clamps each layer to half) comes closest to
-    that share, or with "tokens", that share itself."""
-    from vlp_bench.nn.merging import token_counts
-
-    n = method_cls.input_tokens(cfg, backbones.vision)
-    goal = n * 29 / 257
-    form = next((k for k in ("r", "tokens") if isinstance(space.get(k), dict)), None)
-    if form is None:
-        return []
-    lo, hi = space[form]["low"], space[form]["high"]
-    if form == "r":
-        ends = (lo, min(range(lo, hi + 1), key=lambda r: abs(token_counts(n, [r] * cfg.depth)[-1] - goal)))
-    else:
-        ends = (min(max(n, lo), hi), min(max(round(goal), lo), hi))
-    fixed = {"inflection": 0.0, "curriculum_start": 1.0, "curriculum_ramp": 0.0, "variant": "tome"}
-    points = []
-    for value in dict.fromkeys(ends):
-        p = {k: value if k == form else fixed.get(k, v[0] if isinstance(v, list) else None) for k, v in space.items()}
-        if all(v is not None for v in p.values()):  # a parameter with no known value: no known point
-            points.append(p)
-    return points
 
 
 def _storage(url: str, cfg: SearchConfig):
@@ -179,24 +78,14 @@ def _pruner(name: str):
             "hyperband": optuna.pruners.HyperbandPruner(), "none": optuna.pruners.NopPruner()}[name]
 
 
-def run_search(bench, out: Path, progress: bool = True) -> dict:
+def run_search(bench: BenchConfig, out: Path) -> dict:
     """Run (or resume) the study; returns the summary written to OUT/search.json."""
     import optuna
 
-    from vlp_bench import costmodel
-    from vlp_bench.config import from_dict, to_dict
-    from vlp_bench.data.images import ImageLoader
-    from vlp_bench.experiment import StopRun, _one_run, prepare, say, training_data
-    from vlp_bench.registry import METHODS, TASKS
-    from vlp_bench.results import atomic_write_json, env_info
-
+    if not bench.search.method:
+        raise UserError("search.method is not set: name the method whose settings are searched")
     cls = METHODS.get(bench.search.method)
     cfg: SearchConfig = dataclasses.replace(bench.search, space=space_of(cls, bench.search.space))
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = {k for k in cfg.space if k not in ("inflection", "tokens") and not k.startswith("r_layer_")} - fields
-    if unknown:
-        raise UserError(f"search.space: {sorted(unknown)} are not settings of methods.{cfg.method} "
-                        f"({', '.join(sorted(fields))})")
     if cfg.metric.partition(".")[0] not in bench.experiment.tasks:
         raise UserError(f"search.metric {cfg.metric}: task '{cfg.metric.partition('.')[0]}' is not in "
                         f"experiment.tasks {bench.experiment.tasks}")
@@ -205,6 +94,37 @@ def run_search(bench, out: Path, progress: bool = True) -> dict:
     except OSError as e:
         raise UserError(f"cannot write to the output directory {out}: {e.strerror or e}") from None
     url = cfg.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    study = _open_study(cfg, url)
+    experiment = prepare(bench)  # the same preparation as `vlp-bench run`: data, backbones, tasks, batches
+    _check_space(cls, cfg, experiment)
+    for point in cls.search_start_points(bench.methods[cfg.method], experiment.backbones, cfg.space):
+        study.enqueue_trial(point, skip_if_exists=True)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    t0 = time.perf_counter()
+    left = cfg.trials - len(study.get_trials(deepcopy=False, states=finished))
+    if left > 0:
+        say(f"study '{study.study_name}' in {url}: {cfg.trials - left} of {cfg.trials} trials done; running the rest")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        failures: list[int] = []
+
+        def stop_on_failures(study, trial):  # a run that fails fails again: never loop on them for ever
+            if trial.state == optuna.trial.TrialState.FAIL:
+                failures.append(trial.number)
+                if len(failures) >= max(3, cfg.trials):
+                    say(f"{len(failures)} trials failed in this worker (see their run directories); stopping")
+                    study.stop()
+
+        study.optimize(_Objective(experiment, cls, cfg, out), catch=(RuntimeError,), callbacks=[
+            optuna.study.MaxTrialsCallback(cfg.trials, states=finished), stop_on_failures])
+    summary = summarize(study, cfg, url, time.perf_counter() - t0)
+    atomic_write_json(out / "search.json", summary)
+    return summary
+
+
+def _open_study(cfg: SearchConfig, url: str):
+    """The study named by the config in `url`, created or resumed (its directions must match the mode)."""
+    import optuna
+
     name = cfg.study or f"{cfg.method}-{cfg.mode}"
     directions = ["maximize", "minimize"] if cfg.mode == "pareto" else ["maximize"]
     storage = _storage(url, cfg)
@@ -216,92 +136,90 @@ def run_search(bench, out: Path, progress: bool = True) -> dict:
         raise UserError(f"study '{name}' in {url}: {e}") from None
     if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
         raise UserError(f"study '{name}' in {url} was made for another mode; name another --study")
+    return study
 
-    root, backbones, device = prepare(bench, progress)
-    base_cfg = bench.methods[cfg.method]
-    for point in known_points(cls, base_cfg, backbones, cfg.space):
-        study.enqueue_trial(point, skip_if_exists=True)
-    images = ImageLoader(backbones.vision.image_size, backbones.vision.mean, backbones.vision.std)
-    tasks = {n: TASKS.get(n)(bench.tasks[n], root, images) for n in bench.experiment.tasks}
-    data, env = training_data(bench, root, images, device), env_info(device)
-    seed = bench.experiment.seeds[0]
-    task, _, key = cfg.metric.partition(".")
 
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+def _check_space(cls, cfg: SearchConfig, experiment: Experiment) -> None:
+    """Every parameter of the space becomes a setting of the method (read through its
+    search_values hook), found before any trial trains: one point of the space is translated."""
+    probe = {name: spec[0] if isinstance(spec, list) else spec["low"] for name, spec in cfg.space.items()}
+    values = cls.search_values(probe, experiment.cfg.methods[cfg.method], experiment.backbones)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = set(values) - fields
+    if unknown:
+        raise UserError(f"search.space: {sorted(unknown)} are not settings of methods.{cfg.method} "
+                        f"({', '.join(sorted(fields))})")
 
-    def objective(trial):
-        trial.set_user_attr("worker", worker)
-        params = suggest(trial, cfg.space)
-        values = method_values(params, cls.input_tokens(base_cfg, backbones.vision), getattr(base_cfg, "depth", 1))
-        try:
-            mcfg = from_dict(cls.Config, {**to_dict(base_cfg), **values}, f"methods.{cfg.method}")
-            cls.check(mcfg, backbones)
-        except (UserError, ValueError) as e:  # a schedule that removes more tokens than exist: infeasible
-            trial.set_user_attr("infeasible", str(e))
-            raise optuna.TrialPruned(str(e)) from None
-        if cfg.mode == "budget" and cfg.budget_gflop_per_sample > 0:
-            per_sample = costmodel.per_sample_costs(
-                costmodel.tiny_scale(dataclasses.replace(bench, methods={**bench.methods, cfg.method: mcfg})),
-                [cfg.method])[cfg.method]["total"] / 1e9
-            trial.set_user_attr("predicted_gflop_per_sample", per_sample)
-            if per_sample > cfg.budget_gflop_per_sample:
-                trial.set_user_attr("infeasible", f"{per_sample:.4g} GFLOP/sample over the budget")
-                raise optuna.TrialPruned("over the FLOPs budget")
-        run_dir = out / f"trial-{trial.number:04d}" / f"{cfg.method}-seed{seed}"
+
+class _Objective:
+    """One trial: the sampled settings -> an ordinary run of the experiment -> (quality[, cost])."""
+
+    def __init__(self, experiment: Experiment, cls, cfg: SearchConfig, out: Path):
+        self.exp, self.cls, self.cfg, self.out = experiment, cls, cfg, out
+        self.base = experiment.cfg.methods[cfg.method]
+        self.seed = experiment.cfg.experiment.seeds[0]
+        self.task, _, self.key = cfg.metric.partition(".")
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, trial):
+        import optuna
+
+        cfg = self.cfg
+        trial.set_user_attr("worker", self.worker)
+        values = self.cls.search_values(suggest(trial, cfg.space), self.base, self.exp.backbones)
+        mcfg = self.feasible(trial, values)
+        run_dir = self.out / f"trial-{trial.number:04d}" / f"{cfg.method}-seed{self.seed}"
         trial.set_user_attr("run_dir", str(run_dir))
         say(f"trial {trial.number}: {values}")
-        run_cfg = dataclasses.replace(bench, methods={**bench.methods, cfg.method: mcfg})
 
         def on_eval(step: int, metrics: dict) -> None:
-            value = metrics.get(task, {}).get(key)
+            value = metrics.get(self.task, {}).get(self.key)
             if cfg.mode == "budget" and isinstance(value, (int, float)):
                 trial.report(value, step)
                 if trial.should_prune():
                     raise StopRun(f"pruned at step {step} ({cfg.metric} {value:.4g})")
 
         try:
-            _one_run(run_cfg, cfg.method, seed, run_dir, backbones, tasks, data, device, env, progress,
-                     on_eval=on_eval)
+            self.exp.run_one(cfg.method, self.seed, run_dir, method_cfg=mcfg, on_eval=on_eval)
         except StopRun as e:
             raise optuna.TrialPruned(str(e)) from None
+        return self.values(trial, run_dir)
+
+    def feasible(self, trial, values: dict):
+        """The trial's method config, or a pruned trial: a schedule that removes more tokens than
+        exist, or (budget mode) a per-sample cost over the budget, found before it trains."""
+        import optuna
+
+        cfg, name = self.cfg, self.cfg.method
+        try:
+            mcfg = from_dict(self.cls.Config, {**to_dict(self.base), **values}, f"methods.{name}")
+            self.cls.check(mcfg, self.exp.backbones)
+        except (UserError, ValueError) as e:
+            trial.set_user_attr("infeasible", str(e))
+            raise optuna.TrialPruned(str(e)) from None
+        if cfg.mode == "budget" and cfg.budget_gflop_per_sample > 0:
+            bench = dataclasses.replace(self.exp.cfg, methods={**self.exp.cfg.methods, name: mcfg})
+            per_sample = costmodel.per_sample_costs(costmodel.tiny_scale(bench), [name])[name]["total"] / 1e9
+            trial.set_user_attr("predicted_gflop_per_sample", per_sample)
+            if per_sample > cfg.budget_gflop_per_sample:
+                trial.set_user_attr("infeasible", f"{per_sample:.4g} GFLOP/sample over the budget")
+                raise optuna.TrialPruned("over the FLOPs budget")
+        return mcfg
+
+    def values(self, trial, run_dir: Path):
+        """The finished run's final validation value (and cost): what the study optimises."""
         rec = json.loads((run_dir / "results.json").read_text())
         if rec["status"] != "finished":
             raise RuntimeError(f"run {run_dir} {rec['status']}: {rec.get('error', '')}")
-        c = rec["cost"]
-        val = [r for r in _rows(run_dir) if r.get("split") == "val" and "eval" in r]
+        c, task, key = rec["cost"], self.task, self.key
+        val = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("split") == "val" and "eval" in r]
         quality = val[-1]["eval"][task][key]
         for k, v in (("train_flops", c["train_flops"]), ("train_wall_s", c["train_wall_s"]),
-                     ("tokens_to_llm", c["tokens_to_llm"]), ("test_" + cfg.metric, rec["metrics"][task][key])):
+                     ("tokens_to_llm", c["tokens_to_llm"]), ("test_" + self.cfg.metric, rec["metrics"][task][key])):
             trial.set_user_attr(k, v)
-        if cfg.mode == "pareto":
-            return quality, (c["train_flops"] if cfg.cost == "flops" else c["train_wall_s"])
+        if self.cfg.mode == "pareto":
+            return quality, (c["train_flops"] if self.cfg.cost == "flops" else c["train_wall_s"])
         return quality
-
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    t0 = time.perf_counter()
-    left = cfg.trials - len(study.get_trials(deepcopy=False, states=finished))
-    if left > 0:
-        say(f"study '{name}' in {url}: {cfg.trials - left} of {cfg.trials} trials done; running the rest")
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        def stop_on_failures(study, trial):  # a run that fails fails again: never loop on them for ever
-            if trial.state == optuna.trial.TrialState.FAIL:
-                failures.append(trial.number)
-                if len(failures) >= max(3, cfg.trials):
-                    say(f"{len(failures)} trials failed in this worker (see their run directories); stopping")
-                    study.stop()
-
-        failures: list[int] = []
-        study.optimize(objective, catch=(RuntimeError,), callbacks=[
-            optuna.study.MaxTrialsCallback(cfg.trials, states=finished), stop_on_failures])
-    summary = summarize(study, cfg, url, time.perf_counter() - t0)
-    atomic_write_json(out / "search.json", summary)
-    return summary
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    from vlp_bench.results import read_jsonl
-
-    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def _trials(storage, name: str) -> list:

@@ -16,6 +16,10 @@ class Task:
     # COCO layout, vlp_bench.data.images) or "clips" (the MSR-VTT layout, vlp_bench.data.video)
     data: ClassVar[str] = "images"
     primary: ClassVar[str] = ""  # the headline metric (target.metric "" picks the first task's)
+    # each run draws which patches each token reaching the LLM holds, on this task's first test
+    # images (vlp_bench/nn/token_pictures.py): a task on images in the COCO layout whose samples the
+    # report shows; the first such task of an experiment is drawn
+    token_pictures: ClassVar[bool] = False
 
     def __init__(self, cfg, data_root: Path, images: ImageLoader):  # a ClipLoader for "clips"
         self.cfg = cfg

@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlp_bench.nn.layers import Attention, CrossAttention, mlp
-from vlp_bench.method import DecodingConfig, Method, Stage, StepOutput, lm_rows, pad_rows
+from vlp_bench.method import Method, Stage, StepOutput
+from vlp_bench.nn.generation import DecodingConfig, beam_search, lm_rows, pad_rows
 
 MODES = ("l2r", "r2l", "bi")
 
@@ -267,71 +268,6 @@ def token_loss(logits: torch.Tensor, ids: torch.Tensor, where: torch.Tensor) -> 
     shapes stay data-independent)."""
     labels = ids.masked_fill(~where, -100).to(logits.device)
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
-
-def beam_search(next_logprobs, ids: torch.Tensor, valid: torch.Tensor, dec: DecodingConfig, eos: int,
-                pad: int) -> list[list[int]]:
-    """Beam search over left-padded prompts (B, L) with the scoring of Hugging Face's default: a
-    finished hypothesis scores its summed log-probability over its generated length; EOS is barred
-    before min_new_tokens; a row stops once its best open beam cannot beat its worst finished one.
-    next_logprobs(ids, valid, rows) -> (R, V) log-probabilities of the next token (rows: the image
-    of each sequence). Returns the generated tokens of each row, without EOS."""
-    B, K, device = ids.shape[0], dec.num_beams, ids.device
-    rows = torch.arange(B, device=device).repeat_interleave(K)
-    ids, valid = ids.repeat_interleave(K, 0), valid.repeat_interleave(K, 0)
-    scores = torch.zeros(B, K, device=device)
-    scores[:, 1:] = float("-inf")  # the beams start identical: expand only the first
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
-    done = [False] * B
-    new: list[list[int]] = [[] for _ in range(B * K)]
-    for t in range(dec.max_new_tokens):
-        logp = next_logprobs(ids, valid, rows).to(device)  # (B*K, V)
-        if t < dec.min_new_tokens:
-            logp[:, eos] = float("-inf")
-        V = logp.shape[1]
-        cand = (scores.view(-1, 1) + logp).view(B, K * V)
-        top, idx = cand.topk(2 * K, dim=1)
-        keep_src, keep_tok, keep_score = [], [], []
-        for b in range(B):
-            chosen = []
-            for s, j in zip(top[b].tolist(), idx[b].tolist()):
-                src, tok = b * K + j // V, j % V
-                if s == float("-inf"):
-                    break
-                if tok == eos:
-                    if not done[b]:
-                        finished[b].append((s / (t + 1), new[src]))
-                    continue
-                chosen.append((src, tok, s))
-                if len(chosen) == K:
-                    break
-            while len(chosen) < K:  # only when nearly everything is barred: pad with dead beams
-                chosen.append((b * K, pad, float("-inf")))
-            if len(finished[b]) >= K:
-                finished[b] = sorted(finished[b], key=lambda h: -h[0])[:K]
-                best_open = chosen[0][2] / (t + 1)
-                done[b] = done[b] or best_open <= finished[b][-1][0]
-            for src, tok, s in chosen:
-                keep_src.append(src)
-                keep_tok.append(tok)
-                keep_score.append(s if not done[b] else float("-inf"))
-        if all(done):
-            break
-        src = torch.tensor(keep_src, device=device)
-        tok = torch.tensor(keep_tok, device=device)
-        new = [new[s] + [k] for s, k in zip(keep_src, keep_tok)]
-        ids = torch.cat([ids[src], tok[:, None]], dim=1)
-        valid = torch.cat([valid[src], torch.ones_like(valid[:, :1])], dim=1)
-        scores = torch.tensor(keep_score, device=device).view(B, K)
-    out = []
-    for b in range(B):
-        if not done[b]:  # out of steps: the open beams compete with the finished ones
-            for k in range(K):
-                s = float(scores[b, k])
-                if s != float("-inf"):
-                    finished[b].append((s / dec.max_new_tokens, new[b * K + k]))
-        out.append(max(finished[b], key=lambda h: h[0])[1] if finished[b] else new[b * K])
-    return out
 
 
 def random_round(x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from vlp_bench.errors import UserError
+from vlp_bench.log import say
 
 SAMPLES = 4  # training samples per checked batch: enough for padding and batching, small at any scale
 SHAPE_BATCHES = 12  # batches whose shape_key()s are compared: equal keys must mean equal FLOPs
@@ -71,7 +72,7 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}{where}"
 
 
-def validate(load_config, say=lambda msg: None) -> Findings:
+def validate(load_config) -> Findings:
     """Run every check; `load_config()` returns the BenchConfig (its UserError is a finding)."""
     from vlp_bench.registry import METHODS, TASKS
 
@@ -90,35 +91,30 @@ def validate(load_config, say=lambda msg: None) -> Findings:
         return found
     found.add("config", "resolves", True, f"methods {', '.join(cfg.experiment.methods)}; "
                                          f"tasks {', '.join(cfg.experiment.tasks)}")
-    from vlp_bench.experiment import loader, prepare, training_data
+    from vlp_bench.experiment import prepare
 
     try:
         say("data and frozen backbones")
-        root, backbones, device = prepare(cfg)
+        experiment = prepare(cfg)  # the tasks are built here too: their problems are the config's
     except UserError as e:
         found.add("config", "data and backbones", False, str(e))
         return found
-    found.add("config", "data and backbones", True, f"data {root}; vision {cfg.vision.name} "
-                                                   f"({backbones.vision.num_tokens} tokens), llm {cfg.llm.name}")
+    found.add("config", "data and backbones", True, f"data {experiment.root}; vision {cfg.vision.name} "
+                                                   f"({experiment.backbones.vision.num_tokens} tokens), llm {cfg.llm.name}")
     small = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=SAMPLES),
                                 data=dataclasses.replace(cfg.data, workers=0))
-    images = loader(cfg, backbones)  # clips when the tasks are on clips
     data: list[dict] = []
     with found.guard("config", "training data"):
-        batches = training_data(small, root, images, device)(0)
+        batches = dataclasses.replace(experiment, cfg=small).batches(0)
         data = [next(batches) for _ in range(SHAPE_BATCHES)]
     if not data:
         return found
-    tasks = {}
-    for name in cfg.experiment.tasks:
-        with found.guard(f"task {name}", "builds"):
-            tasks[name] = TASKS.get(name)(cfg.tasks[name], root, images)
     from vlp_bench import costmodel
 
     scales = functools.cache(lambda preset: costmodel.scale(preset, cfg))  # meta-device backbones, built once
     for name in cfg.experiment.methods:
         say(f"method {name}")
-        check_method(found, cfg, name, backbones, device, data, tasks, scales)
+        check_method(found, cfg, name, experiment.backbones, experiment.device, data, experiment.tasks, scales)
     return found
 
 
@@ -187,7 +183,8 @@ def _check_stage(found: Findings, subject: str, method, batch: dict, stage) -> t
 
 
 def _check_tokens(found: Findings, subject: str, method, batch: dict, sent: dict) -> None:
-    from vlp_bench.method import DecodingConfig, FrozenLLMMethod
+    from vlp_bench.method import FrozenLLMMethod
+    from vlp_bench.nn.generation import CAPTION_PROMPT, DecodingConfig
 
     lines, bad = [], []
     for stage, (declared, measured) in sent.items():
@@ -204,7 +201,7 @@ def _check_tokens(found: Findings, subject: str, method, batch: dict, sent: dict
         if declared != got:
             bad.append(f"input_tokens() says {declared} but encode() gives {got}")
     with llm_inputs(method.llm) as calls:
-        method.generate(images, ["a photo of"], DecodingConfig(num_beams=1, max_new_tokens=2, min_new_tokens=1))
+        method.generate(images, [CAPTION_PROMPT], DecodingConfig(num_beams=1, max_new_tokens=2, min_new_tokens=1))
     declared = method.info().get("tokens_to_llm")
     if calls and declared is not None and declared != calls[0]:
         bad.append(f'info()["tokens_to_llm"] says {declared} but {calls[0]} reach the LLM in generation')
@@ -288,7 +285,7 @@ def llm_inputs(llm: torch.nn.Module):
 
 
 def format_findings(found: Findings) -> str:
-    from vlp_bench.progress import text_table
+    from vlp_bench.log import text_table
 
     rows = [[f.subject, f.check, "ok" if f.ok else "PROBLEM", f.detail] for f in found]
     n = len(found.problems)

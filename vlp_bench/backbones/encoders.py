@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from vlp_bench.data.images import CaptionSplit, ImageLoader, TrainBatches
 from vlp_bench.errors import UserError
-from vlp_bench.progress import interactive, progress_bar
+from vlp_bench.log import interactive, progress_bar
 
 BACKBONE_VERSION = 2  # bump when the tiny recipes change, so stale caches are not reused
 CAPTION_PROMPT = "a photo of"  # the LM's pre-training pairs use the captioning prompt of bench.toml

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vlp_bench.errors import UserError
 from vlp_bench.metrics.jsonfiles import load_json
-from vlp_bench.results import atomic_write_json
+from vlp_bench.files import atomic_write_json
 
 SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 

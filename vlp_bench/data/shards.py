@@ -37,6 +37,7 @@ from PIL import Image
 
 from vlp_bench.data.images import CaptionSplit, ImageLoader, check_global_batch
 from vlp_bench.errors import UserError, from_worker
+from vlp_bench.files import atomic_file
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -250,8 +251,7 @@ def export_shards(split: CaptionSplit, out: Path, shard_size: int, progress=None
     paths = []
     for start in range(0, len(ids), shard_size):
         path = out / f"{split.split}-{start // shard_size:06d}.tar"
-        tmp = path.with_name(path.name + ".tmp")
-        with tarfile.open(tmp, "w") as tar:
+        with atomic_file(path) as tmp, tarfile.open(tmp, "w") as tar:
             for image_id in ids[start: start + shard_size]:
                 src = split.image_path(image_id)
                 if not src.is_file():
@@ -262,7 +262,6 @@ def export_shards(split: CaptionSplit, out: Path, shard_size: int, progress=None
                 info = tarfile.TarInfo(key + ".json")
                 info.size = len(meta)
                 tar.addfile(info, io.BytesIO(meta))
-        tmp.replace(path)
         paths.append(path)
         if progress:
             progress(len(paths), -(-len(ids) // shard_size))

@@ -31,7 +31,7 @@ from vlp_bench.train import dist
 from vlp_bench.data.images import TrainBatches
 from vlp_bench.train.flops import PASSES, UNIT, FlopCount, FlopCounter
 from vlp_bench.method import Method, Stage, StepOutput
-from vlp_bench.progress import progress_bar
+from vlp_bench.log import progress_bar
 from vlp_bench.results import MetricsLog
 
 

@@ -1,5 +1,11 @@
-"""Progress for long work: a tqdm bar with ETA on a terminal; without one (CI, pipes, logs) a plain
-line every 10% on stderr. Only rank zero reports."""
+"""What vlp-bench tells its user while it works, on stderr (stdout stays machine-readable): a
+line per phase (`say`), progress for long work (a tqdm bar with ETA on a terminal; without one, as
+in CI, pipes and logs, a plain line every 10%), and plain-text tables.
+
+One gate for every message: only rank zero of a torchrun job speaks (`is_main`), and progress is
+one process setting (`set_progress`; on by default, off for `--json` output), not an argument
+handed down through the modules.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,32 @@ import time
 
 from tqdm import tqdm
 
+_SHOW_PROGRESS = True
+
+
+def is_main() -> bool:
+    """Rank zero of a torchrun job (RANK, set by torchrun before the process starts), or no job."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def set_progress(on: bool) -> None:
+    """Show progress (bars and `say` lines) in this process, or not."""
+    global _SHOW_PROGRESS
+    _SHOW_PROGRESS = on
+
+
+def shows_progress() -> bool:
+    return _SHOW_PROGRESS and is_main()
+
+
+def say(msg: str) -> None:
+    """One line about the phase of long work now starting."""
+    if shows_progress():
+        print(f"[vlp-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
 
 def interactive() -> bool:
-    return sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
+    return sys.stderr.isatty() and is_main()
 
 
 class _Lines:
@@ -19,7 +48,7 @@ class _Lines:
 
     def __init__(self, iterable, desc: str, enabled: bool):
         self.items = list(iterable)
-        self.desc, self.enabled = desc, enabled and os.environ.get("RANK", "0") == "0"
+        self.desc, self.enabled = desc, enabled
         self.postfix = ""
 
     def __iter__(self):
@@ -41,6 +70,8 @@ class _Lines:
 
 
 def progress_bar(iterable, desc: str, enabled: bool = True, **kwargs):
+    """`iterable`, reporting its progress when `enabled` and the process shows progress."""
+    enabled = enabled and shows_progress()
     if interactive():
         return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False, **kwargs)
     return _Lines(iterable, desc, enabled)
