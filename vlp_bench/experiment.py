@@ -25,7 +25,7 @@ from vlp_bench.results import SCHEMA_VERSION, MetricsLog, atomic_write_json, env
 from vlp_bench.search import SearchConfig
 from vlp_bench.trackers import Trackers, TrackersConfig
 from vlp_bench.train.trainer import NonFiniteLoss, TrainConfig, decoder_finetune, eager, train
-from vlp_bench.data.world.stills import WorldConfig, build_world
+from vlp_bench.data.world import WorldConfig, build_world
 
 
 @dataclass
