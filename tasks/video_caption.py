@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from vlp_bench.registry import TASKS
 from vlp_bench.tasks.caption import CaptionConfig, Captioning
 from vlp_bench.data.video import VideoSplit
-from vlp_bench.data.world.clips import said_order
+from vlp_bench.data.world import said_order
 
 
 @dataclass

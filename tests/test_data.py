@@ -18,7 +18,7 @@ from PIL import Image
 from vlp_bench.data.images import CaptionSplit, ImageLoader, TrainBatches
 from vlp_bench.errors import UserError
 from vlp_bench.data.shards import ShardBatches, export_shards, read_shard, shard_paths
-from vlp_bench.data.world.stills import WorldConfig, build_world
+from vlp_bench.data.world import WorldConfig, build_world
 
 LOADER = ImageLoader(64, (0.5,) * 3, (0.5,) * 3)
 

@@ -20,8 +20,7 @@ from vlp_bench.errors import UserError
 from vlp_bench.method import DecodingConfig
 from vlp_bench.registry import METHODS
 from vlp_bench.data.video import ClipLoader, VideoSplit, segment_centres
-from vlp_bench.data.world.clips import EVENTS, TEMPORAL, said_order
-from vlp_bench.data.world.stills import WorldConfig, build_world
+from vlp_bench.data.world import EVENTS, TEMPORAL, WorldConfig, build_world, said_order
 
 CLIPS = WorldConfig(n_train=8, n_val=2, n_test=2, n_clips_train=40, n_clips_val=6, n_clips_test=6)
 

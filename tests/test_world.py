@@ -1,4 +1,4 @@
-"""Tests for the tiny world generator (vlp_bench.data.world.stills): formats, determinism, truthfulness."""
+"""Tests for the tiny world generator (vlp_bench.data.world): formats, determinism, truthfulness."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from vlp_bench.errors import UserError
-from vlp_bench.data.world.stills import (
+from vlp_bench.data.world import (
     COLOR_SYNONYMS,
     COLORS,
     EXTENT,

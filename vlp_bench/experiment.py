@@ -29,7 +29,7 @@ from vlp_bench.backbones.encoders import Backbones, load_backbones
 from vlp_bench.config import BenchConfig, cache_dir, load_config_dict, on_clips, resume_config
 from vlp_bench.config import load_config as load_config_file
 from vlp_bench.data.images import CaptionSplit, ImageLoader, TrainBatches, check_global_batch
-from vlp_bench.data.world.stills import build_world
+from vlp_bench.data.world import build_world
 from vlp_bench.errors import UserError
 from vlp_bench.files import atomic_write_json, write_jsonl
 from vlp_bench.log import say

@@ -32,7 +32,26 @@ from pathlib import Path
 
 import numpy as np
 
-from vlp_bench.data.world import stills as W
+from vlp_bench.data.world.scenes import (
+    COLOR_SYNONYMS,
+    COLORS,
+    EXTENT,
+    GENERATOR_VERSION,
+    IMAGE_WORDS,
+    SHAPE_SYNONYMS,
+    SIZES,
+    SPLITS,
+    Entity,
+    Obj,
+    Scene,
+    WorldConfig,
+    jittered_rgb,
+    noun_phrase,
+    render,
+    sample_background,
+    sample_kind,
+    write_json,
+)
 
 EVENTS = ("moves", "appears", "disappears", "turns", "stays")
 TEMPORAL = ("moves", "appears", "disappears", "turns")  # reversing the clip changes what is true
@@ -45,28 +64,27 @@ _ADVERB = {"left": ["left", "to the left"], "right": ["right", "to the right"], 
 _FROM_TO = {"left": ("right", "left"), "right": ("left", "right"), "up": ("bottom", "top"), "down": ("top", "bottom")}
 
 
-def _obj(shape: str, color: str, size: str, x: float, y: float, r: float, rng: np.random.Generator) -> W._Obj:
-    jitter = rng.integers(-12, 13, size=3)
-    rgb = tuple(int(v) for v in np.clip(np.array(W.COLORS[color]) + jitter, 0, 255))
-    return W._Obj(shape, color, size, int(round(x)), int(round(y)), round(r, 3), rgb)
+def _obj(shape: str, color: str, size: str, x: float, y: float, r: float, rng: np.random.Generator) -> Obj:
+    """An object at a (rounded) point of a path, its colour jittered by `rng`."""
+    return Obj(shape, color, size, int(round(x)), int(round(y)), round(r, 3), jittered_rgb(color, rng))
 
 
-def _clear(path: list[tuple[float, float]], r: float, other: W._Obj | None, gap: float) -> bool:
-    return other is None or all(math.hypot(x - other.x, y - other.y) >= W.EXTENT * (r + other.r) + gap
+def _clear(path: list[tuple[float, float]], r: float, other: Obj | None, gap: float) -> bool:
+    """Whether an object of radius `r` keeps `gap` clear of `other` all along `path`."""
+    return other is None or all(math.hypot(x - other.x, y - other.y) >= EXTENT * (r + other.r) + gap
                                 for x, y in path)
 
 
-def sample_clip(cfg: W.WorldConfig, rng: np.random.Generator) -> tuple[dict, list[W._Scene]]:
+def sample_clip(cfg: WorldConfig, rng: np.random.Generator) -> tuple[dict, list[Scene]]:
     """(facts, one scene per frame): the event, the actor's attributes, and the bystander's."""
     S, F = cfg.image_size, cfg.clip_frames
-    base = rng.uniform(195, 235)
-    background = tuple(int(np.clip(base + rng.uniform(-12, 12), 0, 255)) for _ in range(3))
+    background = sample_background(rng)
     event = EVENTS[rng.choice(len(EVENTS), p=_EVENT_WEIGHTS)]
     while True:  # retried with fresh draws in the rare case the actor's path does not fit
-        shape, color = W.SHAPES[rng.integers(len(W.SHAPES))], list(W.COLORS)[rng.integers(len(W.COLORS))]
+        shape, color = sample_kind(rng)
         size = "large" if rng.random() < 0.4 else "small"
-        r = W.SIZES[size] * S
-        lo, hi = W.EXTENT * r, S - W.EXTENT * r
+        r = SIZES[size] * S
+        lo, hi = EXTENT * r, S - EXTENT * r
         direction, dist = DIRECTIONS[rng.integers(4)], rng.uniform(0.35, 0.45) * S
         dx, dy = _STEP[direction] if event == "moves" else (0, 0)
         # the start leaves room for the whole path inside the image
@@ -76,11 +94,11 @@ def sample_clip(cfg: W.WorldConfig, rng: np.random.Generator) -> tuple[dict, lis
         bystander = None
         if rng.random() < 0.5:
             for _ in range(200):
-                b_shape, b_color = W.SHAPES[rng.integers(len(W.SHAPES))], list(W.COLORS)[rng.integers(len(W.COLORS))]
+                b_shape, b_color = sample_kind(rng)
                 if (b_shape, b_color) == (shape, color):
                     continue
-                br = W.SIZES["small"] * S
-                bx, by = rng.uniform(W.EXTENT * br, S - W.EXTENT * br, size=2)
+                br = SIZES["small"] * S
+                bx, by = rng.uniform(EXTENT * br, S - EXTENT * br, size=2)
                 candidate = _obj(b_shape, b_color, "small", bx, by, br, rng)
                 if _clear(path, r, candidate, 0.03 * S):
                     bystander = candidate
@@ -90,7 +108,7 @@ def sample_clip(cfg: W.WorldConfig, rng: np.random.Generator) -> tuple[dict, lis
         break
     second = color
     if event == "turns":
-        second = rng.choice([c for c in W.COLORS if c != color])
+        second = rng.choice([c for c in COLORS if c != color])
     half = F // 2
     actor = {t: _obj(shape, second if event == "turns" and t >= half else color, size, x, y, r, rng)
              for t, (x, y) in enumerate(path)}
@@ -98,24 +116,24 @@ def sample_clip(cfg: W.WorldConfig, rng: np.random.Generator) -> tuple[dict, lis
         actor = {t: o for t, o in actor.items() if t >= half}
     elif event == "disappears":
         actor = {t: o for t, o in actor.items() if t < half}
-    scenes = [W._Scene(S, background, [o for o in (actor.get(t), bystander) if o is not None]) for t in range(F)]
+    scenes = [Scene(S, background, [o for o in (actor.get(t), bystander) if o is not None]) for t in range(F)]
     facts = {"event": event, "shape": shape, "color": color, "size": size, "direction": direction if event == "moves"
              else None, "new_color": second if event == "turns" else None,
              "bystander": None if bystander is None else {"shape": bystander.shape, "color": bystander.color}}
     return facts, scenes
 
 
-def _entity(color: str, shape: str, size: str | None = None) -> W._Entity:
-    return W._Entity(color, shape, [W._Obj(shape, color, size or "small", 0, 0, 0.0, (0, 0, 0))])
+def _entity(color: str, shape: str, size: str | None = None) -> Entity:
+    return Entity(color, shape, [Obj(shape, color, size or "small", 0, 0, 0.0, (0, 0, 0))])
 
 
 def _event_phrases(f: dict, rng: random.Random) -> list[str]:
     """Statements about the actor, each true of the clip and false of its time reversal (but
     for "stays")."""
     actor = _entity(f["color"], f["shape"], f["size"])
-    a = W._np(actor, rng, size_p=0.3)
-    shape = rng.choice(W.SHAPE_SYNONYMS[f["shape"]])
-    img = rng.choice(W.IMAGE_WORDS)
+    a = noun_phrase(actor, rng, size_p=0.3)
+    shape = rng.choice(SHAPE_SYNONYMS[f["shape"]])
+    img = rng.choice(IMAGE_WORDS)
     event = f["event"]
     if event == "moves":
         d = f["direction"]
@@ -130,7 +148,7 @@ def _event_phrases(f: dict, rng: random.Random) -> list[str]:
         return [f"{a} disappears", f"{a} vanishes", f"{a} disappears from the {img}", f"{a} goes away",
                 f"suddenly {a} vanishes"]
     if event == "turns":
-        old, new = f["color"], rng.choice(W.COLOR_SYNONYMS[f["new_color"]])
+        old, new = f["color"], rng.choice(COLOR_SYNONYMS[f["new_color"]])
         return [f"{a} turns {new}", f"{a} changes color to {new}", f"the {shape} changes from {old} to {new}",
                 f"a {shape} turning from {old} to {new}", f"{a} becomes {new}"]
     return [f"{a} stays still", f"{a} does not move", f"{a} sits still", f"a still {img} of {a}",
@@ -145,7 +163,7 @@ def clip_captions(f: dict, rng: random.Random, n: int = 5) -> list[str]:
     b = f["bystander"]
     for text in phrases:
         if b is not None and rng.random() < 0.4:
-            other = W._np(_entity(b["color"], b["shape"]), rng, size_p=0.0)
+            other = noun_phrase(_entity(b["color"], b["shape"]), rng, size_p=0.0)
             also = " also" if f["event"] == "stays" else ""
             text += rng.choice([f" while {other}{also} stays still", f" next to {other}", f" and {other}{also} does not move"])
         text = text + "." if rng.random() < 0.15 else text
@@ -154,7 +172,7 @@ def clip_captions(f: dict, rng: random.Random, n: int = 5) -> list[str]:
     return captions[:n]
 
 
-def generate_clips(cfg: W.WorldConfig, out: Path, progress: bool) -> dict:
+def generate_clips(cfg: WorldConfig, out: Path, progress: bool) -> dict:
     """Write msrvtt/ under `out`; returns the clip and caption counts per split."""
     videos_dir = out / "msrvtt" / "videos"
     videos_dir.mkdir(parents=True)
@@ -163,7 +181,7 @@ def generate_clips(cfg: W.WorldConfig, out: Path, progress: bool) -> dict:
     videos, sentences, facts_out = [], [], []
     counts: dict[str, dict[str, int]] = {"clips": {}, "clip_captions": {}}
     k = 0
-    for split in W.SPLITS:
+    for split in SPLITS:
         n_caps = len(sentences)
         for _ in range(sizes[split]):
             vid = f"video{k}"
@@ -171,7 +189,7 @@ def generate_clips(cfg: W.WorldConfig, out: Path, progress: bool) -> dict:
             facts, scenes = sample_clip(cfg, pix_rng)
             (videos_dir / vid).mkdir()
             for t, scene in enumerate(scenes):
-                W._render(scene, pix_rng).save(videos_dir / vid / f"{t:02d}.png", format="PNG", compress_level=1)
+                render(scene, pix_rng).save(videos_dir / vid / f"{t:02d}.png", format="PNG", compress_level=1)
             videos.append({"video_id": vid, "id": k, "split": MSRVTT_SPLITS[split],
                            "category": EVENTS.index(facts["event"]), "url": "", "start time": 0.0,
                            "end time": float(cfg.clip_frames)})
@@ -183,11 +201,11 @@ def generate_clips(cfg: W.WorldConfig, out: Path, progress: bool) -> dict:
                 print(f"tiny world: {k}/{total} clips", file=sys.stderr, flush=True)
         counts["clips"][split] = sizes[split]
         counts["clip_captions"][split] = len(sentences) - n_caps
-    W._write_json(out / "msrvtt" / "videodatainfo.json", {
-        "info": {"description": "tiny world clips", "version": W.GENERATOR_VERSION, "frames": cfg.clip_frames},
+    write_json(out / "msrvtt" / "videodatainfo.json", {
+        "info": {"description": "tiny world clips", "version": GENERATOR_VERSION, "frames": cfg.clip_frames},
         "videos": videos, "sentences": sentences,
         "categories": [{"id": i, "name": e, "temporal": e in TEMPORAL} for i, e in enumerate(EVENTS)]})
-    W._write_json(out / "msrvtt" / "clips.json", {"clips": facts_out})
+    write_json(out / "msrvtt" / "clips.json", {"clips": facts_out})
     return counts
 
 
@@ -216,5 +234,5 @@ def said_order(facts: dict, caption: str) -> bool | None:
         appears = any(p in text for p in _APPEAR) and not any(p in text for p in _DISAPPEAR)
         disappears = any(p in text for p in _DISAPPEAR)
         return appears if facts["event"] == "appears" else disappears
-    colors = [c for w in words for c, names in W.COLOR_SYNONYMS.items() if w in names]
+    colors = [c for w in words for c, names in COLOR_SYNONYMS.items() if w in names]
     return bool(colors) and colors[-1] == facts["new_color"]  # "a red circle turns blue": the last colour
