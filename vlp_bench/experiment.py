@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vlp_bench.train import dist
-from vlp_bench.backbones.encoders import LLMConfig, VisionConfig, load_backbones
+from vlp_bench.backbones import LLMConfig, VisionConfig, load_backbones
 from vlp_bench.config import apply_overrides, from_dict, load_toml, suggest, to_dict
 from vlp_bench.data.images import CaptionSplit, DataConfig, ImageLoader, TrainBatches, check_global_batch
 from vlp_bench.errors import UserError

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlp_bench.backbones.encoders import Backbones
+from vlp_bench.backbones import Backbones
 
 
 @dataclass
