@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlp_bench.backbones.encoders import Backbones, VisionEncoder, _tiny_vit, _train_tokenizer, freeze, VisionConfig
+from vlp_bench.backbones import Backbones, VisionEncoder, tiny_vit, train_tokenizer, freeze, VisionConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -64,8 +64,8 @@ def random_backbones(vision_dim: int = 32, llm_dim: int = 32) -> Backbones:
 
     torch.manual_seed(0)
     texts = ["a red circle left of a blue square", "two green stars", "Question: what color? Short answer: red"]
-    tokenizer = _train_tokenizer(texts * 10, 300)
-    vit = _tiny_vit(VisionConfig(width=vision_dim, depth=1, heads=2), 0)
+    tokenizer = train_tokenizer(texts * 10, 300)
+    vit = tiny_vit(VisionConfig(width=vision_dim, depth=1, heads=2), 0)
     llm = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=llm_dim, intermediate_size=2 * llm_dim, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=2, initializer_range=0.3,  # large enough that a soft prompt can steer it

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import random_backbones
-from vlp_bench.backbones.encoders import LLMConfig, VisionConfig, load_llm, load_vision
+from vlp_bench.backbones import LLMConfig, VisionConfig, load_llm, load_vision
 from vlp_bench.errors import UserError
 
 
@@ -58,10 +58,10 @@ def test_vision_errors(cfg, message, tmp_path):
 
 def test_feature_layer_reads_an_earlier_block_and_runs_no_later_one():
     from vlp_bench.train import flops
-    from vlp_bench.backbones.encoders import VisionEncoder, _tiny_vit
+    from vlp_bench.backbones import VisionEncoder, tiny_vit
 
     torch.manual_seed(0)
-    vit = _tiny_vit(VisionConfig(width=32, depth=3, heads=2), 0).eval()
+    vit = tiny_vit(VisionConfig(width=32, depth=3, heads=2), 0).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
@@ -77,7 +77,7 @@ def test_bf16_frozen_backbones_meet_fp32_trainable_parts():
     """On a GPU the frozen backbones are bf16 (frozen_dtype): the encoder takes fp32 images, hands
     bf16 features on under autocast and fp32 ones outside it (evaluation, where the bridge's fp32
     weights meet them); the text side's trainable LM copy keeps fp32 master weights."""
-    from vlp_bench.backbones.encoders import frozen_dtype
+    from vlp_bench.backbones import frozen_dtype
     from vlp_bench.registry import METHODS
 
     assert frozen_dtype("cuda") == torch.bfloat16 and frozen_dtype("cpu") == frozen_dtype("meta") == torch.float32

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vlp_bench.backbones.encoders import LLMConfig, VisionConfig
+from vlp_bench.backbones import LLMConfig, VisionConfig
 from vlp_bench.data.images import DataConfig
-from vlp_bench.data.world.stills import WorldConfig
+from vlp_bench.data.world import WorldConfig
 from vlp_bench.errors import UserError, suggest
 from vlp_bench.metrics.targets import split_metric
 from vlp_bench.nn.generation import CAPTION_PROMPT

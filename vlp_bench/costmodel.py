@@ -24,8 +24,8 @@ from types import SimpleNamespace
 
 import torch
 
+from vlp_bench.backbones import Backbones, VisionEncoder, freeze, frozen_dtype, tiny_llama, tiny_vit
 from vlp_bench.config import on_clips
-from vlp_bench.backbones.encoders import Backbones, VisionEncoder, _tiny_vit, freeze, frozen_dtype, tiny_llama
 from vlp_bench.errors import UserError
 from vlp_bench.train.flops import UNIT, FlopCount
 from vlp_bench.log import text_table
@@ -78,7 +78,7 @@ def frames_of(bench) -> int:
 def tiny_scale(bench, device="meta") -> Scale:
     """The tiny world as configured; captions of the world's typical length."""
     with torch.device(device):
-        vision = VisionEncoder(_tiny_vit(bench.vision, 0), bench.vision.image_size, (0.5,) * 3, (0.5,) * 3,
+        vision = VisionEncoder(tiny_vit(bench.vision, 0), bench.vision.image_size, (0.5,) * 3, (0.5,) * 3,
                                bench.vision.feature_layer)
         llm = tiny_llama(bench.llm, bench.llm.vocab_size)
     tokenizer = LengthTokenizer(bench.llm.vocab_size)

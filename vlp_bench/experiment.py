@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from vlp_bench.backbones.encoders import Backbones, load_backbones
+from vlp_bench.backbones import Backbones, load_backbones
 from vlp_bench.config import BenchConfig, cache_dir, load_config_dict, on_clips, resume_config
 from vlp_bench.config import load_config as load_config_file
 from vlp_bench.data.images import CaptionSplit, ImageLoader, TrainBatches, check_global_batch

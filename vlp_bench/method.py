@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from vlp_bench.backbones.encoders import Backbones
+from vlp_bench.backbones import Backbones
 from vlp_bench.nn.generation import DecodingConfig, generate_from_prefix, lm_rows, prefix_lm_loss
 
 

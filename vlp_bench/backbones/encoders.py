@@ -1,44 +1,17 @@
-"""Frozen backbones: a vision encoder and a causal LLM with its tokenizer.
-
-`name = "tiny"` builds them here, on the data's training split, and caches them keyed by their
-config and seed (`vlp-bench prepare` does it ahead of time):
-- tiny ViT (timm): pre-trained to predict the bag of words of an image's captions, so its patch
-  tokens carry colours, shapes, counts and positions.
-- tiny LM (Hugging Face Llama with rotary positions, tokenizer trained with `tokenizers`):
-  pre-trained on *pairs* of references of one image ("<refs A> a photo of <ref B>", and
-  "<refs A> Question: q Short answer: a"), so it learns to carry content from its context into
-  what it writes, i.e. to read a soft visual prefix the way a real LLM reads its context.
-  Rotary positions matter: learned absolute positions never see caption tokens after a long
-  prefix (METHODS.md section 5).
-Any other name is a real backbone, loaded through the same code path: a timm model name (with
-`checkpoint` for local weights) and a Hugging Face causal LM name or local directory. The tiny LM is
-itself saved with `save_pretrained`, so loading it *is* the Hugging Face path.
+"""The frozen backbones' configs and wrappers: VisionConfig and LLMConfig (name "tiny": pre-trained
+by vlp_bench.backbones.tiny; any other name is a real backbone; both loaded by
+vlp_bench.backbones.load), the frozen VisionEncoder around a timm model, Backbones (encoder, causal
+LLM, tokenizer), freeze and frozen_dtype.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
-import random
-import re
-import shutil
-from collections import Counter
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from vlp_bench.data.images import CaptionSplit, ImageLoader, TrainBatches
-from vlp_bench.errors import UserError
-from vlp_bench.log import interactive, progress_bar
-
-BACKBONE_VERSION = 2  # bump when the tiny recipes change, so stale caches are not reused
-CAPTION_PROMPT = "a photo of"  # the LM's pre-training pairs use the captioning prompt of bench.toml
-VQA_PROMPT = "Question: {} Short answer:"
+from vlp_bench.nn.vit_blocks import forward_blocks
 
 
 @dataclass
@@ -108,31 +81,11 @@ class VisionEncoder(nn.Module):
 
     def is_plain_vit(self) -> bool:
         """A timm VisionTransformer of plain blocks, which vlp-bench runs itself for FLIP's patch
-        dropping and ToMe inside the encoder (EVA, parallel or post-norm blocks: not yet)."""
+        dropping and ToMe inside the encoder (vlp_bench.nn.vit_blocks; EVA, parallel or post-norm
+        blocks: not yet)."""
         from timm.models.vision_transformer import Block, VisionTransformer
 
         return isinstance(self.model, VisionTransformer) and all(type(b) is Block for b in self.model.blocks)
-
-    def _forward_blocks(self, images: torch.Tensor, keep: torch.Tensor | None, merge) -> torch.Tensor:
-        from vlp_bench.nn.merging import TokenMerger, merged_block
-
-        m = self.model
-        x = m._pos_embed(m.patch_embed(images))  # (B, prefix + patches, D), positions added
-        p = self.num_prefix_tokens
-        if keep is not None:
-            kept = x[:, p:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-            x = torch.cat([x[:, :p], kept], dim=1)
-        x = m.norm_pre(x)
-        blocks = m.blocks[: len(m.blocks) + 1 + self.feature_layer]
-        if merge is None:
-            for blk in blocks:
-                x = blk(x)
-        else:
-            schedule, variant = merge
-            merger = TokenMerger(x, variant, protected=p)  # CLS and registers are never merged
-            for blk, r in zip(blocks, schedule):
-                x = merged_block(blk, x, merger, r)
-        return m.norm(x) if self.feature_layer == -1 else x
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None, merge=None) -> torch.Tensor:
         """(B, N, D) tokens. With `keep` (B, K) patch indices the encoder runs on the prefix tokens
@@ -141,7 +94,7 @@ class VisionEncoder(nn.Module):
         weight = next(self.model.parameters())
         images = images.to(weight.dtype)  # frozen weights are bf16 on a GPU (load_backbones)
         if keep is not None or merge is not None:
-            return self._float(self._forward_blocks(images, keep, merge))
+            return self._float(forward_blocks(self.model, images, keep, merge, self.feature_layer))
         m = self.model
         if self.feature_layer == -1 or not hasattr(m, "forward_intermediates"):
             x = m.forward_features(images)
@@ -183,247 +136,3 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
-
-
-def _key(*parts) -> str:
-    blob = json.dumps([BACKBONE_VERSION, *parts], sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a fully written cache entry into place (atomic; a concurrent winner is kept)."""
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-# ----------------------------------------------------------------------------- vision
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def _tiny_vit(cfg: VisionConfig, num_classes: int) -> nn.Module:
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer(
-        img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
-        num_heads=cfg.heads, num_classes=num_classes, global_pool="avg",
-    )
-
-
-def _pretrain_tiny_vit(cfg: VisionConfig, train: CaptionSplit, out: Path, progress: bool) -> None:
-    counts = Counter(w for i in train.image_ids for w in set(_words(" ".join(train.refs[i]))))
-    vocab = sorted(w for w, c in counts.items() if c >= 5)  # words seen on at least 5 images
-    index = {w: k for k, w in enumerate(vocab)}
-    torch.manual_seed(cfg.seed)
-    model = _tiny_vit(cfg, len(vocab))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.05)
-    loader = ImageLoader(cfg.image_size, (0.5,) * 3, (0.5,) * 3)
-    batches = TrainBatches(train, loader, min(cfg.pretrain_batch, len(train)), cfg.seed)
-    bar = progress_bar(range(cfg.pretrain_steps), "pre-train tiny ViT", progress)
-    for step in bar:
-        batch = next(batches)
-        target = torch.zeros(len(batch["image_ids"]), len(vocab))
-        for row, image_id in enumerate(batch["image_ids"]):
-            for w in set(_words(" ".join(train.refs[image_id]))):
-                if w in index:
-                    target[row, index[w]] = 1.0
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, cfg.pretrain_steps, cfg.pretrain_lr, 50)
-        loss = F.binary_cross_entropy_with_logits(model(batch["images"]), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    model.reset_classifier(0)
-    from safetensors.torch import save_file
-
-    save_file(model.state_dict(), str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps({**asdict(cfg), "final_loss": loss.item()}, indent=1))
-
-
-def load_vision(cfg: VisionConfig, data_root: Path, cache: Path, progress: bool = False) -> VisionEncoder:
-    if cfg.name == "tiny":
-        recipe = {k: v for k, v in asdict(cfg).items() if k != "feature_layer"}  # read-out, not training
-        d = cache / "backbones" / f"tiny-vit-{_key(recipe, str(data_root))}"
-        if not (d / "model.safetensors").is_file():
-            tmp = d.with_name(d.name + f".tmp-{os.getpid()}")
-            tmp.mkdir(parents=True, exist_ok=True)
-            _pretrain_tiny_vit(cfg, CaptionSplit(data_root, "train"), tmp, progress)
-            _publish(tmp, d)
-        from safetensors.torch import load_file
-
-        model = _tiny_vit(cfg, 0)
-        model.load_state_dict(load_file(str(d / "model.safetensors")))
-        return freeze(VisionEncoder(model, cfg.image_size, (0.5,) * 3, (0.5,) * 3, cfg.feature_layer))
-    import timm
-
-    try:
-        if cfg.checkpoint:
-            if not Path(cfg.checkpoint).is_file():
-                raise UserError(f"vision checkpoint not found: {cfg.checkpoint}")
-            model = timm.create_model(cfg.name, pretrained=True, num_classes=0,
-                                      pretrained_cfg_overlay={"file": cfg.checkpoint})
-        else:
-            model = timm.create_model(cfg.name, pretrained=True, num_classes=0)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise UserError(f"unknown timm vision model '{cfg.name}'") from None
-        raise UserError(f"weights for timm model '{cfg.name}' are not available offline ({e}); "
-                        f"set vision.checkpoint to a local file") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"weights for timm model '{cfg.name}' are not available offline; "
-                        f"set vision.checkpoint to a local file ({type(e).__name__})") from None
-    pc = model.pretrained_cfg
-    size = pc.get("input_size", (3, 224, 224))[-1]
-    return freeze(VisionEncoder(model, size, pc.get("mean", (0.5,) * 3), pc.get("std", (0.5,) * 3), cfg.feature_layer))
-
-
-# ----------------------------------------------------------------------------- language
-
-
-def _lm_documents(root: Path, rng: random.Random, n: int) -> list[str]:
-    """Pre-training documents: context references of one image (or clip), then another in a prompt
-    form. Clips (the root's msrvtt/ train split, when it has one) are drawn in proportion to their
-    number, so the LM also knows how clips are described."""
-    from vlp_bench.data.video import annotation_files
-
-    train = CaptionSplit(root, "train")
-    clips = _clip_refs(root) if annotation_files(root) else []
-    p_clip = len(clips) / (len(clips) + len(train))
-    vqa = _vqa_pairs(root)
-    docs = []
-    for _ in range(n):
-        clip = rng.random() < p_clip
-        image_id = None if clip else rng.choice(train.image_ids)
-        refs = (rng.choice(clips) if clip else train.refs[image_id])[:]
-        rng.shuffle(refs)
-        k = rng.randint(1, max(1, min(3, len(refs) - 1)))
-        context = " ".join(refs[:k])
-        if vqa.get(image_id) and rng.random() < 0.3:
-            q, a = rng.choice(vqa[image_id])
-            docs.append(f"{context} {VQA_PROMPT.format(q)} {a}")
-        else:
-            docs.append(f"{context} {CAPTION_PROMPT} {refs[k % len(refs)]}")
-    return docs
-
-
-def _clip_refs(root: Path) -> list[list[str]]:
-    """The references of every training clip (no video is read)."""
-    from vlp_bench.data.video import SPLIT_NAMES, annotation_files
-
-    clips: dict[str, list[str]] = {}
-    for path in annotation_files(root):
-        data = json.loads(path.read_text())
-        train = {v["video_id"] for v in data["videos"] if v["split"] in SPLIT_NAMES["train"]}
-        for s in data["sentences"]:
-            if s["video_id"] in train:
-                clips.setdefault(s["video_id"], []).append(s["caption"])
-    return [clips[k] for k in sorted(clips)]
-
-
-def _vqa_pairs(root: Path) -> dict[int, list[tuple[str, str]]]:
-    qs, anns = root / "vqa" / "questions_train.json", root / "vqa" / "annotations_train.json"
-    if not (qs.is_file() and anns.is_file()):
-        return {}
-    questions = {q["question_id"]: q for q in json.loads(qs.read_text())["questions"]}
-    pairs: dict[int, list[tuple[str, str]]] = {}
-    for a in json.loads(anns.read_text())["annotations"]:
-        q = questions.get(a["question_id"])
-        if q is not None:
-            pairs.setdefault(q["image_id"], []).append((q["question"], a["multiple_choice_answer"]))
-    return pairs
-
-
-def _train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, pad_token=eos)
-
-
-def tiny_llama(cfg: LLMConfig, vocab: int, eos_id: int = 0, pad_id: int = 0) -> nn.Module:
-    """The tiny LM's architecture (untrained), also built on the meta device by `vlp-bench flops`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=cfg.width, intermediate_size=4 * cfg.width,
-        num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-        max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=eos_id,
-        eos_token_id=eos_id, pad_token_id=pad_id,
-    ))
-
-
-def _pretrain_tiny_lm(cfg: LLMConfig, root: Path, out: Path, progress: bool) -> None:
-    rng = random.Random(cfg.seed)
-    docs = _lm_documents(root, rng, cfg.pretrain_steps * cfg.pretrain_batch)
-    tokenizer = _train_tokenizer(docs[:20000], cfg.vocab_size)
-    torch.manual_seed(cfg.seed)
-    model = tiny_llama(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
-    bar = progress_bar(range(cfg.pretrain_steps), "pre-train tiny LM", progress)
-    for step in bar:
-        chunk = docs[step * cfg.pretrain_batch : (step + 1) * cfg.pretrain_batch]
-        enc = tokenizer([d + tokenizer.eos_token for d in chunk], return_tensors="pt", padding=True)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, cfg.pretrain_steps, cfg.pretrain_lr, 100)
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "recipe.json").write_text(json.dumps({**asdict(cfg), "final_loss": loss.item()}, indent=1))
-
-
-def load_llm(cfg: LLMConfig, data_root: Path, cache: Path, device: torch.device, progress: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    if not (progress and interactive()):
-        hf_logging.disable_progress_bar()  # its weight-loading bar is noise in logs
-    path = cfg.name
-    if cfg.name == "tiny":
-        d = cache / "backbones" / f"tiny-lm-{_key(asdict(cfg), str(data_root))}"
-        if not (d / "recipe.json").is_file():
-            tmp = d.with_name(d.name + f".tmp-{os.getpid()}")
-            tmp.mkdir(parents=True, exist_ok=True)
-            _pretrain_tiny_lm(cfg, data_root, tmp, progress)
-            _publish(tmp, d)
-        path = str(d)
-    dtype = frozen_dtype(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    except (OSError, ValueError) as e:
-        raise UserError(f"language model '{cfg.name}' is not available offline (no local directory or hub "
-                        f"cache entry): {str(e).splitlines()[0]}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return freeze(model), tokenizer
-
-
-def load_backbones(vision: VisionConfig, llm: LLMConfig, data_root: Path, cache: Path,
-                   device: torch.device, progress: bool = False) -> Backbones:
-    enc = load_vision(vision, data_root, cache, progress).to(device, frozen_dtype(device))
-    model, tokenizer = load_llm(llm, data_root, cache, device, progress)
-    return Backbones(enc, model.to(device), tokenizer)

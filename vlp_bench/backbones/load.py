@@ -1,0 +1,135 @@
+"""Loading the frozen backbones. `name = "tiny"` pre-trains them (vlp_bench.backbones.tiny) on the
+data's training split once and caches them under CACHE/backbones/, keyed by their config and data
+root (`vlp-bench prepare` does it ahead of time). Any other name is a real backbone, loaded through
+the same code path: a timm model name (with `checkpoint` for local weights) and a Hugging Face
+causal LM name or local directory. The tiny LM is itself saved with `save_pretrained`, so loading
+it *is* the Hugging Face path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from vlp_bench.backbones.encoders import Backbones, LLMConfig, VisionConfig, VisionEncoder, freeze, frozen_dtype
+from vlp_bench.backbones.tiny import pretrain_tiny_lm, pretrain_tiny_vit, tiny_vit
+from vlp_bench.data.images import CaptionSplit
+from vlp_bench.errors import UserError
+from vlp_bench.log import interactive
+
+BACKBONE_VERSION = 2  # bump when the tiny recipes change, so stale caches are not reused
+
+
+def _key(*parts) -> str:
+    """The cache key of a tiny backbone: its recipe, data root and BACKBONE_VERSION."""
+    blob = json.dumps([BACKBONE_VERSION, *parts], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a fully written cache entry into place (atomic; a concurrent winner is kept)."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cached(d: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """The cache entry `d`, built by `build(tmp)` into a private directory first when `d/marker`
+    (written last by a complete entry) is missing."""
+    if not (d / marker).is_file():
+        tmp = d.with_name(d.name + f".tmp-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        build(tmp)
+        _publish(tmp, d)
+    return d
+
+
+# ----------------------------------------------------------------------------- vision
+
+
+def _tiny_vision(cfg: VisionConfig, data_root: Path, cache: Path, progress: bool) -> VisionEncoder:
+    recipe = {k: v for k, v in asdict(cfg).items() if k != "feature_layer"}  # read-out, not training
+    d = _cached(cache / "backbones" / f"tiny-vit-{_key(recipe, str(data_root))}", "model.safetensors",
+                lambda tmp: pretrain_tiny_vit(cfg, CaptionSplit(data_root, "train"), tmp, progress))
+    from safetensors.torch import load_file
+
+    model = tiny_vit(cfg, 0)
+    model.load_state_dict(load_file(str(d / "model.safetensors")))
+    return freeze(VisionEncoder(model, cfg.image_size, (0.5,) * 3, (0.5,) * 3, cfg.feature_layer))
+
+
+def _timm_model(cfg: VisionConfig) -> nn.Module:
+    """A timm model with its pre-trained weights (from cfg.checkpoint or the hub cache), no head."""
+    import timm
+
+    try:
+        if cfg.checkpoint:
+            if not Path(cfg.checkpoint).is_file():
+                raise UserError(f"vision checkpoint not found: {cfg.checkpoint}")
+            return timm.create_model(cfg.name, pretrained=True, num_classes=0,
+                                     pretrained_cfg_overlay={"file": cfg.checkpoint})
+        return timm.create_model(cfg.name, pretrained=True, num_classes=0)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise UserError(f"unknown timm vision model '{cfg.name}'") from None
+        raise UserError(f"weights for timm model '{cfg.name}' are not available offline ({e}); "
+                        f"set vision.checkpoint to a local file") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"weights for timm model '{cfg.name}' are not available offline; "
+                        f"set vision.checkpoint to a local file ({type(e).__name__})") from None
+
+
+def load_vision(cfg: VisionConfig, data_root: Path, cache: Path, progress: bool = False) -> VisionEncoder:
+    """The frozen vision encoder (fp32, on the CPU): the tiny ViT (pre-trained and cached once)
+    or a timm model, with its input size and normalisation."""
+    if cfg.name == "tiny":
+        return _tiny_vision(cfg, data_root, cache, progress)
+    model = _timm_model(cfg)
+    pc = model.pretrained_cfg
+    size = pc.get("input_size", (3, 224, 224))[-1]
+    return freeze(VisionEncoder(model, size, pc.get("mean", (0.5,) * 3), pc.get("std", (0.5,) * 3), cfg.feature_layer))
+
+
+# ----------------------------------------------------------------------------- language
+
+
+def load_llm(cfg: LLMConfig, data_root: Path, cache: Path, device: torch.device, progress: bool = False):
+    """(frozen causal LM in frozen_dtype(device), its tokenizer with a padding token): the tiny LM
+    (pre-trained and cached once) or a Hugging Face name or local directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not (progress and interactive()):
+        hf_logging.disable_progress_bar()  # its weight-loading bar is noise in logs
+    path = cfg.name
+    if cfg.name == "tiny":
+        d = _cached(cache / "backbones" / f"tiny-lm-{_key(asdict(cfg), str(data_root))}", "recipe.json",
+                    lambda tmp: pretrain_tiny_lm(cfg, data_root, tmp, progress))
+        path = str(d)
+    dtype = frozen_dtype(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise UserError(f"language model '{cfg.name}' is not available offline (no local directory or hub "
+                        f"cache entry): {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return freeze(model), tokenizer
+
+
+def load_backbones(vision: VisionConfig, llm: LLMConfig, data_root: Path, cache: Path,
+                   device: torch.device, progress: bool = False) -> Backbones:
+    """The frozen vision encoder and LLM on `device` in frozen_dtype(device), with the tokenizer."""
+    enc = load_vision(vision, data_root, cache, progress).to(device, frozen_dtype(device))
+    model, tokenizer = load_llm(llm, data_root, cache, device, progress)
+    return Backbones(enc, model.to(device), tokenizer)
