@@ -23,8 +23,8 @@ import pandas as pd
 
 from vlp_bench.errors import UserError
 from vlp_bench.reports.figures import curve_figures, merge_pictures, palette, pareto_figure, search_figure
-from vlp_bench.reports.summary import (Run, by_method, captioning, compute_speedups, format_mean_sd, format_ratio,
-                                       load_runs, mean_sd, metric_value, run_metric)
+from vlp_bench.reports.summary import (Run, by_method, captioning, compute_speedups, flops_units,
+                                       format_mean_sd, format_ratio, load_runs, mean_sd, metric_value, run_metric)
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -237,7 +237,7 @@ def render(dirs: list[Path], metric: str = "", target: float | None = None,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.get_template("report.html.j2").render(
         title="vlp-bench report", generated=time.strftime("%Y-%m-%d %H:%M %Z"), head=head, sp=sp,
-        sp_error=sp_error, metric=metric, floors=floors(runs),
+        sp_error=sp_error, metric=metric, floors=floors(runs), flops_units=flops_units([r.rec for r in runs]),
         speedups=styled(method_table(runs, sp, metric), "speedups", head.get("winner")),
         subsets=None if (subsets := subset_table(runs, metric)) is None else styled(subsets, "subsets"),
         curves=curve_figures(runs, metric, sp["target"] if sp else None, colors),

@@ -128,6 +128,14 @@ def flop_scale(value: float) -> tuple[float, str]:
     return 1e6, "MFLOP"
 
 
+def flops_units(results: list[dict]) -> str:
+    """The unit the runs' FLOPs are counted in, as their results.json say (cost.flops_unit, which the
+    trainer writes from vlp_bench.train.flops.UNIT); runs that differ list each, "" when none counted
+    FLOPs. Read from the files rather than spelt here, so the report states what the numbers were
+    counted in (the report stays a pure function of the files, and needs no torch to import UNIT)."""
+    return ", ".join(dict.fromkeys(u for r in results if (u := r.get("cost", {}).get("flops_unit"))))
+
+
 def captioning(metrics: dict) -> dict:
     """The metrics of a run's captioning task: image captioning's, else the first other task
     scored with CIDEr (video captioning)."""
