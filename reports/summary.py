@@ -1,17 +1,26 @@
-"""Plain-text tables of finished runs, printed at the end of `vlp-bench run` and by `vlp-bench
-summary`: quality and cost per run, then time- and FLOPs-to-target per method. A pure function of
-the result files (results.json and metrics.jsonl), so it can be recomputed with another target."""
+"""Runs' result files, read and reduced to numbers, and the plain-text tables printed at the end of
+`vlp-bench run` and by `vlp-bench summary` (quality and cost per run, then time- and FLOPs-to-target
+per method). The HTML report (html.py, figures.py) loads runs and reads, averages and formats their
+numbers through the helpers here, so the page and the text tables read a metric, a speed-up or a
+spread over seeds one way. A pure function of the result files (results.json and metrics.jsonl), so
+it can be recomputed with another target without re-training."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from vlp_bench.errors import UserError
 from vlp_bench.log import text_table
 from vlp_bench.results import READABLE_VERSIONS
 from vlp_bench.files import read_jsonl
 from vlp_bench.metrics.targets import speedups
+
+
+# ----------------------------------------------------------------------------- result files
 
 
 def run_dirs(paths) -> list[Path]:
@@ -44,18 +53,136 @@ def load_results(run_dirs) -> list[dict]:
     return out
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def metrics_rows(run_dir) -> list[dict]:
+    """A run's metrics.jsonl (its learning curves); [] when it has none (e.g. a run that failed early)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return read_jsonl(path) if path.is_file() else []
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    return text_table(header, rows, left=len(header))
+@dataclass
+class Run:
+    """One run directory as the report reads it: its record and its logged rows."""
+
+    dir: Path
+    rec: dict  # results.json
+    rows: list[dict]  # metrics.jsonl
+
+    @property
+    def method(self) -> str:
+        return self.rec["method"]
+
+    @property
+    def finished(self) -> bool:
+        return self.rec.get("status") == "finished"
+
+    def file(self, name: str) -> Path | None:
+        """A file of the run directory, or None when the run did not write it."""
+        path = self.dir / name
+        return path if path.is_file() else None
+
+
+def load_runs(dirs: list[Path]) -> list[Run]:
+    return [Run(Path(d), rec, metrics_rows(d)) for d, rec in zip(dirs, load_results(dirs))]
+
+
+def by_method(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by method, methods in the order their first run came (the order of the page)."""
+    out: dict[str, list[Run]] = {}
+    for r in runs:
+        out.setdefault(r.method, []).append(r)
+    return out
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def metric_value(rec: dict, metric: str, floor: bool = False):
+    """A run's final value of task.key (or of its floor); None when absent."""
+    task, _, key = metric.partition(".")
+    values = rec.get("metrics", {}).get(task, {})
+    value = (values.get("floor", {}) if floor else values).get(key)
+    return value if isinstance(value, (int, float)) else None
+
+
+def mean_sd(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation over seeds, missing values left out; sd is None with one
+    value (no spread to report) and both are None with none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def format_mean_sd(values: list, spec: str) -> str:
+    """"0.512 ± 0.031" (mean ± sd over seeds), the mean alone for one seed, "-" for none."""
+    mean, sd = mean_sd(values)
+    if mean is None:
+        return "-"
+    return format(mean, spec) + ("" if sd is None else f" ± {format(sd, spec)}")
+
+
+def flop_scale(value: float) -> tuple[float, str]:
+    """The divisor and prefixed unit name (1e12, "TFLOP") that show `value` FLOPs in readable numbers."""
+    for scale, unit in ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP")):
+        if value >= scale:
+            return scale, unit
+    return 1e6, "MFLOP"
+
+
+def flops_units(results: list[dict]) -> str:
+    """The unit the runs' FLOPs are counted in, as their results.json say (cost.flops_unit, which the
+    trainer writes from vlp_bench.train.flops.UNIT); runs that differ list each, "" when none counted
+    FLOPs. Read from the files rather than spelt here, so the report states what the numbers were
+    counted in (the report stays a pure function of the files, and needs no torch to import UNIT)."""
+    return ", ".join(dict.fromkeys(u for r in results if (u := r.get("cost", {}).get("flops_unit"))))
 
 
 def captioning(metrics: dict) -> dict:
     """The metrics of a run's captioning task: image captioning's, else the first other task
     scored with CIDEr (video captioning)."""
     return metrics.get("caption") or next((m for m in metrics.values() if isinstance(m, dict) and "CIDEr" in m), {})
+
+
+def run_metric(results: list[dict]) -> str:
+    """The target metric the runs were configured with (target.metric as resolved when they ran;
+    caption.CIDEr for runs of older schemas without one)."""
+    for r in results:
+        if metric := r.get("config", {}).get("target", {}).get("metric"):
+            return metric
+    return "caption.CIDEr"
+
+
+def compute_speedups(dirs: list[Path], results: list[dict], metric: str, target: float | None,
+                     reference: str | None) -> dict:
+    """targets.speedups over these runs; runs are keyed by directory, so experiments can be mixed."""
+    records = [{**r, "run_id": str(d)} for d, r in zip(dirs, results)]
+    metric = metric or run_metric(results)
+    if reference is None and any(r["method"] == "baseline" for r in records):
+        reference = "baseline"  # the method every acceleration claims to beat
+    rows = {str(d): metrics_rows(d) for d in dirs}
+    try:
+        return speedups(records, rows, metric=metric, target=target, reference=reference)
+    except ValueError as e:
+        raise UserError(f"time-to-target: {e}") from None
+
+
+def format_ratio(s: dict | None) -> str:
+    """A speed-up as 1.98x [1.06, 5.16] (its 95% CI when there are seeds to have one)."""
+    if s is None:
+        return "-"
+    ci = "" if s["ci_low"] is None else f" [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
+    return f"{s['value']:.2f}x{ci}"
+
+
+# ----------------------------------------------------------------------------- text tables
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    return text_table(header, rows, left=len(header))
 
 
 def summary_table(results: list[dict]) -> str:
@@ -77,38 +204,6 @@ def summary_table(results: list[dict]) -> str:
             _fmt(cost.get("samples_per_s"), ".1f"), _fmt(per_sample / 1e9 if per_sample else None, ".3f"),
         ])
     return _table(header, rows)
-
-
-def run_metric(results: list[dict]) -> str:
-    """The target metric the runs were configured with (target.metric as resolved when they ran;
-    caption.CIDEr for runs of older schemas without one)."""
-    for r in results:
-        if metric := r.get("config", {}).get("target", {}).get("metric"):
-            return metric
-    return "caption.CIDEr"
-
-
-def compute_speedups(dirs: list[Path], results: list[dict], metric: str, target: float | None,
-                     reference: str | None) -> dict:
-    """targets.speedups over these runs; runs are keyed by directory, so experiments can be mixed."""
-    records = [{**r, "run_id": str(d)} for d, r in zip(dirs, results)]
-    metric = metric or run_metric(results)
-    if reference is None and any(r["method"] == "baseline" for r in records):
-        reference = "baseline"  # the method every acceleration claims to beat
-    rows = {str(d): read_jsonl(Path(d) / "metrics.jsonl") if (Path(d) / "metrics.jsonl").is_file() else []
-            for d in dirs}
-    try:
-        return speedups(records, rows, metric=metric, target=target, reference=reference)
-    except ValueError as e:
-        raise UserError(f"time-to-target: {e}") from None
-
-
-def format_ratio(s: dict | None) -> str:
-    """A speed-up as 1.98x [1.06, 5.16] (its 95% CI when there are seeds to have one)."""
-    if s is None:
-        return "-"
-    ci = "" if s["ci_low"] is None else f" [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
-    return f"{s['value']:.2f}x{ci}"
 
 
 def speedup_table(sp: dict) -> str:

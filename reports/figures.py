@@ -1,0 +1,297 @@
+"""The report's pictures, each returned as a data: URI so the page stays one file that loads
+nothing: learning curves (quality, training loss, the loss after a decoder phase) against
+wall-clock and FLOPs, final quality against cost with the Pareto front, a search's trials against
+their cost, and the token groups of the methods that merge. Seaborn draws the plots; a method keeps
+its colour in every plot (palette()), and plots are saved so that the same result files give the
+same bytes (no date, a fixed SVG hash salt)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vlp_bench.errors import UserError
+from vlp_bench.files import read_jsonl
+from vlp_bench.reports.summary import Run, flop_scale, metric_value
+
+CURVE_POINTS = 60  # the common grid that seeds are interpolated onto, to draw their mean and band
+DECODER_LOSS = "decoder.final_loss"  # the text-side family's loss after its shared decoder phase
+
+
+# ----------------------------------------------------------------------------- plotting
+
+
+def _data_uri(fig, fmt: str = "svg") -> str:
+    """The figure as a data: URI (SVG by default: text, sharp at any zoom), closed once saved so that
+    a long report does not hold every figure in memory."""
+    import matplotlib.pyplot as plt
+
+    with warnings.catch_warnings():  # long method names: tight_layout gives up, bbox_inches="tight" copes
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, bbox_inches="tight", dpi=110, metadata={"Date": None} if fmt == "svg" else None)
+    plt.close(fig)
+    mime = "image/svg+xml" if fmt == "svg" else "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def _setup_plots():
+    """Matplotlib drawing to files only and seaborn's theme; returns seaborn. The imports are here, not
+    at the top, because the backend must be chosen before pyplot is first imported."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.85)
+    matplotlib.rcParams["svg.hashsalt"] = "vlp-bench"  # the same results give the same SVG
+    return sns
+
+
+def palette(methods: list[str]) -> dict:
+    """A colour per method (colour-blind safe), shared by every plot so a method looks the same in each."""
+    import seaborn as sns
+
+    return dict(zip(methods, sns.color_palette("colorblind", max(len(methods), 1))))
+
+
+# ----------------------------------------------------------------------------- learning curves
+
+
+def _band_frame(series: list[tuple[str, str, np.ndarray, np.ndarray]]) -> pd.DataFrame:
+    """Seeds of each (method, stage) interpolated onto a common grid over the range all of them
+    cover; seaborn then draws their mean and, with errorbar=("pi", 100), the min-max band."""
+    frames = []
+    groups: dict[tuple, list] = {}
+    for method, stage, x, y in series:
+        if len(x):
+            groups.setdefault((method, stage), []).append((x, y))
+    for (method, stage), seeds in groups.items():
+        lo, hi = max(x[0] for x, _ in seeds), min(x[-1] for x, _ in seeds)
+        grid = np.linspace(lo, hi, CURVE_POINTS) if hi > lo else np.array([lo])
+        for k, (x, y) in enumerate(seeds):
+            frames.append(pd.DataFrame({"method": method, "stage": stage, "seed": k, "x": grid,
+                                        "y": np.interp(grid, x, y)}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _val_value(row: dict, metric: str):
+    if metric == DECODER_LOSS:
+        return (row.get("decoder") or {}).get("final_loss")
+    task, _, key = metric.partition(".")
+    return row["eval"].get(task, {}).get(key)
+
+
+def _curve_series(runs: list[Run], metric: str | None, axis: str, scale: float):
+    """(method, stage, x, y) per run: validation `metric` (or training loss when metric is None)."""
+    out, raw = [], []
+    for r in runs:
+        if metric is None:
+            rows = [x for x in r.rows if "loss" in x and x.get(axis) is not None]
+            by_stage: dict[str, list] = {}
+            for x in rows:
+                by_stage.setdefault(x.get("stage", "train"), []).append(x)
+            for stage, rs in by_stage.items():
+                xs = np.array([x[axis] / scale for x in rs], float)
+                out.append((r.method, stage, xs, np.array([x["loss"] for x in rs], float)))
+        else:
+            rows = [x for x in r.rows if x.get("split") == "val" and "eval" in x and x.get(axis) is not None
+                    and isinstance(_val_value(x, metric), (int, float))]
+            xs = np.array([x[axis] / scale for x in rows], float)
+            ys = np.array([_val_value(x, metric) for x in rows], float)
+            out.append((r.method, "val", xs, ys))
+            raw.extend({"method": r.method, "x": a, "y": b} for a, b in zip(xs, ys))
+    return out, pd.DataFrame(raw)
+
+
+def curve_figures(runs: list[Run], metric: str, target: float | None, colors: dict) -> list[dict]:
+    """Quality and training loss (and, for runs with a decoder phase, the loss after it) against
+    wall-clock and against FLOPs, one line per method."""
+    sns = _setup_plots()
+    import matplotlib.pyplot as plt
+
+    done = [r for r in runs if r.finished]
+    max_flops = max((r.rec.get("cost", {}).get("train_flops") or 0 for r in done), default=0)
+    fscale, funit = flop_scale(max_flops or 1)
+    axes_spec = [("wall_s", 1.0, "training wall-clock (s)"), ("flops", fscale, f"training compute ({funit})")]
+    figures = []
+    for what in (metric, None, DECODER_LOSS):  # the last only for runs with a decoder phase
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4), sharey=True)
+        drawn = False
+        for ax, (axis, scale, label) in zip(axes, axes_spec):
+            series, raw = _curve_series(done, what, axis, scale)
+            frame = _band_frame(series)
+            if frame.empty:
+                continue
+            drawn = True
+            style = "stage" if what is None and frame["stage"].nunique() > 1 else None
+            sns.lineplot(frame, x="x", y="y", hue="method", style=style, units=None, errorbar=("pi", 100),
+                         palette=colors, ax=ax, legend=ax is axes[-1])
+            if not raw.empty:
+                sns.scatterplot(raw, x="x", y="y", hue="method", palette=colors, ax=ax, s=14, legend=False)
+            if what == metric and target is not None:
+                ax.axhline(target, color="0.3", lw=1, ls=":")
+            ax.set_xlabel(label)
+            ax.set_ylabel({metric: f"{metric} (validation)", None: "training loss",
+                           DECODER_LOSS: "loss after the decoder phase"}[what])
+            if what is None:
+                ax.set_yscale("log")
+        if not drawn:
+            plt.close(fig)
+            continue
+        if axes[-1].get_legend():
+            sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+        if what == DECODER_LOSS:
+            caption = ("The caption (AR) loss at the end of the decoder phase that precedes each evaluation "
+                       "(mean over its last tenth of steps), against the pre-training clock: the same "
+                       "fine-tuning for every method of the text-side family, so unlike their training "
+                       "losses these are comparable across methods; lower is better.")
+        elif what:
+            caption = (f"Validation {metric} during training, against wall-clock (left) and training FLOPs "
+                       f"(right): a line further left reaches a quality sooner. Dots are the evaluations; "
+                       f"with several seeds the line is their mean and the band their range"
+                       f"{'; the dotted line is the target' if target is not None else ''}.")
+        else:
+            caption = ("Training loss (log scale) against wall-clock and FLOPs. Line styles mark training "
+                       "stages: losses of different stages (e.g. BLIP-2's stage 1) are different objectives "
+                       "and are not comparable across them, nor are FLM's, MLM's and AR's.")
+        title = {metric: f"{metric} learning curves", None: "Loss curves", DECODER_LOSS: "Loss after the decoder phase"}
+        figures.append({"title": title[what], "uri": _data_uri(fig),
+                        "caption": caption})
+    return figures
+
+
+# ----------------------------------------------------------------------------- quality against cost
+
+
+def pareto_figure(runs: list[Run], metric: str, colors: dict) -> dict | None:
+    """Final test quality against training cost: each seed, each method's mean, the Pareto front."""
+    sns = _setup_plots()
+    import matplotlib.pyplot as plt
+
+    pts = []
+    for r in runs:
+        cost, q = r.rec.get("cost", {}), metric_value(r.rec, metric)
+        if r.finished and q is not None and cost.get("train_flops") and cost.get("train_wall_s"):
+            pts.append({"method": r.method, "flops": cost["train_flops"], "wall_s": cost["train_wall_s"], "q": q})
+    if not pts:
+        return None
+    frame = pd.DataFrame(pts)
+    fscale, funit = flop_scale(frame["flops"].max())
+    frame["flops"] /= fscale
+    means = frame.groupby("method", sort=False).mean(numeric_only=True).reset_index()
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4), sharey=True)
+    for ax, (axis, label) in zip(axes, [("flops", f"training compute ({funit})"),
+                                        ("wall_s", "training wall-clock (s)")]):
+        sns.scatterplot(frame, x=axis, y="q", hue="method", palette=colors, ax=ax, s=18, alpha=0.5, legend=False)
+        sns.scatterplot(means, x=axis, y="q", hue="method", palette=colors, ax=ax, s=90, marker="D",
+                        legend=ax is axes[-1], edgecolor="black")
+        front = means.sort_values([axis, "q"], ascending=[True, False])
+        best, keep = -math.inf, []
+        for _, row in front.iterrows():  # cheaper first: a method is on the front if it beats all cheaper ones
+            if row["q"] > best:
+                keep.append(row)
+                best = row["q"]
+        if len(keep) > 1:
+            fx, fy = [k[axis] for k in keep], [k["q"] for k in keep]
+            ax.step(fx, fy, where="post", color="0.5", lw=1, zorder=0)
+        for _, row in means.iterrows():
+            ax.annotate(row["method"], (row[axis], row["q"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"{metric} (test)")
+    if axes[-1].get_legend():
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    return {"title": "Quality against cost", "uri": _data_uri(fig),
+            "caption": f"Final test {metric} against the training cost of each run (small dots: seeds; diamonds: "
+                       f"method means). Up and to the left is better; the grey steps join the methods that no "
+                       f"cheaper method beats."}
+
+
+def search_figure(done: list[dict], best: set, mode: str, metric: str) -> str:
+    """A search's complete trials: validation `metric` against training compute, the Pareto front
+    (mode "pareto") or the best trial in orange, each dot labelled with its trial number."""
+    sns = _setup_plots()
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame({"cost": [t["user_attrs"].get("train_flops", 0) / 1e12 for t in done],
+                          "q": [t["values"][0] for t in done], "front": [t["number"] in best for t in done],
+                          "trial": [t["number"] for t in done]})
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    sns.scatterplot(frame, x="cost", y="q", hue="front", palette={True: "#d55e00", False: "#999999"}, ax=ax, s=40)
+    front = frame[frame["front"]].sort_values("cost")
+    if mode == "pareto" and len(front) > 1:
+        ax.step(front["cost"], front["q"], where="post", color="#d55e00", lw=1)
+    for _, row in frame.iterrows():
+        ax.annotate(str(int(row["trial"])), (row["cost"], row["q"]), textcoords="offset points", xytext=(4, 3),
+                    fontsize=7)
+    ax.set_xlabel("training compute (TFLOP)")
+    ax.set_ylabel(f"{metric} (validation)")
+    return _data_uri(fig)
+
+
+# ----------------------------------------------------------------------------- token groups
+
+
+def _merge_picture(image_path: Path, groups: np.ndarray, cell: int = 168) -> str:
+    """The image as the encoder saw it, beside it every token's patches filled with their mean
+    colour and outlined (ToMe's visualisation), as a PNG data URI."""
+    from PIL import Image
+
+    with Image.open(image_path) as im:
+        img = np.asarray(im.convert("RGB"), dtype=np.float32)
+    gh, gw = groups.shape
+    zoom = max(1, math.ceil(cell / img.shape[0]))
+    big = np.kron(img, np.ones((zoom, zoom, 1), np.float32))
+    ph, pw = big.shape[0] // gh, big.shape[1] // gw
+    label = np.kron(groups, np.ones((ph, pw), groups.dtype))
+    big, label = big[: label.shape[0], : label.shape[1]], label[: big.shape[0], : big.shape[1]]
+    merged = np.zeros_like(big)
+    for g in np.unique(label):
+        mask = label == g
+        merged[mask] = big[mask].mean(axis=0)
+    edge = np.zeros(label.shape, bool)  # outline the tokens: pixels whose right or lower neighbour differs
+    edge[:, :-1] |= label[:, :-1] != label[:, 1:]
+    edge[:-1, :] |= label[:-1, :] != label[1:, :]
+    merged[edge] = 255.0
+    gap = np.full((big.shape[0], 6, 3), 255.0, np.float32)
+    out = Image.fromarray(np.concatenate([big, gap, merged], axis=1).clip(0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    out.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def merge_pictures(runs: list[Run]) -> list[dict]:
+    """For each method that merges (first finished seed), its token groups on a few test images and
+    the caption it generated for each."""
+    out, seen = [], set()
+    for r in runs:
+        path = r.file("token_groups.json")
+        if not r.finished or r.method in seen or path is None:
+            continue
+        seen.add(r.method)
+        captions = {}
+        if (samples := r.file("samples_caption.jsonl")) is not None:
+            captions = {s["image_id"]: s["caption"] for s in read_jsonl(samples)}
+        items = []
+        try:
+            tg = json.loads(path.read_text())
+            for im in tg["images"]:
+                groups = np.array(im["groups"], dtype=np.int64)
+                items.append({"uri": _merge_picture(r.dir / im["file"], groups), "image_id": im["image_id"],
+                              "caption": captions.get(im["image_id"], "(no caption recorded)"),
+                              "tokens": len(np.unique(groups))})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: unreadable token groups ({type(e).__name__}: {e})") from None
+        out.append({"method": r.method, "run": r.dir.name, "tokens_to_llm": tg["tokens_to_llm"],
+                    "prefix_tokens": tg["prefix_tokens"], "grid": tg["grid"], "items": items})
+    return out
+
+
