@@ -1,5 +1,6 @@
-"""SimVLG (METHODS.md 2.2): the baseline's bridge with ToMe token merging after the attention of
-every layer, so the visual sequence shrinks layer by layer before it reaches the frozen LLM."""
+"""SimVLG (docs/methods.md, SimVLG): the baseline's bridge with ToMe token merging after the
+attention of every layer, so the visual sequence shrinks layer by layer before it reaches the frozen
+LLM."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ PAPER_INPUT_TOKENS = 257
 
 @METHODS.register("simvlg")
 class SimVLG(Baseline):
-    """ToMe token merging in every bridge layer (METHODS.md 2.2)."""
+    """ToMe token merging in every bridge layer (docs/methods.md, SimVLG)."""
 
     Config = SimVLGConfig
     paper_config = PAPER
