@@ -1,5 +1,6 @@
-"""AR (METHODS.md 2.4, FLM's causal-LM baseline): on the shared text-side model, every caption token
-is predicted from the image and the tokens before it (left-to-right stream)."""
+"""AR, FLM's causal-LM baseline (docs/methods.md, MLM and AR baselines): on the shared text-side
+model, every caption token is predicted from the image and the tokens before it (left-to-right
+stream)."""
 
 from __future__ import annotations
 

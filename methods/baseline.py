@@ -1,5 +1,5 @@
-"""No-merge baseline (METHODS.md 2.1): frozen ViT -> Linear -> self-attention encoder over *all*
-visual tokens -> Linear -> frozen LLM, trained with the LLM's LM loss on caption tokens."""
+"""No-merge baseline (docs/methods.md, Baseline): frozen ViT -> Linear -> self-attention encoder
+over *all* visual tokens -> Linear -> frozen LLM, trained with the LLM's LM loss on caption tokens."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class BaselineConfig:
 
 @METHODS.register("baseline")
 class Baseline(FrozenLLMMethod):
-    """No merging: every visual token goes through the bridge to the LLM (METHODS.md 2.1)."""
+    """No merging: every visual token goes through the bridge to the LLM (docs/methods.md, Baseline)."""
 
     Config = BaselineConfig
     paper_config = BaselineConfig(width=768, depth=12, heads=12)  # SimVLG's 12-layer BERT-base-sized bridge

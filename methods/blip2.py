@@ -1,5 +1,5 @@
-"""BLIP-2 (METHODS.md 2.3): a Q-Former bridge trained in two stages. Stage 1, without the LLM:
-image-text contrastive (ITC), matching with hard negatives (ITM) and grounded generation (ITG),
+"""BLIP-2 (docs/methods.md, BLIP-2): a Q-Former bridge trained in two stages. Stage 1, without the
+LLM: image-text contrastive (ITC), matching with hard negatives (ITM) and grounded generation (ITG),
 equally weighted. Stage 2: the query outputs, linearly projected, are the LLM's soft prompt; LM
 loss only. `blip2-1stage` skips stage 1 (the ablation where OPT's zero-shot VQA collapses)."""
 
@@ -40,7 +40,7 @@ class Blip2Config:
 
 @METHODS.register("blip2")
 class Blip2(FrozenLLMMethod):
-    """Q-Former, stage 1 (ITC + ITM + ITG, no LLM) then stage 2 (LM loss) (METHODS.md 2.3)."""
+    """Q-Former, stage 1 (ITC + ITM + ITG, no LLM) then stage 2 (LM loss) (docs/methods.md, BLIP-2)."""
 
     Config = Blip2Config
     # BLIP-2's Q-Former (BERT-base, 32 queries, ITC dim 256); stage 1 is 250k of its 330k steps
@@ -145,7 +145,7 @@ class Blip2OneStageConfig(Blip2Config):
 
 @METHODS.register("blip2-1stage")
 class Blip2OneStage(Blip2):
-    """BLIP-2's Q-Former without stage 1: the ablation (METHODS.md 2.3)."""
+    """BLIP-2's Q-Former without stage 1: the ablation (docs/methods.md, BLIP-2)."""
 
     Config = Blip2OneStageConfig
     paper_config = Blip2OneStageConfig(**{**dataclasses.asdict(Blip2.paper_config), "stage1_fraction": 0.0})

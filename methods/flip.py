@@ -1,4 +1,4 @@
-"""FLIP-style random masking (METHODS.md 2.5): during training, a random share of the visual
+"""FLIP-style random masking (docs/methods.md, FLIP): during training, a random share of the visual
 tokens is dropped, either after the frozen ViT (the bridge and the LLM see fewer tokens) or at the
 ViT's input patches (its forward shrinks too). An optional last stage trains without masking
 (FLIP's unmasked tuning); evaluation never masks. `flip` puts it in front of the baseline's bridge;
@@ -31,7 +31,7 @@ class FLIPOptions:
 
 
 class FLIPSide(VisionSide):
-    """Random masking of visual tokens during training, after or inside the ViT (METHODS.md 2.5)."""
+    """Random masking of visual tokens during training, after or inside the ViT (docs/methods.md, FLIP)."""
 
     Options = FLIPOptions
     video = False  # a random mask per image: averaged frames would mix tokens of different patches
@@ -81,7 +81,7 @@ class FLIPConfig(FLIPOptions, BaselineConfig):
 
 @METHODS.register("flip")
 class FLIP(FLIPSide, Baseline):
-    """Random masking of visual tokens in training, after or inside the ViT, baseline bridge (METHODS.md 2.5)."""
+    """Random masking of visual tokens in training, after or inside the ViT, baseline bridge (docs/methods.md, FLIP)."""
 
     Config = FLIPConfig
     paper_config = FLIPConfig(width=768, depth=12, heads=12, mask_ratio=0.5)

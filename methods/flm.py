@@ -1,6 +1,7 @@
-"""FLM, free language modeling (METHODS.md 2.4): every caption token is predicted (100% prediction
-rate) by a reconstructor that reads the left-to-right and right-to-left streams of the shared text
-side, each target with its own hidden span, so the corruption rate is free of the prediction rate.
+"""FLM, free language modeling (docs/methods.md, FLM): every caption token is predicted (100%
+prediction rate) by a reconstructor that reads the left-to-right and right-to-left streams of the
+shared text side, each target with its own hidden span, so the corruption rate is free of the
+prediction rate.
 
 Reconstructor: cross-attention-only layers; query i is a [MASK] embedding plus position i; keys and
 values are the forward features and the reverse features. Forward feature j has read tokens <= j

@@ -1,6 +1,6 @@
-"""MLM (METHODS.md 2.4, FLM's masked-LM baseline): on the shared text-side model, a random 15% of
-the caption tokens are replaced by a learned [MASK] embedding and predicted by the bidirectional
-encoder: the corruption rate is also the prediction rate, the tie FLM removes."""
+"""MLM, FLM's masked-LM baseline (docs/methods.md, MLM and AR baselines): on the shared text-side
+model, a random 15% of the caption tokens are replaced by a learned [MASK] embedding and predicted
+by the bidirectional encoder: the corruption rate is also the prediction rate, the tie FLM removes."""
 
 from __future__ import annotations
 

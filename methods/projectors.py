@@ -1,5 +1,5 @@
-"""Projector baselines (METHODS.md 2.5): no trained transformer between the frozen ViT and the
-frozen LLM, only LLaVA-1.5's 2-layer MLP projector. `mlp` keeps every visual token; `pool`
+"""Projector baselines (docs/methods.md, Projectors): no trained transformer between the frozen ViT
+and the frozen LLM, only LLaVA-1.5's 2-layer MLP projector. `mlp` keeps every visual token; `pool`
 average-pools the patch grid to k x k tokens first, so the pair isolates what pooling costs and buys."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class MLPConfig:
 
 @METHODS.register("mlp")
 class MLPProjector(FrozenLLMMethod):
-    """LLaVA-style 2-layer MLP projector: every visual token reaches the LLM (METHODS.md 2.5)."""
+    """LLaVA-style 2-layer MLP projector: every visual token reaches the LLM (docs/methods.md, Projectors)."""
 
     Config = MLPConfig
     paper_config = MLPConfig()
@@ -47,7 +47,7 @@ class PoolConfig:
 
 @METHODS.register("pool")
 class Pool(FrozenLLMMethod):
-    """Average pooling of the patch grid to k x k tokens, then the MLP projector (METHODS.md 2.5)."""
+    """Average pooling of the patch grid to k x k tokens, then the MLP projector (docs/methods.md, Projectors)."""
 
     Config = PoolConfig
     paper_config = PoolConfig(grid=6)  # 36 tokens from ViT-g's 16 x 16 patches, near BLIP-2's 32 queries

@@ -1,5 +1,6 @@
-"""SimVLG (METHODS.md 2.2): the baseline's bridge with ToMe token merging after the attention of
-every layer, so the visual sequence shrinks layer by layer before it reaches the frozen LLM."""
+"""SimVLG (docs/methods.md, SimVLG): the baseline's bridge with ToMe token merging after the
+attention of every layer, so the visual sequence shrinks layer by layer before it reaches the frozen
+LLM."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def schedule_values(params: dict, n_tokens: int = 2, depth: int = 1) -> dict:
 
 @METHODS.register("simvlg")
 class SimVLG(Baseline):
-    """ToMe token merging in every bridge layer (METHODS.md 2.2)."""
+    """ToMe token merging in every bridge layer (docs/methods.md, SimVLG)."""
 
     Config = SimVLGConfig
     paper_config = PAPER

@@ -1,4 +1,4 @@
-"""SimVLG for video (METHODS.md 2.2, video extension): a temporal attention module in front of every
+"""SimVLG for video (docs/methods.md, SimVLG on video): a temporal attention module in front of every
 block of the frozen ViT attends across the clip's frames at each token position (q and k
 projected, v the block's input itself), added through a scalar gate that starts at 0, so at
 initialisation the model is the image model applied to each frame. The tokens are then averaged
@@ -73,7 +73,7 @@ class TemporalOptions:
 
 
 class TemporalSide(VisionSide):
-    """Gated temporal attention inside the frozen ViT, tokens averaged over frames (METHODS.md 2.2)."""
+    """Gated temporal attention inside the frozen ViT, tokens averaged over frames (docs/methods.md, SimVLG on video)."""
 
     Options = TemporalOptions
     trains_encoder = True
@@ -132,7 +132,7 @@ class SimVLGVideoConfig(TemporalOptions, SimVLGConfig):
 
 @METHODS.register("simvlg-video")
 class SimVLGVideo(TemporalSide, SimVLG):
-    """SimVLG with gated temporal attention in the frozen ViT, for clips (METHODS.md 2.2)."""
+    """SimVLG with gated temporal attention in the frozen ViT, for clips (docs/methods.md, SimVLG on video)."""
 
     Config = SimVLGVideoConfig
     # the paper's video model: its SimVLG bridge, q/k of 256 in 8 heads (1408 = 8 x 176 for v)

@@ -1,6 +1,6 @@
-"""ToMe inside the frozen ViT (METHODS.md 2.5): the encoder's own blocks merge tokens (the
-library's bipartite matching and proportional attention, on the ViT's keys), which saves the
-encoder's forward and hands every bridge fewer tokens. `tome-vit` puts it in front of the
+"""ToMe inside the frozen ViT (docs/methods.md, ToMe in the ViT): the encoder's own blocks merge
+tokens (the library's bipartite matching and proportional attention, on the ViT's keys), which saves
+the encoder's forward and hands every bridge fewer tokens. `tome-vit` puts it in front of the
 baseline's bridge; as a vision side it stacks onto any bridge method (`simvlg+tome-vit`)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class ToMeViTOptions:
 
 
 class ToMeViTSide(VisionSide):
-    """ToMe token merging inside the frozen ViT (METHODS.md 2.5)."""
+    """ToMe token merging inside the frozen ViT (docs/methods.md, ToMe in the ViT)."""
 
     Options = ToMeViTOptions
     video = False  # each frame merges its own patches: their average would mix unrelated tokens
@@ -67,7 +67,7 @@ class ToMeViTConfig(ToMeViTOptions, BaselineConfig):
 
 @METHODS.register("tome-vit")
 class ToMeViT(ToMeViTSide, Baseline):
-    """ToMe merging inside the frozen ViT, then the baseline's bridge (METHODS.md 2.5)."""
+    """ToMe merging inside the frozen ViT, then the baseline's bridge (docs/methods.md, ToMe in the ViT)."""
 
     Config = ToMeViTConfig
     # r = 6 over ViT-g/14's 39 blocks would take 257 -> 23 tokens, near SimVLG's 29 at the LLM (EVA's

@@ -1,5 +1,5 @@
-"""The text-side family (METHODS.md 2.4): FLM and its MLM and AR baselines, three objectives over one
-shared model, so they differ only in what they predict from what.
+"""The text-side family (docs/methods.md, FLM): FLM and its MLM and AR baselines, three objectives
+over one shared model, so they differ only in what they predict from what.
 
 The model: a *trainable copy* of the backbone LM (the tiny world's, or any Hugging Face causal LM)
 runs over [anchor] prompt caption [EOS] under one of three attention patterns on the same weights:

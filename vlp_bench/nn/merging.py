@@ -2,7 +2,7 @@
 that carries token sizes across layers. SimVLG's bridge calls it; ToMe inside a frozen ViT and the
 video extension are meant to call the same code.
 
-One merge step on t tokens (ToMe, Bolya et al. 2023; METHODS.md 2.2):
+One merge step on t tokens (ToMe, Bolya et al. 2023; docs/methods.md, ToMe's merge step):
 1. Protect the first `protected` tokens (CLS); r is clamped to (t - protected) // 2.
 2. Metric: the attention keys averaged over heads, L2-normalised.
 3. Alternate split: A = even positions, B = odd positions; scores = cosine(A, B); a protected
