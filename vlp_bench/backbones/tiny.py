@@ -7,7 +7,7 @@ caches them, keyed by their config and data root; `vlp-bench prepare` does it ah
   "<refs A> Question: q Short answer: a"), so it learns to carry content from its context into
   what it writes, i.e. to read a soft visual prefix the way a real LLM reads its context.
   Rotary positions matter: learned absolute positions never see caption tokens after a long
-  prefix (METHODS.md section 5).
+  prefix (docs/methods.md, The tiny world).
 The tiny LM is saved with `save_pretrained`, so loading it *is* the Hugging Face path.
 """
 

@@ -41,7 +41,7 @@ class WorldConfig:
     questions_per_image: int = 3  # ~ the VQAv2 rate (5.4 per image) scaled to simple scenes
     # clips (vlp_bench/data/world/clips.py, for video captioning): a quarter as many as images, since each
     # clip is clip_frames images; 8 frames leave the samplers of 4 frames (the paper's) both halves.
-    # 5000 training clips is where simvlg-video beats the frame average (README), but the tiny LM
+    # 5000 training clips is where simvlg-video beats the frame average (docs/results.md), but the tiny LM
     # would then pre-train mostly on clip captions, so the image default stays 1000
     n_clips_train: int = 1000
     n_clips_val: int = 100
