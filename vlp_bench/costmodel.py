@@ -26,10 +26,9 @@ import torch
 
 from vlp_bench.backbones.encoders import Backbones, VisionEncoder, _tiny_vit, freeze, frozen_dtype, tiny_llama
 from vlp_bench.errors import UserError
-from vlp_bench.train.flops import UNIT, FlopCount
+from vlp_bench.train.flops import UNIT, FlopCount, count_step
 from vlp_bench.progress import text_table
 from vlp_bench.registry import METHODS
-from vlp_bench.train.trainer import count_step
 
 REFERENCE = "baseline"  # ratios are the baseline's cost over each method's
 BATCH = 8  # samples per counted step: costs are per sample; >= 2 for BLIP-2's in-batch negatives

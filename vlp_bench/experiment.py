@@ -24,7 +24,8 @@ from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.results import SCHEMA_VERSION, MetricsLog, atomic_write_json, env_info, write_jsonl
 from vlp_bench.search import SearchConfig
 from vlp_bench.trackers import Trackers, TrackersConfig
-from vlp_bench.train.trainer import NonFiniteLoss, TrainConfig, decoder_finetune, eager, train
+from vlp_bench.train.compile import eager
+from vlp_bench.train.trainer import NonFiniteLoss, TrainConfig, decoder_finetune, train
 from vlp_bench.data.world.stills import WorldConfig, build_world
 
 
