@@ -77,7 +77,8 @@ def _after_run(out: Path, dirs, cfg) -> None:
     """The tables on stdout; then, in the experiment directory, the methods' paper-scale costs
     (flops-paper.json, once) and report.html. Neither of the last two can fail a finished run.
     Under torchrun: rank zero's work; the job ends here."""
-    from vlp_bench import costmodel, dist
+    from vlp_bench import costmodel
+    from vlp_bench.train import dist
     from vlp_bench.experiment import say
     from vlp_bench.reports import html
 
