@@ -172,8 +172,7 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
             _log_row(log, st, stage, step_flops, lr)
         if evaluate is not None and cfg.eval_every and (st.step % cfg.eval_every == 0 or st.step == total):
             _evaluate(method, evaluate, log, st, decoder, group)
-        if checkpoint is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 \
-                and st.step < total:
+        if checkpoint is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total:
             _save(run, checkpoint, opt, stage, log, st)
     method.eval()
     return _cost_summary(run, st, memory_kind)
