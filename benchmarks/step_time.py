@@ -22,7 +22,7 @@ import torch
 from vlp_bench.data.images import CaptionSplit, ImageLoader, TrainBatches
 from vlp_bench.experiment import load_config, prepare
 from vlp_bench.registry import METHODS
-from vlp_bench.train.trainer import _sync
+from vlp_bench.train.measure import sync
 
 
 def main() -> None:
@@ -55,14 +55,14 @@ def main() -> None:
         method, stage, opt = runners[name]
         batch = dict(fixed[i % len(fixed)])
         batch["images"] = batch["images"].to(device)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         with autocast:
             out = method.training_loss(batch, stage)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0, out.tokens_to_llm
 
     times = {n: [] for n in names}

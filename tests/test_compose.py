@@ -15,7 +15,7 @@ from vlp_bench.experiment import load_config
 from vlp_bench.nn.merging import layer_schedule, token_counts
 from vlp_bench.method import Stage
 from vlp_bench.registry import METHODS
-from vlp_bench.train.trainer import count_step
+from vlp_bench.train.flops import count_step
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 

@@ -11,7 +11,7 @@ from conftest import random_backbones
 from test_methods import _batch
 from vlp_bench.method import Stage
 from vlp_bench.registry import METHODS
-from vlp_bench.train.trainer import count_step
+from vlp_bench.train.flops import count_step
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 

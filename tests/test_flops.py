@@ -17,9 +17,10 @@ from test_trainer import batches
 from vlp_bench.train import flops
 from vlp_bench.nn.merging import layer_schedule
 from vlp_bench.registry import METHODS
-from vlp_bench.results import MetricsLog
 from vlp_bench.files import read_jsonl
-from vlp_bench.train.trainer import TrainConfig, count_step, train
+from vlp_bench.results import MetricsLog
+from vlp_bench.train.flops import count_step
+from vlp_bench.train.trainer import TrainConfig, train
 
 
 def vit_forward_flops(tokens: int, patches: int, dim: int, depth: int, patch_in: int, classes: int) -> int:
@@ -255,7 +256,7 @@ def test_counting_changes_neither_training_nor_the_clock_accounting(method, tmp_
 @pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
                                           ("NVIDIA A100-SXM4-80GB", 312.0), ("Some Future GPU", None)])
 def test_mfu_peak_is_looked_up_by_device_name(name, tflops, monkeypatch):
-    from vlp_bench.train.trainer import peak_flops_per_s
+    from vlp_bench.train.measure import peak_flops_per_s
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     got = peak_flops_per_s(torch.device("cuda"), TrainConfig())

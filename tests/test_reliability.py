@@ -132,7 +132,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_checkpoints_load_without_pickle(tmp_path):
     """Checkpoints are read with weights_only=True: an arbitrary pickled object is refused."""
-    from vlp_bench.train.trainer import load_checkpoint
+    from vlp_bench.train.checkpoint import load_checkpoint
 
     torch.save({"weights": {}, "evil": object()}, tmp_path / "c.pt")
     with pytest.raises(Exception, match="[Ww]eights only"):

@@ -186,7 +186,7 @@ def test_the_trained_lm_copy_is_counted_forward_and_backward(name):
     """Its weights train, so its backward is about twice its forward (input and weight gradients);
     FLM runs it twice, and nothing of the fusion or the reconstructor is counted in it."""
     from test_methods import _batch
-    from vlp_bench.train.trainer import count_step
+    from vlp_bench.train.flops import count_step
 
     method = build(name).train()
     got = count_step(method, _batch(), method.stages(1)[0], torch.autocast("cpu", enabled=False))[0].by_part

@@ -25,7 +25,8 @@ from vlp_bench.method import Stage
 from vlp_bench.log import say, text_table
 from vlp_bench.registry import METHODS
 from vlp_bench.results import MetricsLog
-from vlp_bench.train.trainer import peak_flops_per_s, peak_memory_bytes, reset_peak_memory, train
+from vlp_bench.train.measure import peak_flops_per_s, peak_memory_bytes, reset_peak_memory
+from vlp_bench.train.trainer import train
 
 
 class SyntheticBatches:

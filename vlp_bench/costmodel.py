@@ -27,10 +27,9 @@ import torch
 from vlp_bench.backbones import Backbones, VisionEncoder, freeze, frozen_dtype, tiny_llama, tiny_vit
 from vlp_bench.config import on_clips
 from vlp_bench.errors import UserError
-from vlp_bench.train.flops import UNIT, FlopCount
+from vlp_bench.train.flops import UNIT, FlopCount, count_step
 from vlp_bench.log import text_table
 from vlp_bench.registry import METHODS
-from vlp_bench.train.trainer import count_step
 
 BATCH = 8  # samples per counted step: costs are per sample; >= 2 for BLIP-2's in-batch negatives
 

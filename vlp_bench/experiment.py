@@ -38,7 +38,8 @@ from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.results import SCHEMA_VERSION, MetricsLog, env_info
 from vlp_bench.trackers import Trackers
 from vlp_bench.train import dist
-from vlp_bench.train.trainer import NonFiniteLoss, decoder_finetune, eager, train
+from vlp_bench.train.compile import eager
+from vlp_bench.train.trainer import NonFiniteLoss, decoder_finetune, train
 from vlp_bench.typed import to_dict
 
 __all__ = ["DEFAULTS", "Experiment", "StopRun", "finish", "load_config", "load_config_dict", "prepare",

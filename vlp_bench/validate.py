@@ -213,7 +213,7 @@ def _check_tokens(found: Findings, subject: str, method, batch: dict, sent: dict
 def _check_costs(found: Findings, subject: str, cfg, name: str, method, data: list[dict], device, sent: dict,
                  scales: Callable) -> None:
     from vlp_bench import costmodel
-    from vlp_bench.train.trainer import count_step
+    from vlp_bench.train.flops import count_step
 
     method.train()
     stages = method.stages(cfg.train.steps)

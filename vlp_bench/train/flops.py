@@ -24,6 +24,10 @@ operation belongs to the innermost part whose forward is running, or whose backw
 (from the moment gradients reach the part's outputs until they reach its inputs); anything else
 belongs to `rest`. `count()` takes the parts from the object `fn` is bound to when it has a
 `flop_parts()` method (every vlp-bench Method), else from the direct children of a module `fn`.
+
+For training (vlp_bench.train.trainer, and what costs a step without training: costmodel,
+validate): `count_step` replays one training step of a Method under the counter without
+changing the run, and `flop_summary` / `stage_summary` turn the counts into results.json's fields.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.hooks import RemovableHandle
+
+from vlp_bench.method import Method, Stage, StepOutput
+from vlp_bench.train.compile import eager
 
 UNIT = "FLOP (2 per multiply-add)"
 PASSES = ("forward", "backward")
@@ -238,3 +245,34 @@ def count(fn, *args, **kwargs) -> FlopCount:
     with FlopCounter(parts, rest) as counter:
         fn(*args, **kwargs)
     return counter.result
+
+
+def count_step(method: Method, batch: dict, stage: Stage, autocast) -> tuple[FlopCount, StepOutput]:
+    """The FLOPs of one forward and backward of training_loss(batch, stage), by part and pass.
+    The RNG is restored afterwards and gradients are returned rather than stored, so the real step
+    that follows runs exactly as if this replay had not happened."""
+    leaves = [p for p in method.parameters() if p.requires_grad]  # the leaves .backward() reaches
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    # eagerly: the counter must see every operation, and a compiled block first called under the
+    # counter's dispatch mode would be marked "do not compile" for good
+    with eager(), torch.random.fork_rng(devices=devices), FlopCounter(*method.flop_parts()) as counter:
+        with autocast:
+            out = method.training_loss(batch, stage)
+        torch.autograd.grad(out.loss, leaves, allow_unused=True)
+    return counter.result, out
+
+
+def flop_summary(by_part: dict, samples: int) -> dict:
+    """results.json's FLOP fields from by_part[part][pass] totals over `samples` samples."""
+    count = FlopCount(by_part)
+    samples = max(samples, 1)
+    return {"flops_unit": UNIT, "train_flops": count.total, "train_flops_forward": count.forward,
+            "train_flops_backward": count.backward, "train_flops_per_sample": count.total / samples,
+            "flops_by_part": count.by_part, "flops_per_sample_by_part": count.scaled(1 / samples)}
+
+
+def stage_summary(stage: dict, with_flops: bool) -> dict:
+    """One entry of results.json's cost.stages from the trainer's per-stage counters (name, steps,
+    samples, train_wall_s, flops by part): the FLOPs as flop_summary's fields, or none."""
+    out = {k: v for k, v in stage.items() if k != "flops"}
+    return {**out, **flop_summary(stage["flops"], stage["samples"])} if with_flops else out

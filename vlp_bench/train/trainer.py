@@ -9,6 +9,10 @@ median step time (warm-up: allocator, kernel selection).
 FLOPs (vlp_bench.train.flops) are counted on the real batches as they ran: a step's forward and backward
 is replayed once under the counter for each new shape (Method.shape_key), outside the clock, with
 the RNG restored and no gradient written, so counting changes neither the result nor the timing.
+
+The loop calls its components from their own modules: checkpoint (save and resume), measure
+(device sync, peak memory, peak FLOP/s), flops (the step replay and the results' FLOP fields),
+compile (train.compile) and dist (data parallel). Its counters are one TrainState.
 """
 
 from __future__ import annotations
@@ -16,23 +20,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import resource
 import statistics
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from vlp_bench.train import dist
 from vlp_bench.data.images import TrainBatches
-from vlp_bench.train.flops import PASSES, UNIT, FlopCount, FlopCounter
-from vlp_bench.method import Method, Stage, StepOutput
+from vlp_bench.method import Method, Stage
 from vlp_bench.log import progress_bar
 from vlp_bench.results import MetricsLog
+from vlp_bench.train import dist
+from vlp_bench.train.checkpoint import load_checkpoint, rng_state, save_checkpoint
+from vlp_bench.train.compile import compile_blocks, eager
+from vlp_bench.train.flops import PASSES, FlopCount, count_step, flop_summary, stage_summary
+from vlp_bench.train.measure import peak_flops_per_s, peak_memory_bytes, reset_peak_memory, sync
 
 
 @dataclass
@@ -84,70 +88,40 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass
+class TrainState:
+    """The trainer's running counters: what a checkpoint carries besides the weights, optimizer,
+    data position and RNG, so that a resumed run ends exactly as an uninterrupted one, counting
+    each step once. Stored in the checkpoint as a plain dict (dataclasses.asdict, and
+    TrainState(**d) back): plain containers load with torch.load(weights_only=True)."""
+
+    step: int = 0  # optimizer steps done, over all stages
+    samples: int = 0  # samples trained on (the job's: all ranks)
+    wall: float = 0.0  # seconds of training on the clock (FLOP replay, evaluation, checkpoints excluded)
+    step_times: list[float] = field(default_factory=list)  # seconds of each step past its stage's warm-up
+    window: list[float] = field(default_factory=list)  # losses since the last metrics row (its mean)
+    # one dict per stage so far: name, steps, samples, train_wall_s and flops (by part and pass); a
+    # plain dict updated in place, which is also what results.json's cost.stages is built from
+    per_stage: list[dict] = field(default_factory=list)
+    tokens_to_llm: int | None = None  # visual tokens per sample the LLM received, last micro-batch
+    flops: dict = field(default_factory=dict)  # FLOPs so far, by part and pass (a FlopCount's by_part)
+    timed_flops: int = 0  # FLOPs of the steps in step_times: achieved FLOP/s = timed_flops / sum(step_times)
+    flop_counts: int = 0  # step replays under the FLOP counter (one per new shape key)
 
 
-# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets, matched
-# in order against torch.cuda.get_device_name(); set train.peak_tflops for anything else.
-PEAK_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.5), ("H100", 989.4), ("A100", 312.0),
-               ("L40S", 362.05), ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.2)]
+@dataclass
+class _Run:
+    """What the steps of one train() call share, so that its helpers take one argument, not eight."""
 
-
-def peak_flops_per_s(device: torch.device, cfg: TrainConfig) -> float | None:
-    if cfg.peak_tflops:
-        return cfg.peak_tflops * 1e12
-    if device.type != "cuda":
-        return None  # no meaningful tensor-core peak for a CPU: MFU is reported on CUDA only
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_TFLOPS if key in name), None)
-
-
-def count_step(method: Method, batch: dict, stage: Stage, autocast) -> tuple[FlopCount, StepOutput]:
-    """The FLOPs of one forward and backward of training_loss(batch, stage), by part and pass.
-    The RNG is restored afterwards and gradients are returned rather than stored, so the real step
-    that follows runs exactly as if this replay had not happened."""
-    leaves = [p for p in method.parameters() if p.requires_grad]  # the leaves .backward() reaches
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    # eagerly: the counter must see every operation, and a compiled block first called under the
-    # counter's dispatch mode would be marked "do not compile" for good
-    with eager(), torch.random.fork_rng(devices=devices), FlopCounter(*method.flop_parts()) as counter:
-        with autocast:
-            out = method.training_loss(batch, stage)
-        torch.autograd.grad(out.loss, leaves, allow_unused=True)
-    return counter.result, out
-
-
-def reset_peak_memory(device: torch.device) -> str:
-    """Start a run's peak-memory window (the runs of an experiment share one process); returns the
-    kind of peak that peak_memory_bytes() will then read."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return "cuda_max_allocated"
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS (VmHWM) to the current RSS
-        rss, hwm = _proc_status_bytes("VmRSS:"), _proc_status_bytes("VmHWM:")
-    except (OSError, StopIteration, ValueError):
-        return "process_max_rss"  # elsewhere: the peak since the process started, earlier runs included
-    # A kernel or sandbox may accept the write and keep the old peak: then say so rather than report
-    # an earlier run's peak as this run's (64 MiB of slack for memory freed since the reset).
-    return "run_peak_rss" if hwm - rss < 64 * 2**20 else "process_max_rss"
-
-
-def _proc_status_bytes(field: str) -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field))) * 1024
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        return _proc_status_bytes("VmHWM:")
-    except (OSError, StopIteration, ValueError):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        return int(rss if sys.platform == "darwin" else rss * 1024)
+    method: Method
+    batches: TrainBatches
+    cfg: TrainConfig
+    device: torch.device
+    group: dist.Group
+    autocast: contextlib.AbstractContextManager  # bf16 on CUDA, nothing elsewhere
+    parts: list[str]  # the FLOP parts a job-wide sum adds up (_reduce_step)
+    # (stage, image shape, method.shape_key) -> FlopCount of one micro-batch
+    flop_cache: dict = field(default_factory=dict)
 
 
 def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch.device, log: MetricsLog,
@@ -174,149 +148,170 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     schedule = [(stage, s) for stage in (stages if nested else method.stages(cfg.steps)) for s in range(stage.steps)]
     total = len(schedule)
     memory_kind = "within_run" if nested else reset_peak_memory(device)
-    st = {"step": 0, "samples": 0, "wall": 0.0, "step_times": [], "window": [], "per_stage": [],
-          "tokens_to_llm": None, "flops": {}, "timed_flops": 0, "flop_counts": 0}
-    flop_cache: dict = {}  # (stage, image shape, method.shape_key) -> FlopCount of one micro-batch
-    opt_state = opt_stage = None
+    st, opt_state, opt_stage = TrainState(), None, None
     if checkpoint is not None and checkpoint.is_file():
-        st, opt_state, opt_stage = load_checkpoint(checkpoint, method, batches, log, device, group.rank)
-    current = None
+        saved, opt_state, opt_stage = load_checkpoint(checkpoint, method, batches, log, device, group.rank)
+        st = TrainState(**saved)
     decoder = lambda: decoder_finetune(method, decoder_batches, cfg, device)  # noqa: E731 (before each evaluation)
-    if evaluate is not None and cfg.eval_every and st["step"] == 0:  # the learning curve starts untrained
+    if evaluate is not None and cfg.eval_every and st.step == 0:  # the learning curve starts untrained
         _evaluate(method, evaluate, log, st, decoder, group)
-    parts = [*method.flop_parts()[0], method.flop_parts()[1]]  # the names a job-wide FLOP sum adds up
+    run = _Run(method, batches, cfg, device, group, autocast, [*method.flop_parts()[0], method.flop_parts()[1]])
+    current = None
     for i, (stage, s) in enumerate(progress_bar(schedule, f"train {method.name}", progress and group.is_main)):
-        if i < st["step"]:
+        if i < st.step:
             continue  # done before the checkpoint this run resumed from
         if stage is not current:  # a new stage: its own parameters, optimizer and schedule
             current = stage
-            if not st["per_stage"] or st["per_stage"][-1]["name"] != stage.name:
-                st["per_stage"].append({"name": stage.name, "steps": 0, "samples": 0, "train_wall_s": 0.0,
-                                        "flops": {}})
-            params = method.trainable_parameters(stage)
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            if opt_state is not None and opt_stage == stage.name:  # saved at the end of an earlier
-                opt.load_state_dict(opt_state)  # stage, it does not belong here: this stage starts fresh
+            params, opt = _start_stage(run, st, stage, opt_state if opt_stage == stage.name else None)
             opt_state = None
-            method.train()
-        method.set_progress(st["step"] / total)
+        method.set_progress(st.step / total)
         lr = lr_at(s, stage.steps, cfg)
-        for param_group in opt.param_groups:
-            param_group["lr"] = lr
-        _sync(device)
-        t0 = time.perf_counter()
-        loss_sum, paused, step_flops = 0.0, 0.0, FlopCount()
-        for _ in range(cfg.grad_accum):
-            batch = next(batches)
-            batch["images"] = batch["images"].to(device, non_blocking=True)
-            if cfg.count_flops:  # off the clock
-                _sync(device)
-                c0 = time.perf_counter()
-                key = method.shape_key(batch, stage)
-                key = None if key is None else (stage.name, tuple(batch["images"].shape), key)
-                if key is None or key not in flop_cache:
-                    flop_cache[key] = count_step(method, batch, stage, autocast)[0]
-                    st["flop_counts"] += 1
-                step_flops.update(flop_cache[key])
-                _sync(device)
-                paused += time.perf_counter() - c0
-            with autocast:
-                out = method.training_loss(batch, stage)
-            n = len(batch["images"])
-            weight = float(n if out.weight is None else out.weight)
-            total_weight, n = group.sum([weight, n])  # this rank's share of the whole micro-batch
-            loss = out.loss * (weight * group.world / total_weight) if group.active else out.loss
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach().float().item() / cfg.grad_accum
-            st["samples"] += int(n)
-            st["per_stage"][-1]["samples"] += int(n)
-            st["tokens_to_llm"] = out.tokens_to_llm
-        group.average_gradients(params)
-        if group.active:  # the job's loss (the mean of the weighted losses) and FLOPs
-            loss_sum, step_flops = _reduce_step(group, loss_sum, step_flops, parts)
-        if not math.isfinite(loss_sum):
-            raise NonFiniteLoss(f"loss is {loss_sum} at step {st['step']} (stage {stage.name})")
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        method.zero_grad(set_to_none=True)  # all of them: a later stage must not inherit stale gradients
-        _sync(device)
-        dt = time.perf_counter() - t0 - paused
-        st["wall"] += dt
-        st["per_stage"][-1]["steps"] += 1
-        st["per_stage"][-1]["train_wall_s"] += dt
-        FlopCount(st["flops"]).update(step_flops)  # st holds plain dicts (they go into checkpoints),
-        FlopCount(st["per_stage"][-1]["flops"]).update(step_flops)  # updated in place
-        if s >= cfg.warmup_exclude:
-            st["step_times"].append(dt)
-            st["timed_flops"] += step_flops.total
-        st["step"] += 1
-        step = st["step"]
-        st["window"].append(loss_sum)
-        if step % cfg.log_every == 0 or step == total:
-            log.append({"step": step, "stage": stage.name, "samples": st["samples"], "wall_s": round(st["wall"], 4),
-                        "flops": FlopCount(st["flops"]).total, "step_flops": step_flops.total,
-                        "loss": sum(st["window"]) / len(st["window"]), "lr": lr, "tokens_to_llm": st["tokens_to_llm"]})
-            st["window"] = []
-        if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+        loss, step_flops, dt = _optimizer_step(run, st, stage, params, opt, lr)
+        _record_step(st, loss, step_flops, dt, timed=s >= cfg.warmup_exclude)
+        if st.step % cfg.log_every == 0 or st.step == total:
+            _log_row(log, st, stage, step_flops, lr)
+        if evaluate is not None and cfg.eval_every and (st.step % cfg.eval_every == 0 or st.step == total):
             _evaluate(method, evaluate, log, st, decoder, group)
-        if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            rng = group.gather(_rng_state())  # every rank's: each resumes its own random stream
-            if group.is_main:
-                save_checkpoint(checkpoint, method, opt, stage.name, batches, log, st, rng)
-            group.barrier()
+        if checkpoint is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total:
+            _save(run, checkpoint, opt, stage, log, st)
     method.eval()
-    times = st["step_times"]
-    median = statistics.median(times) if times else (st["wall"] / max(st["step"], 1))
+    return _cost_summary(run, st, memory_kind)
+
+
+def _start_stage(run: _Run, st: TrainState, stage: Stage, opt_state: dict | None) -> tuple[list, torch.optim.AdamW]:
+    """The parameters and a fresh optimizer of a stage the loop enters (or resumes in: then
+    `opt_state` is its optimizer's state from the checkpoint; one saved at the end of an earlier
+    stage does not belong here, and the caller passes None)."""
+    if not st.per_stage or st.per_stage[-1]["name"] != stage.name:
+        st.per_stage.append({"name": stage.name, "steps": 0, "samples": 0, "train_wall_s": 0.0, "flops": {}})
+    params = run.method.trainable_parameters(stage)
+    opt = torch.optim.AdamW(params, lr=run.cfg.lr, weight_decay=run.cfg.weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    run.method.train()
+    return params, opt
+
+
+def _optimizer_step(run: _Run, st: TrainState, stage: Stage, params: list, opt: torch.optim.Optimizer,
+                    lr: float) -> tuple[float, FlopCount, float]:
+    """One optimizer step over cfg.grad_accum micro-batches; returns the step's loss (the job's
+    mean), its FLOPs (the job's) and its seconds on the clock, the FLOP replay left out."""
+    cfg, group = run.cfg, run.group
+    for param_group in opt.param_groups:
+        param_group["lr"] = lr
+    sync(run.device)
+    t0 = time.perf_counter()
+    loss_sum, paused, step_flops = 0.0, 0.0, FlopCount()
+    for _ in range(cfg.grad_accum):
+        batch = next(run.batches)
+        batch["images"] = batch["images"].to(run.device, non_blocking=True)
+        if cfg.count_flops:  # off the clock
+            paused += _count_flops(run, st, batch, stage, step_flops)
+        loss_sum += _micro_batch(run, st, batch, stage)
+    group.average_gradients(params)
+    if group.active:  # the job's loss (the mean of the weighted losses) and FLOPs
+        loss_sum, step_flops = _reduce_step(group, loss_sum, step_flops, run.parts)
+    if not math.isfinite(loss_sum):
+        raise NonFiniteLoss(f"loss is {loss_sum} at step {st.step} (stage {stage.name})")
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    run.method.zero_grad(set_to_none=True)  # all of them: a later stage must not inherit stale gradients
+    sync(run.device)
+    return loss_sum, step_flops, time.perf_counter() - t0 - paused
+
+
+def _count_flops(run: _Run, st: TrainState, batch: dict, stage: Stage, step_flops: FlopCount) -> float:
+    """Add a micro-batch's FLOPs to step_flops: replayed under the counter the first time its
+    shape key is seen (every time when the method gives none), from the cache after that. Returns
+    the seconds it took, which the caller takes off the clock."""
+    sync(run.device)
+    c0 = time.perf_counter()
+    key = run.method.shape_key(batch, stage)
+    key = None if key is None else (stage.name, tuple(batch["images"].shape), key)
+    if key is None or key not in run.flop_cache:
+        run.flop_cache[key] = count_step(run.method, batch, stage, run.autocast)[0]
+        st.flop_counts += 1
+    step_flops.update(run.flop_cache[key])
+    sync(run.device)
+    return time.perf_counter() - c0
+
+
+def _micro_batch(run: _Run, st: TrainState, batch: dict, stage: Stage) -> float:
+    """Forward and backward of one micro-batch (gradients accumulate); returns its share of the
+    step's loss. Under torchrun each rank's loss is weighted by its share of the micro-batch's
+    targets, so the ranks' gradients average to the one-process gradient."""
+    group = run.group
+    with run.autocast:
+        out = run.method.training_loss(batch, stage)
+    n = len(batch["images"])
+    weight = float(n if out.weight is None else out.weight)
+    total_weight, n = group.sum([weight, n])  # this rank's share of the whole micro-batch
+    loss = out.loss * (weight * group.world / total_weight) if group.active else out.loss
+    (loss / run.cfg.grad_accum).backward()
+    st.samples += int(n)
+    st.per_stage[-1]["samples"] += int(n)
+    st.tokens_to_llm = out.tokens_to_llm
+    return loss.detach().float().item() / run.cfg.grad_accum
+
+
+def _record_step(st: TrainState, loss: float, step_flops: FlopCount, dt: float, timed: bool) -> None:
+    """Add a finished step to the counters; `timed`: past its stage's warm-up, so it counts in the
+    median step time and the achieved FLOP/s."""
+    st.wall += dt
+    st.per_stage[-1]["steps"] += 1
+    st.per_stage[-1]["train_wall_s"] += dt
+    FlopCount(st.flops).update(step_flops)  # the state holds plain dicts (they go into checkpoints),
+    FlopCount(st.per_stage[-1]["flops"]).update(step_flops)  # updated in place
+    if timed:
+        st.step_times.append(dt)
+        st.timed_flops += step_flops.total
+    st.step += 1
+    st.window.append(loss)
+
+
+def _log_row(log: MetricsLog, st: TrainState, stage: Stage, step_flops: FlopCount, lr: float) -> None:
+    """A metrics.jsonl row: the counters so far and the mean loss since the previous row."""
+    log.append({"step": st.step, "stage": stage.name, "samples": st.samples, "wall_s": round(st.wall, 4),
+                "flops": FlopCount(st.flops).total, "step_flops": step_flops.total,
+                "loss": sum(st.window) / len(st.window), "lr": lr, "tokens_to_llm": st.tokens_to_llm})
+    st.window = []
+
+
+def _save(run: _Run, path: Path, opt: torch.optim.Optimizer, stage: Stage, log: MetricsLog, st: TrainState) -> None:
+    """A checkpoint, written by rank zero with every rank's RNG; the other ranks wait for it."""
+    rng = run.group.gather(rng_state())  # every rank's: each resumes its own random stream
+    if run.group.is_main:
+        save_checkpoint(path, run.method, opt, stage.name, run.batches, log, dataclasses.asdict(st), rng)
+    run.group.barrier()
+
+
+def _cost_summary(run: _Run, st: TrainState, memory_kind: str) -> dict:
+    """results.json's cost fields of a finished run: steps, samples, time, memory, FLOPs, MFU."""
+    cfg, device = run.cfg, run.device
+    times = st.step_times
+    median = statistics.median(times) if times else (st.wall / max(st.step, 1))
     batch_per_step = cfg.batch_size * cfg.grad_accum
-    achieved = st["timed_flops"] / sum(times) if cfg.count_flops and times and sum(times) > 0 else None
+    achieved = st.timed_flops / sum(times) if cfg.count_flops and times and sum(times) > 0 else None
     peak = peak_flops_per_s(device, cfg)
-    peak = peak * group.world if peak else peak  # the job's: its FLOPs are every rank's
+    peak = peak * run.group.world if peak else peak  # the job's: its FLOPs are every rank's
     return {
-        "steps": st["step"],
-        "samples_seen": st["samples"],
-        "train_wall_s": st["wall"],
+        "steps": st.step,
+        "samples_seen": st.samples,
+        "train_wall_s": st.wall,
         "median_step_s": median,
         "samples_per_s": batch_per_step / median if median > 0 else None,
-        "tokens_to_llm": st["tokens_to_llm"],
-        "trainable_params": sum(p.numel() for p in method.parameters() if p.requires_grad),
+        "tokens_to_llm": st.tokens_to_llm,
+        "trainable_params": sum(p.numel() for p in run.method.parameters() if p.requires_grad),
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": memory_kind,
-        **(flop_summary(st["flops"], st["samples"]) if cfg.count_flops else {}),
-        "flop_counts": st["flop_counts"],
+        **(flop_summary(st.flops, st.samples) if cfg.count_flops else {}),
+        "flop_counts": st.flop_counts,
         "achieved_flops_per_s": achieved,
         "peak_flops_per_s": peak,
         "mfu": achieved / peak if achieved is not None and peak else None,
-        "stages": [_stage_summary(stage, cfg.count_flops) for stage in st["per_stage"]],
+        "stages": [stage_summary(stage, cfg.count_flops) for stage in st.per_stage],
     }
-
-
-def compile_blocks(method: Method, backend: str) -> int:
-    """torch.compile, in place, the backbones' transformer blocks: timm's ViT blocks and Hugging
-    Face decoder layers (the text side's LM copy included). They are where most of a step's time
-    goes and they repeat, so one compiled graph serves each kind. vlp-bench's own bridge layers
-    stay eager: token merging changes shapes inside them, and inductor's dynamic shapes failed on
-    that (torch 2.11, H100). Returns the number of blocks; a method is compiled once."""
-    from timm.models.vision_transformer import Block as ViTBlock
-
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer as DecoderLayer
-    except ImportError:  # older transformers
-        DecoderLayer = ()
-    if getattr(method, "_compiled_blocks", None) is not None:
-        return method._compiled_blocks
-    n = 0
-    for module in method.modules():
-        if isinstance(module, (ViTBlock, DecoderLayer)) or type(module).__name__ == "EvaBlock":
-            module.compile(backend=backend)
-            n += 1
-    method._compiled_blocks = n
-    return n
-
-
-def eager():
-    """Evaluation (generation: growing lengths, KV caches) runs the compiled blocks' eager code."""
-    return torch.compiler.set_stance("force_eager")
 
 
 @contextlib.contextmanager
@@ -349,20 +344,6 @@ def decoder_finetune(method: Method, make_batches: Callable[[], TrainBatches] | 
                     p.copy_(saved[name])
 
 
-def _stage_summary(stage: dict, with_flops: bool) -> dict:
-    out = {k: v for k, v in stage.items() if k != "flops"}
-    return {**out, **flop_summary(stage["flops"], stage["samples"])} if with_flops else out
-
-
-def flop_summary(by_part: dict, samples: int) -> dict:
-    """results.json's FLOP fields from by_part[part][pass] totals over `samples` samples."""
-    count = FlopCount(by_part)
-    samples = max(samples, 1)
-    return {"flops_unit": UNIT, "train_flops": count.total, "train_flops_forward": count.forward,
-            "train_flops_backward": count.backward, "train_flops_per_sample": count.total / samples,
-            "flops_by_part": count.by_part, "flops_per_sample_by_part": count.scaled(1 / samples)}
-
-
 def _reduce_step(group: dist.Group, loss: float, flops: FlopCount, parts: list[str]) -> tuple[float, FlopCount]:
     """One all-reduce for a step's figures: the mean of the ranks' (weighted) losses, which is the
     one-process loss of the whole batch, and the sum of their FLOPs."""
@@ -375,55 +356,17 @@ def _reduce_step(group: dist.Group, loss: float, flops: FlopCount, parts: list[s
     return summed[0] / group.world, job
 
 
-def _evaluate(method: Method, evaluate: Callable[[int], dict], log: MetricsLog, st: dict, decoder,
+def _evaluate(method: Method, evaluate: Callable[[int], dict], log: MetricsLog, st: TrainState, decoder,
               group: dist.Group) -> None:
     """One point of the learning curve (validation subset), at the training cost spent so far; a
     decoder phase before it (if the method has one) is recorded in the row, apart from that cost.
     Rank zero's alone, with collectives off; the other ranks wait for it."""
     if group.is_main:
         method.eval()
-        row = {"step": st["step"], "samples": st["samples"], "wall_s": round(st["wall"], 4),
-               "flops": FlopCount(st["flops"]).total, "split": "val"}
+        row = {"step": st.step, "samples": st.samples, "wall_s": round(st.wall, 4),
+               "flops": FlopCount(st.flops).total, "split": "val"}
         with dist.local(), eager(), decoder() as cost:
-            row["eval"] = evaluate(st["step"])
+            row["eval"] = evaluate(st.step)
         log.append({**row, **({"decoder": cost} if cost else {})})
         method.train()
     group.barrier()
-
-
-def _rng_state() -> dict:
-    return {"rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def save_checkpoint(path: Path, method: Method, opt, stage: str, batches: TrainBatches, log: MetricsLog,
-                    st: dict, rng: list[dict]) -> None:
-    """One file, written to a temporary name and renamed: a kill never leaves half a checkpoint.
-    `rng`: every rank's random state, in rank order (one entry without torchrun)."""
-    state = {
-        "weights": {n: p.detach().cpu() for n, p in method.named_parameters() if p.requires_grad},
-        "optimizer": opt.state_dict(), "stage": stage, "batches": batches.state_dict(), "train": st,
-        "rows": log.rows, "rng": rng,
-    }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, method: Method, batches: TrainBatches, log: MetricsLog,
-                    device, rank: int = 0) -> tuple[dict, dict, str]:
-    state = torch.load(path, map_location="cpu", weights_only=True)  # no pickle of arbitrary objects
-    params = dict(method.named_parameters())
-    with torch.no_grad():
-        for name, value in state["weights"].items():
-            params[name].copy_(value.to(device))
-    batches.load_state_dict(state["batches"])
-    rng = state["rng"]
-    if isinstance(rng, torch.Tensor):  # a checkpoint of vlp-bench 0.1 (one process's state)
-        rng = [{"rng": rng, "cuda_rng": state.get("cuda_rng", [])}]
-    rng = rng[rank] if rank < len(rng) else rng[0]  # resumed with more ranks: rank zero's stream
-    torch.set_rng_state(rng["rng"])
-    if rng["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda_rng"])
-    log.rows = list(state["rows"])
-    return state["train"], state["optimizer"], state["stage"]
