@@ -20,7 +20,7 @@ from vlp_bench.errors import UserError
 from vlp_bench.registry import METHODS
 from vlp_bench.search import method_values, space_of
 
-optuna = pytest.importorskip("optuna")
+import optuna
 
 
 def _sets(overrides):
