@@ -44,12 +44,9 @@ SIZE_CHECKED_ALSO = ["vlp_bench.methods.*", "vlp_bench.tasks.*", "vlp_bench.repo
 # Over a size limit on purpose: {"module.function" or "module": "one-line reason"}. Entries that are
 # no longer over the limit, or no longer exist, fail the test too: this list only shrinks.
 ALLOWLIST: dict[str, str] = {
-    "vlp_bench.backbones.encoders": "TODO",
-    "vlp_bench.data.world.stills": "TODO",
-    "vlp_bench.metrics.vqa": "TODO",
-    "vlp_bench.reports.html": "TODO",
-    "vlp_bench.train.trainer": "TODO",
-    "vlp_bench.train.trainer.train": "TODO",
+    # the official VQAv2 normalisation tables (contractions, number words, punctuation) written out
+    # beside the accuracy they serve, so the parity with the official tool reads in one file
+    "vlp_bench.metrics.vqa": "the official VQAv2 normalisation tables, kept beside the accuracy they serve",
 }
 
 
@@ -115,8 +112,9 @@ class Graph:
     """The import edges between the modules: every `import` and `from ... import` anywhere in a
     module (functions included; relative ones resolved; `from pkg import name` is an edge to
     pkg.name when that is a module, else to pkg), plus the strings that name a module: the first
-    argument of importlib.import_module / __import__, "module:attr" strings, and a string that is
-    exactly a module's dotted name (a package handed to the registry, which imports it later).
+    argument of importlib.import_module / __import__ and "module:attr" strings. A bare dotted name
+    elsewhere is not an import: the registries' entry-point groups ("vlp_bench.methods") are spelled
+    like the plug-in packages but name a group of declarations, which pyproject.toml fills.
     Names of the package's own top-level namespaces that resolve to nothing are kept in `missing`."""
 
     def __init__(self, modules: dict[str, Module]):
@@ -200,8 +198,6 @@ class Graph:
                 match = _MODULE_ATTR.match(value)
                 if match and _strip_init(match.group(1)) in self.modules:
                     self._add(mod, match.group(1), node, "string")
-                elif _strip_init(value) in self.modules and "." in value:
-                    self._add(mod, value, node, "string")
 
 
 def defines(tree: ast.Module, name: str) -> bool:
@@ -378,7 +374,6 @@ def test_the_graph_is_not_empty(graph):
     assert sum(map(len, targets.values())) > 50
 
 
-@pytest.mark.xfail(strict=False, reason="refactor in progress")
 def test_layers(graph):
     rank = {layer: i for i, layer in enumerate(LAYERS)}
     bad = sorted({f"{e.source} ({layer_of(e.source)}) imports {e.target} ({layer_of(e.target)}) at {e.where}"
@@ -386,7 +381,6 @@ def test_layers(graph):
     assert not bad, "imports from a higher layer:\n  " + "\n  ".join(bad)
 
 
-@pytest.mark.xfail(strict=False, reason="refactor in progress")
 def test_no_import_cycle(graph):
     targets = graph.targets()
     found = cycles(targets)
@@ -478,7 +472,8 @@ def test_walker_sees_module_names_in_strings(tmp_path):
                        "NOT = ['pkg.d is a module', 'pkg.nothing:x', 'pkg', 'os.path']\n",
     })
     graph = Graph(modules)
-    assert graph.targets()["pkg.main"] == {"pkg.a", "pkg.b", "pkg.c", "pkg.d", "pkg.extra"}
+    # a bare dotted name (an entry-point group like 'pkg.extra') is not an import
+    assert graph.targets()["pkg.main"] == {"pkg.a", "pkg.b", "pkg.c", "pkg.d"}
     assert {e.how for e in graph.edges} == {"string"}
 
 
