@@ -140,7 +140,7 @@ def test_speedups_with_a_given_target_and_partial_reach():
     records = [record("slow", 0), record("slow", 1), record("fast", 0), record("fast", 1),
                record("partial", 0), record("partial", 1), record("partial", 2),
                record("fast", 2, status="failed")]
-    report = speedups(records, rows_by_run, target=0.7, n_boot=200)
+    report = speedups(records, rows_by_run, "caption.CIDEr", target=0.7, n_boot=200)
 
     assert report["target"] == 0.7 and report["target_source"] == "given"
     assert report["reference"] == "slow"
@@ -167,7 +167,7 @@ def test_speedups_never_reached_is_reported_as_such():
     rows_by_run = {"base-s0": rows_from([0.1, 0.5]), "stuck-s0": rows_from([0.1, 0.2]),
                    "stuck-s1": rows_from([0.1, 0.3])}
     records = [record("base", 0), record("stuck", 0), record("stuck", 1)]
-    stuck = speedups(records, rows_by_run, target=0.4, n_boot=50)["methods"]["stuck"]
+    stuck = speedups(records, rows_by_run, "caption.CIDEr", target=0.4, n_boot=50)["methods"]["stuck"]
     assert stuck["seeds"] == 2 and stuck["reached"] == 0
     assert stuck["time_to_target_s"] == {"mean": None, "per_seed": [None, None]}
     assert stuck["flops_to_target"] == {"mean": None, "per_seed": [None, None]}
@@ -178,7 +178,7 @@ def test_speedups_need_the_reference_to_reach_on_every_seed():
     rows_by_run = {"base-s0": rows_from([0.1, 0.9]), "base-s1": rows_from([0.1, 0.3]),
                    "other-s0": rows_from([0.1, 0.9])}
     records = [record("base", 0), record("base", 1), record("other", 0)]
-    other = speedups(records, rows_by_run, target=0.5, n_boot=50)["methods"]["other"]
+    other = speedups(records, rows_by_run, "caption.CIDEr", target=0.5, n_boot=50)["methods"]["other"]
     assert other["time_to_target_s"]["mean"] == pytest.approx(5.0)
     assert other["time_speedup"] is None and other["flops_speedup"] is None
 
@@ -191,7 +191,7 @@ def test_default_target_is_the_mean_of_the_reference_final_values():
         "other-s0": rows_from([0.3, 0.9]),
     }
     records = [record("base", 0), record("base", 1), record("other", 0)]
-    report = speedups(records, rows_by_run, n_boot=50)
+    report = speedups(records, rows_by_run, "caption.CIDEr", n_boot=50)
     assert report["target"] == pytest.approx(0.7)
     assert report["target_source"] == "reference final"
     assert report["reference"] == "base"
@@ -212,12 +212,12 @@ def test_speedups_rejects_an_unknown_or_unfinished_reference():
     rows_by_run = {"a-s0": rows_from([0.1, 0.9]), "b-s0": rows_from([0.1, 0.9])}
     records = [record("a", 0), record("b", 0, status="failed")]
     with pytest.raises(ValueError, match="nope"):
-        speedups(records, rows_by_run, reference="nope")
+        speedups(records, rows_by_run, "caption.CIDEr", reference="nope")
     with pytest.raises(ValueError, match="no finished run"):
-        speedups(records, rows_by_run, reference="b")
+        speedups(records, rows_by_run, "caption.CIDEr", reference="b")
 
 
 def test_default_target_needs_reference_curve_points():
     rows_by_run = {"a-s0": [{"step": 0, "loss": 1.0}], "b-s0": rows_from([0.1, 0.9])}
     with pytest.raises(ValueError, match="target"):
-        speedups([record("a", 0), record("b", 0)], rows_by_run)
+        speedups([record("a", 0), record("b", 0)], rows_by_run, "caption.CIDEr")

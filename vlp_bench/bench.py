@@ -25,6 +25,7 @@ from vlp_bench.method import Stage
 from vlp_bench.log import say, text_table
 from vlp_bench.registry import METHODS
 from vlp_bench.results import MetricsLog
+from vlp_bench.train.flops import UNIT
 from vlp_bench.train.measure import peak_flops_per_s, peak_memory_bytes, reset_peak_memory
 from vlp_bench.train.trainer import train
 
@@ -88,7 +89,7 @@ def bench(cfg, preset: str, names: list[str], device: torch.device, batch_size: 
         del method
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"preset": preset, "unit": "FLOP (one multiply-add = 2)", "batch_size": batch_size, "steps": steps,
+    return {"preset": preset, "unit": UNIT, "batch_size": batch_size, "steps": steps,
             "warmup": warmup, "image_size": scale.image_size, "vision_tokens": scale.backbones.vision.num_tokens,
             "caption_tokens": scale.caption_words + 1, "device": _device_name(device),
             "torch": torch.__version__, "peak_flops_per_s": peak_flops_per_s(device, tcfg), "compile": tcfg.compile,

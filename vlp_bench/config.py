@@ -10,7 +10,6 @@ the default comparison is the application's (vlp_bench/experiment.py `DEFAULTS`,
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from vlp_bench.nn.generation import CAPTION_PROMPT
 from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.trackers import TrackersConfig
 from vlp_bench.train.trainer import TrainConfig
-from vlp_bench.typed import apply_overrides, from_dict, load_toml, to_dict
+from vlp_bench.typed import apply_overrides, from_dict, load_toml
 
 
 @dataclass
@@ -175,7 +174,7 @@ def _resolve_plugins(tables: dict, registry, section: str, wanted: list[str] = (
     """Validate every [section.NAME] table against the registered plug-in's Config; every plug-in
     (and every composition named in `wanted`) gets its config, so configs saved with results are
     complete. A composition "bridge+side" starts from its parts as configured here (and the pair's
-    own defaults, registered with it)."""
+    own defaults, registered with it: `Method.configured_from`)."""
     for name in tables:
         if "+" not in name and name not in registry:
             raise UserError(f"[{section}.{name}]: unknown {registry.kind} '{name}'{suggest(name, registry.names())}")
@@ -183,12 +182,7 @@ def _resolve_plugins(tables: dict, registry, section: str, wanted: list[str] = (
     names = dict.fromkeys([*registry.names(), *tables, *wanted])
     for name in sorted(names, key=lambda n: "+" in n):  # the parts before their compositions
         cls = registry.get(name)
-        base = {}
-        if getattr(cls, "parts", None):  # a composition of methods (tasks have none)
-            bridge, side = cls.parts
-            own = {f.name for f in dataclasses.fields(registry.get(side).Options)}
-            base = {**{k: v for k, v in to_dict(resolved[side]).items() if k in own}, **to_dict(resolved[bridge]),
-                    **cls.config_defaults}
+        base = cls.configured_from(resolved) if hasattr(cls, "configured_from") else {}  # tasks: {}
         resolved[name] = from_dict(cls.Config, {**base, **tables.get(name, {})}, f"{section}.{name}")
     return resolved
 

@@ -252,7 +252,7 @@ def data_root(cfg: BenchConfig) -> Path:
             raise UserError(f"data.root is not a directory: {root}")
         return root
     say(f"tiny world in {cache_dir(cfg)} (built once, then cached)")
-    return build_world(cfg.world, cache_dir(cfg), progress=True)
+    return build_world(cfg.world, cache_dir(cfg))
 
 
 def image_loader(cfg: BenchConfig, backbones: Backbones):
@@ -285,7 +285,7 @@ def prepare(cfg: BenchConfig) -> Experiment:
         TASKS.get(name).check(cfg.tasks[name], root)
     say("frozen backbones (tiny ones are pre-trained once, then cached)")
     with dist.main_first(group):
-        backbones = load_backbones(cfg.vision, cfg.llm, root, cache_dir(cfg), device, group.is_main)
+        backbones = load_backbones(cfg.vision, cfg.llm, root, cache_dir(cfg), device)
     images = image_loader(cfg, backbones)
     tasks = {name: TASKS.get(name)(cfg.tasks[name], root, images) for name in cfg.experiment.tasks}
     return Experiment(cfg, root, backbones, device, images, tasks, env_info(device))

@@ -39,6 +39,13 @@ def say(msg: str) -> None:
         print(f"[vlp-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def warn(msg: str) -> None:
+    """Something the user should know that does not stop the work (a plug-in left out, a tracker
+    switched off): said whatever the progress setting, by rank zero."""
+    if is_main():
+        print(f"vlp-bench: warning: {msg}", file=sys.stderr, flush=True)
+
+
 def interactive() -> bool:
     return sys.stderr.isatty() and is_main()
 

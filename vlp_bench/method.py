@@ -58,9 +58,14 @@ class Method(nn.Module):
     # the bridge reads the encoder's tokens as a whole patch grid (pooling by position): a vision
     # side that drops patches (FLIP) cannot feed it
     needs_patch_grid: ClassVar[bool] = False
-    # a composition "bridge+side" (compose()): its parts' names and its own config defaults
+    # a composition "bridge+side" (compose()): its parts' names; None for a method of its own
     parts: ClassVar[tuple[str, str] | None] = None
-    config_defaults: ClassVar[dict] = {}
+
+    @classmethod
+    def configured_from(cls, configs: dict) -> dict:
+        """The values this method's [methods.NAME] table is laid over, given the methods' resolved
+        configs so far: {} (its Config's defaults); a composition starts from its parts' as configured."""
+        return {}
 
     @classmethod
     def search_values(cls, params: dict, cfg, backbones: Backbones) -> dict:
@@ -194,9 +199,15 @@ def compose(name: str, bridge: type, side: type, defaults: dict) -> type:
         paper = config(**{**dataclasses.asdict(bridge.paper_config),
                           **{k: v for k, v in dataclasses.asdict(side.paper_config).items() if k in own}})
     doc = f"{bridge.name} + {side.name}: {(side_mixin.__doc__ or '').strip().splitlines()[0]}"
+
+    def configured_from(cls, configs: dict) -> dict:  # the side's options, the bridge's settings, the pair's own
+        own = {f.name for f in dataclasses.fields(options)}
+        return {**{k: v for k, v in dataclasses.asdict(configs[side.name]).items() if k in own},
+                **dataclasses.asdict(configs[bridge.name]), **defaults}
+
     return type(name.replace("+", "_").replace("-", "_"), (side_mixin, bridge),
                 {"Config": config, "paper_config": paper, "__doc__": doc, "parts": (bridge.name, side.name),
-                 "config_defaults": defaults})
+                 "configured_from": classmethod(configured_from)})
 
 
 def frame_average(encoder, images: torch.Tensor) -> torch.Tensor:

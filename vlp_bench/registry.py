@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
-import sys
 from importlib import metadata
 from typing import Callable, Generic, TypeVar
 
-from vlp_bench.errors import suggest
-from vlp_bench.errors import UserError
+from vlp_bench.errors import UserError, suggest
+from vlp_bench.log import warn
 
 T = TypeVar("T")
 
@@ -132,8 +130,7 @@ class Registry(Generic[T]):
         self.problems.append(why)
         if name:
             self._broken[name] = why
-        if os.environ.get("RANK", "0") == "0":
-            print(f"vlp-bench: warning: {why}; left out", file=sys.stderr, flush=True)
+        warn(f"{why}; left out")
 
     def origin(self, name: str) -> str:
         """Where entry `name` comes from: "built-in" or the plug-in's "package version"."""

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from vlp_bench.errors import UserError
+from vlp_bench.log import warn
 
 
 @dataclass
@@ -125,7 +125,6 @@ class Trackers:
         try:
             call()
         except Exception as e:  # noqa: BLE001 - a tracker never fails a run: its records are complete
-            print(f"vlp-bench: warning: tracker {name} switched off ({type(e).__name__}: {e}); "
-                  f"the run's records are unaffected", file=sys.stderr, flush=True)
+            warn(f"tracker {name} switched off ({type(e).__name__}: {e}); the run's records are unaffected")
             if tracker in self.active:
                 self.active.remove(tracker)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -23,7 +21,8 @@ from vlp_bench.backbones.encoders import Backbones, LLMConfig, VisionConfig, Vis
 from vlp_bench.backbones.tiny import pretrain_tiny_lm, pretrain_tiny_vit, tiny_vit
 from vlp_bench.data.images import CaptionSplit
 from vlp_bench.errors import UserError
-from vlp_bench.log import interactive
+from vlp_bench.files import atomic_dir
+from vlp_bench.log import interactive, shows_progress
 
 BACKBONE_VERSION = 2  # bump when the tiny recipes change, so stale caches are not reused
 
@@ -34,32 +33,22 @@ def _key(*parts) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a fully written cache entry into place (atomic; a concurrent winner is kept)."""
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _cached(d: Path, marker: str, build: Callable[[Path], None]) -> Path:
     """The cache entry `d`, built by `build(tmp)` into a private directory first when `d/marker`
     (written last by a complete entry) is missing."""
     if not (d / marker).is_file():
-        tmp = d.with_name(d.name + f".tmp-{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        build(tmp)
-        _publish(tmp, d)
+        with atomic_dir(d, complete=marker) as tmp:  # a concurrent winner's entry is kept
+            build(tmp)
     return d
 
 
 # ----------------------------------------------------------------------------- vision
 
 
-def _tiny_vision(cfg: VisionConfig, data_root: Path, cache: Path, progress: bool) -> VisionEncoder:
+def _tiny_vision(cfg: VisionConfig, data_root: Path, cache: Path) -> VisionEncoder:
     recipe = {k: v for k, v in asdict(cfg).items() if k != "feature_layer"}  # read-out, not training
     d = _cached(cache / "backbones" / f"tiny-vit-{_key(recipe, str(data_root))}", "model.safetensors",
-                lambda tmp: pretrain_tiny_vit(cfg, CaptionSplit(data_root, "train"), tmp, progress))
+                lambda tmp: pretrain_tiny_vit(cfg, CaptionSplit(data_root, "train"), tmp))
     from safetensors.torch import load_file
 
     model = tiny_vit(cfg, 0)
@@ -88,11 +77,11 @@ def _timm_model(cfg: VisionConfig) -> nn.Module:
                         f"set vision.checkpoint to a local file ({type(e).__name__})") from None
 
 
-def load_vision(cfg: VisionConfig, data_root: Path, cache: Path, progress: bool = False) -> VisionEncoder:
+def load_vision(cfg: VisionConfig, data_root: Path, cache: Path) -> VisionEncoder:
     """The frozen vision encoder (fp32, on the CPU): the tiny ViT (pre-trained and cached once)
     or a timm model, with its input size and normalisation."""
     if cfg.name == "tiny":
-        return _tiny_vision(cfg, data_root, cache, progress)
+        return _tiny_vision(cfg, data_root, cache)
     model = _timm_model(cfg)
     pc = model.pretrained_cfg
     size = pc.get("input_size", (3, 224, 224))[-1]
@@ -102,18 +91,18 @@ def load_vision(cfg: VisionConfig, data_root: Path, cache: Path, progress: bool 
 # ----------------------------------------------------------------------------- language
 
 
-def load_llm(cfg: LLMConfig, data_root: Path, cache: Path, device: torch.device, progress: bool = False):
+def load_llm(cfg: LLMConfig, data_root: Path, cache: Path, device: torch.device):
     """(frozen causal LM in frozen_dtype(device), its tokenizer with a padding token): the tiny LM
     (pre-trained and cached once) or a Hugging Face name or local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    if not (progress and interactive()):
+    if not (shows_progress() and interactive()):
         hf_logging.disable_progress_bar()  # its weight-loading bar is noise in logs
     path = cfg.name
     if cfg.name == "tiny":
         d = _cached(cache / "backbones" / f"tiny-lm-{_key(asdict(cfg), str(data_root))}", "recipe.json",
-                    lambda tmp: pretrain_tiny_lm(cfg, data_root, tmp, progress))
+                    lambda tmp: pretrain_tiny_lm(cfg, data_root, tmp))
         path = str(d)
     dtype = frozen_dtype(device)
     try:
@@ -128,8 +117,8 @@ def load_llm(cfg: LLMConfig, data_root: Path, cache: Path, device: torch.device,
 
 
 def load_backbones(vision: VisionConfig, llm: LLMConfig, data_root: Path, cache: Path,
-                   device: torch.device, progress: bool = False) -> Backbones:
+                   device: torch.device) -> Backbones:
     """The frozen vision encoder and LLM on `device` in frozen_dtype(device), with the tokenizer."""
-    enc = load_vision(vision, data_root, cache, progress).to(device, frozen_dtype(device))
-    model, tokenizer = load_llm(llm, data_root, cache, device, progress)
+    enc = load_vision(vision, data_root, cache).to(device, frozen_dtype(device))
+    model, tokenizer = load_llm(llm, data_root, cache, device)
     return Backbones(enc, model.to(device), tokenizer)

@@ -29,8 +29,9 @@ from vlp_bench.backbones.encoders import LLMConfig, VisionConfig
 from vlp_bench.data.images import CaptionSplit, ImageLoader, TrainBatches
 from vlp_bench.data.video import SPLIT_NAMES, annotation_files
 from vlp_bench.log import progress_bar
+from vlp_bench.nn.generation import CAPTION_PROMPT
 
-CAPTION_PROMPT = "a photo of"  # the LM's pre-training pairs use the captioning prompt of bench.toml
+# the LM's pre-training pairs use the captioning prompt (CAPTION_PROMPT, as experiment.prompt)
 VQA_PROMPT = "Question: {} Short answer:"
 
 
@@ -80,7 +81,7 @@ def _bag_of_words(train: CaptionSplit, image_ids, index: dict[str, int]) -> torc
     return target
 
 
-def pretrain_tiny_vit(cfg: VisionConfig, train: CaptionSplit, out: Path, progress: bool) -> None:
+def pretrain_tiny_vit(cfg: VisionConfig, train: CaptionSplit, out: Path) -> None:
     """Pre-train the tiny ViT on `train` (bag of words of the captions); write its encoder (head
     removed) to out/model.safetensors and its recipe to out/config.json."""
     index = _caption_words(train)
@@ -89,7 +90,7 @@ def pretrain_tiny_vit(cfg: VisionConfig, train: CaptionSplit, out: Path, progres
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.05)
     loader = ImageLoader(cfg.image_size, (0.5,) * 3, (0.5,) * 3)
     batches = TrainBatches(train, loader, min(cfg.pretrain_batch, len(train)), cfg.seed)
-    bar = progress_bar(range(cfg.pretrain_steps), "pre-train tiny ViT", progress)
+    bar = progress_bar(range(cfg.pretrain_steps), "pre-train tiny ViT")
     for step in bar:
         batch = next(batches)
         target = _bag_of_words(train, batch["image_ids"], index)
@@ -187,7 +188,7 @@ def tiny_llama(cfg: LLMConfig, vocab: int, eos_id: int = 0, pad_id: int = 0) -> 
     ))
 
 
-def pretrain_tiny_lm(cfg: LLMConfig, root: Path, out: Path, progress: bool) -> None:
+def pretrain_tiny_lm(cfg: LLMConfig, root: Path, out: Path) -> None:
     """Train the tiny LM's tokenizer and pre-train the LM on pairs of references from the data
     root's training split; save both to `out` (save_pretrained) with the recipe in out/recipe.json."""
     rng = random.Random(cfg.seed)
@@ -196,7 +197,7 @@ def pretrain_tiny_lm(cfg: LLMConfig, root: Path, out: Path, progress: bool) -> N
     torch.manual_seed(cfg.seed)
     model = tiny_llama(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
-    bar = progress_bar(range(cfg.pretrain_steps), "pre-train tiny LM", progress)
+    bar = progress_bar(range(cfg.pretrain_steps), "pre-train tiny LM")
     for step in bar:
         chunk = docs[step * cfg.pretrain_batch : (step + 1) * cfg.pretrain_batch]
         enc = tokenizer([d + tokenizer.eos_token for d in chunk], return_tensors="pt", padding=True)

@@ -168,7 +168,7 @@ def _speedup(ref: dict, other: dict, n_boot: int, seed: int) -> dict | None:
     return bootstrap_ratio(ref["per_seed"], other["per_seed"], n=n_boot, seed=seed)
 
 
-def speedups(records: list[dict], rows_by_run: dict[str, list[dict]], metric: str = "caption.CIDEr",
+def speedups(records: list[dict], rows_by_run: dict[str, list[dict]], metric: str,
              target: float | None = None, reference: str | None = None, n_boot: int = 2000,
              seed: int = 0) -> dict:
     """Time- and FLOPs-to-target of every method's finished runs, and speed-ups over the reference."""

@@ -8,12 +8,12 @@ only, so it loads with torch.load(weights_only=True): a checkpoint file cannot r
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from vlp_bench.data.images import TrainBatches
+from vlp_bench.files import atomic_file
 from vlp_bench.method import Method
 from vlp_bench.results import MetricsLog
 
@@ -34,9 +34,8 @@ def save_checkpoint(path: Path, method: Method, opt, stage: str, batches: TrainB
         "optimizer": opt.state_dict(), "stage": stage, "batches": batches.state_dict(), "train": st,
         "rows": log.rows, "rng": rng,
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path, method: Method, batches: TrainBatches, log: MetricsLog,

@@ -30,8 +30,6 @@ Layout under `world_dir(cfg, cache)`:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,6 +50,7 @@ from vlp_bench.data.world.scenes import (
 )
 from vlp_bench.data.world.stills import generate_stills, load_coco_captions
 from vlp_bench.errors import UserError
+from vlp_bench.files import atomic_dir
 
 __all__ = [
     "COLOR_SYNONYMS", "COLORS", "EVENTS", "EXTENT", "GENERATOR_VERSION", "MSRVTT_SPLITS", "SHAPE_SYNONYMS", "SHAPES",
@@ -60,16 +59,16 @@ __all__ = [
 ]
 
 
-def _generate(cfg: WorldConfig, out: Path, progress: bool) -> dict:
+def _generate(cfg: WorldConfig, out: Path) -> dict:
     """Write the stills, then the clips, then world.json under `out`; returns world.json's content."""
-    counts = generate_stills(cfg, out, progress)
-    counts.update(generate_clips(cfg, out, progress))
+    counts = generate_stills(cfg, out)
+    counts.update(generate_clips(cfg, out))
     info = {"config": asdict(cfg), "generator_version": GENERATOR_VERSION, "counts": counts}
     (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-def build_world(cfg: WorldConfig, cache: Path, progress: bool = False) -> Path:
+def build_world(cfg: WorldConfig, cache: Path) -> Path:
     """Generate the world for `cfg` under `cache` (or reuse a complete one); return its directory."""
     try:
         cfg.validate()
@@ -78,20 +77,9 @@ def build_world(cfg: WorldConfig, cache: Path, progress: bool = False) -> Path:
     final = world_dir(cfg, cache)
     if (final / "DONE").is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _generate(cfg, tmp, progress)
+    # another process that finishes the same world first keeps its own (identical); a directory
+    # without DONE is a stray one, replaced
+    with atomic_dir(final, complete="DONE") as tmp:
+        _generate(cfg, tmp)
         (tmp / "DONE").write_text(GENERATOR_VERSION + "\n")
-        if final.exists() and not (final / "DONE").is_file():
-            shutil.rmtree(final)  # not ours and not complete: a stray directory
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "DONE").is_file():
-                raise
-            # another process finished the same world first; theirs is identical
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final

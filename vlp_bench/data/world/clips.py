@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +51,7 @@ from vlp_bench.data.world.scenes import (
     sample_kind,
     write_json,
 )
+from vlp_bench.log import say
 
 EVENTS = ("moves", "appears", "disappears", "turns", "stays")
 TEMPORAL = ("moves", "appears", "disappears", "turns")  # reversing the clip changes what is true
@@ -172,7 +172,7 @@ def clip_captions(f: dict, rng: random.Random, n: int = 5) -> list[str]:
     return captions[:n]
 
 
-def generate_clips(cfg: WorldConfig, out: Path, progress: bool) -> dict:
+def generate_clips(cfg: WorldConfig, out: Path) -> dict:
     """Write msrvtt/ under `out`; returns the clip and caption counts per split."""
     videos_dir = out / "msrvtt" / "videos"
     videos_dir.mkdir(parents=True)
@@ -197,8 +197,8 @@ def generate_clips(cfg: WorldConfig, out: Path, progress: bool) -> dict:
                 sentences.append({"video_id": vid, "sen_id": len(sentences), "caption": text})
             facts_out.append({"video_id": vid, "split": split, **facts})
             k += 1
-            if progress and (k % 500 == 0 or k == total):
-                print(f"tiny world: {k}/{total} clips", file=sys.stderr, flush=True)
+            if k % 500 == 0 or k == total:
+                say(f"tiny world: {k}/{total} clips")
         counts["clips"][split] = sizes[split]
         counts["clip_captions"][split] = len(sentences) - n_caps
     write_json(out / "msrvtt" / "videodatainfo.json", {

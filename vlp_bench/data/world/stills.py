@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +46,7 @@ from vlp_bench.data.world.scenes import (
 )
 from vlp_bench.data.world.vqa import vqa_entries
 from vlp_bench.errors import UserError
+from vlp_bench.log import say
 
 
 def sample_scene(cfg: WorldConfig, rng: np.random.Generator) -> Scene:
@@ -121,7 +121,7 @@ def _write_split(out: Path, split: str, entries: dict[str, list[dict]]) -> None:
         "license": {}, "data_type": "tinyworld", "data_subtype": split, "annotations": entries["answers"]})
 
 
-def generate_stills(cfg: WorldConfig, out: Path, progress: bool) -> dict:
+def generate_stills(cfg: WorldConfig, out: Path) -> dict:
     """Write images/, annotations/, vqa/ and scenes.json under `out`; returns the image, caption and
     question counts per split."""
     (out / "images").mkdir(parents=True)
@@ -138,8 +138,8 @@ def generate_stills(cfg: WorldConfig, out: Path, progress: bool) -> dict:
             image_id += 1
             scene = _add_still(cfg, out, image_id, entries)
             scenes_out.append(_scene_record(image_id, split, scene))
-            if progress and (image_id % 500 == 0 or image_id == total):
-                print(f"tiny world: {image_id}/{total} images", file=sys.stderr, flush=True)
+            if image_id % 500 == 0 or image_id == total:
+                say(f"tiny world: {image_id}/{total} images")
         _write_split(out, split, entries)
         counts["images"][split] = len(entries["images"])
         counts["captions"][split] = len(entries["captions"])
