@@ -194,8 +194,8 @@ class _Run:
         t0 = time.perf_counter()
         if self.checkpoint.is_file():
             say(f"resuming {self.dir.name} from its checkpoint")
-        cost = self.record["cost"] = train(method, batches, cfg.train, exp.device, log, evaluate, True,
-                                           self.checkpoint, decoder_batches=decoder_batches)
+        cost = self.record["cost"] = train(method, batches, cfg.train, exp.device, log, evaluate,
+                                           checkpoint=self.checkpoint, decoder_batches=decoder_batches)
         self.record["data"] = _job_report(group, batches.report())
         if self.main:
             self.final_evaluation(method, decoder_batches)
