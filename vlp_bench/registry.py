@@ -94,14 +94,20 @@ class Registry(Generic[T]):
         package = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "an unnamed package"
         where = f"plug-in {self.kind} '{ep.name}' of {package} ({ep.value})"
         if ":" not in ep.value:  # a package of entries that register themselves
-            before = set(self._entries)
+            before = dict(self._entries)
             try:
                 ep.load()
             except Exception as e:  # noqa: BLE001 - any error of a third-party import: report it, go on
+                self._entries = before  # none of a package that failed half-way
                 self._left_out(f"{where} cannot be imported: {type(e).__name__}: {e}")
                 return
-            if ep.dist is None or ep.dist.name != OWN_DISTRIBUTION:
-                self._origins.update({name: package for name in set(self._entries) - before})
+            for name in set(self._entries) - set(before):  # the checks a class entry gets
+                why = self._unfit(name, self._entries[name], base)
+                if why:
+                    del self._entries[name]
+                    self._left_out(f"{where}: {self.kind} '{name}' {why}", name)
+                elif ep.dist is None or ep.dist.name != OWN_DISTRIBUTION:
+                    self._origins[name] = package
             return
         if "+" in ep.name:
             self._left_out(f"{where}: '+' is kept for compositions")
@@ -115,14 +121,23 @@ class Registry(Generic[T]):
         except Exception as e:  # noqa: BLE001 - any error of a third-party import: report it, go on
             self._left_out(f"{where} cannot be imported: {type(e).__name__}: {e}", ep.name)
             return
-        if not (isinstance(obj, type) and issubclass(obj, base)):
-            self._left_out(f"{where} is not a subclass of {self.base}", ep.name)
-        elif not dataclasses.is_dataclass(getattr(obj, "Config", None)):
-            self._left_out(f"{where} has no Config dataclass", ep.name)
+        why = self._unfit(ep.name, obj, base)
+        if why:
+            self._left_out(f"{where} {why}", ep.name)
         else:
             self._entries[ep.name] = obj
             obj.name = ep.name
             self._origins[ep.name] = package
+
+    def _unfit(self, name: str, obj, base: type) -> str:
+        """Why `obj` cannot be entry `name` ("" when it can)."""
+        if "+" in name:
+            return "uses '+', which is kept for compositions"
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            return f"is not a subclass of {self.base}"
+        if not dataclasses.is_dataclass(getattr(obj, "Config", None)):
+            return "has no Config dataclass"
+        return ""
 
     def _left_out(self, why: str, name: str = "") -> None:
         """A plug-in left out: kept for `vlp-bench list` and `validate`, said once on stderr (rank

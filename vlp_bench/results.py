@@ -4,7 +4,8 @@ OUT/<run-id>/
     config.json            the resolved experiment config this run used
     metrics.jsonl          one row per logged step, plus evaluation rows
     samples_caption.jsonl  per image: generated caption and references (re-scorable)
-    results.json           the summary below (written last: its presence means the run finished)
+    results.json           the summary below: written first with status "running", rewritten as
+                           the run ends ("finished", "failed", "pruned" or "interrupted")
 
 results.json, schema_version 4 (docs/results-schema.md describes every field):
     {schema_version, run_id, method, seed, status, config, metrics: {caption: {...}},

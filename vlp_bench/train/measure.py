@@ -1,7 +1,7 @@
 """What a training run measures about the machine it runs on: device time (synchronised), peak
 memory, and the device's peak FLOP/s for MFU.
 
-Apart from the trainer so that what only measures (vlp-bench bench, benchmarks/step_time.py) can
+Apart from the trainer so that what only measures (vlp-bench bench) can
 use the same definitions without importing the training loop.
 """
 
