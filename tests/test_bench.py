@@ -33,6 +33,7 @@ def test_bench_times_every_stage_of_every_method(cfg, name):
     assert table["unit"] == "FLOP (one multiply-add = 2)" and table["caption_tokens"] == 8
 
 
+@pytest.mark.slow
 def test_bench_cli_prints_a_table_and_json(tmp_path):
     sets = [a for o in TINY for a in ("--set", o)]
     base = [sys.executable, "-m", "vlp_bench", "bench", "--methods", "baseline,simvlg", "--steps", "2", "--warmup", "1",

@@ -189,6 +189,7 @@ def test_dataset_is_varied(dataset: Any, files: dict[str, Path]) -> None:
     assert sum(c == "" for c in predicted) >= 2 and sum(c in (".", "   ") for c in predicted) >= 2
 
 
+@pytest.mark.slow
 def test_parity_with_official_cocoevalcap(ours_all: dict, official_all: dict) -> None:
     assert tuple(ours_all) == METRIC_NAMES
     assert all(type(v) is float for v in ours_all.values())
@@ -220,6 +221,7 @@ def test_only_predicted_images_are_scored(
     assert ours != ours_all
 
 
+@pytest.mark.slow
 def test_a_dead_or_failed_meteor_process_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
     gts = {1: ["a red circle", "one red disc"], 2: ["two blue squares"]}
     res = {1: ["a red circle"], 2: ["a blue square"]}

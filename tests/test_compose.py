@@ -95,6 +95,7 @@ def test_a_composition_starts_from_its_parts_as_configured():
     assert cfg.methods["simvlg+tome-vit"].width == cfg.methods["simvlg"].width  # the rest from its parts
 
 
+@pytest.mark.slow
 def test_paper_scale_cost_of_a_composition():
     import json
 

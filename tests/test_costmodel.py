@@ -60,6 +60,7 @@ def test_ratios_and_stage_weights(paper):
     assert 2.5 < m["simvlg"]["ratio_to_reference"] < 3.5
 
 
+@pytest.mark.slow
 def test_flops_cli_tiny_and_paper(tiny_overrides):
     sets = [a for o in tiny_overrides for a in ("--set", o)]
     proc = cli("flops", *sets, "--methods", "baseline,simvlg", "--json")

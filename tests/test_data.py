@@ -197,6 +197,7 @@ def test_too_few_shards_for_the_readers_is_a_clear_error(shards):
         ShardBatches(str(shards), LOADER, 4, seed=0, rank=0, world=2, workers=4)
 
 
+@pytest.mark.slow
 def test_a_run_trains_on_shards_and_reports_what_it_skipped(tiny_overrides, broken, tmp_path):
     sets = [a for o in [*tiny_overrides, f"data.shards='{broken}'", "data.workers=1", "train.batch_size=4",
                         "experiment.tasks=[]", "train.eval_every=0"] for a in ("--set", o)]
@@ -209,6 +210,7 @@ def test_a_run_trains_on_shards_and_reports_what_it_skipped(tiny_overrides, brok
     assert res["data"]["skipped"]["bad_image"] >= 1 and res["data"]["skipped"]["truncated_shard"] >= 1
 
 
+@pytest.mark.slow
 def test_missing_shards_fail_before_training(tiny_overrides, tmp_path):
     sets = [a for o in [*tiny_overrides, f"data.shards='{tmp_path}/none-{{000000..000003}}.tar'"]
             for a in ("--set", o)]

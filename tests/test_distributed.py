@@ -37,6 +37,7 @@ def runs(tmp_path_factory, tiny_overrides):
     return one, two
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_does(runs):
     (res1, rows1, _, run1), (res2, rows2, _, run2) = runs
     loss1 = [r["loss"] for r in rows1 if "loss" in r]
@@ -53,6 +54,7 @@ def test_two_processes_train_what_one_does(runs):
     assert res2["distributed"] == {"world_size": 2, "backend": "gloo"} and "distributed" not in res1
 
 
+@pytest.mark.slow
 def test_trackers_write_on_rank_zero_only(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -63,6 +65,7 @@ def test_trackers_write_on_rank_zero_only(runs):
     assert [e.step for e in reader.Scalars("train/loss")] == [r["step"] for r in rows2 if "loss" in r]
 
 
+@pytest.mark.slow
 def test_costs_are_the_whole_jobs(runs):
     (res1, _, _, _), (res2, _, _, _) = runs
     c1, c2 = res1["cost"], res2["cost"]
@@ -73,6 +76,7 @@ def test_costs_are_the_whole_jobs(runs):
     assert 0.5 * c1["train_flops"] < c2["train_flops"] <= c1["train_flops"]
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_and_speaks(runs):
     (_, _, proc1, _), (_, _, proc2, _) = runs
     lines = lambda text: [x for x in text.splitlines() if x.startswith("[vlp-bench")]  # noqa: E731
@@ -80,6 +84,7 @@ def test_only_rank_zero_writes_and_speaks(runs):
     assert proc2.stdout.count("results in") == proc1.stdout.count("results in") == 1  # nor reports
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_divide_is_a_clear_error(tiny_overrides, tmp_path):
     sets = [a for o in [*tiny_overrides, "experiment.device='cpu'", "train.batch_size=7"] for a in ("--set", o)]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",

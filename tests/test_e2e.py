@@ -16,6 +16,9 @@ from vlp_bench.files import read_jsonl
 from vlp_bench.metrics.vqa import evaluate_files as evaluate_vqa_files
 
 
+pytestmark = pytest.mark.slow  # every test runs the CLI, most of them on the shared tiny experiment
+
+
 def cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "vlp_bench", *args], capture_output=True, text=True, cwd=cwd)
 

@@ -218,6 +218,7 @@ def test_shape_key_is_sound_for_every_method(method):
             assert seen.setdefault(full_key, got) == got, f"{stage.name}: equal keys, different FLOPs"
 
 
+@pytest.mark.slow
 def test_trainer_flops_with_the_cache_equal_counting_every_step(method, tmp_path, monkeypatch):
     cfg = TrainConfig(steps=6, batch_size=3, warmup_steps=1, log_every=1, eval_every=0, warmup_exclude=1)
     if hasattr(method.cfg, "curriculum_start"):  # a step curriculum: shapes change during training

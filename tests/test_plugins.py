@@ -47,6 +47,7 @@ def stride_run(tmp_path_factory, tiny_overrides):
     return out / "stride-seed0"
 
 
+@pytest.mark.slow
 def test_the_example_plugin_runs_end_to_end(stride_run):
     res = json.loads((stride_run / "results.json").read_text())
     assert res["schema_version"] == SCHEMA_VERSION and res["status"] == "finished" and res["method"] == "stride"
@@ -58,6 +59,7 @@ def test_the_example_plugin_runs_end_to_end(stride_run):
     assert "stride" in json.loads((stride_run.parent / "flops-paper.json").read_text())["methods"]
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_the_loss_and_cider_curves(stride_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -75,6 +77,7 @@ def test_tensorboard_holds_the_loss_and_cider_curves(stride_run):
                                         ["metrics"]["caption"]["CIDEr"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_written(stride_run):
     (run_file,) = stride_run.glob("wandb/offline-run-*/run-*.wandb")
     data = run_file.read_bytes()  # W&B's own record format: the logged keys are stored as text
@@ -92,6 +95,7 @@ def _fake_package(root: Path, name: str, entry_points: str, modules: dict[str, s
     return root
 
 
+@pytest.mark.slow
 def test_broken_plugins_are_left_out_with_their_package_named(tmp_path):
     import os
 
@@ -187,6 +191,7 @@ def test_a_tracker_without_its_package_is_a_clear_error(monkeypatch):
         TrackersConfig(wandb="offline").check()
 
 
+@pytest.mark.slow
 def test_validate_finds_no_problem_in_any_registered_method(tiny_overrides):
     """No false alarms: every method (built-in, composed, installed plug-in) passes every check."""
     names = METHODS.names()

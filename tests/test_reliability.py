@@ -26,6 +26,7 @@ def _sets(overrides):
     return [a for o in overrides for a in ("--set", o)]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_overrides, tmp_path):
     over = [*tiny_overrides, "train.steps=40", "train.checkpoint_every=4", "train.eval_every=20",
             "train.log_every=4", "experiment.tasks=['caption']"]
@@ -60,6 +61,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_overrides, tmp_
     assert not (run / "checkpoint.pt").exists()  # removed once the run finished
 
 
+@pytest.mark.slow
 def test_resume_keeps_finished_runs_and_refuses_other_options(tiny_overrides, tmp_path):
     out = tmp_path / "exp"
     assert cli("run", *_sets(tiny_overrides), "--out", str(out), cwd=tmp_path).returncode == 0
@@ -96,6 +98,7 @@ class _Diverges(Baseline):
         return StepOutput(out.loss * float("nan"), out.tokens_to_llm) if self.step >= 2 else out
 
 
+@pytest.mark.slow
 def test_a_diverging_method_is_isolated_while_the_others_finish(tiny_overrides, tmp_path):
     METHODS.register("test-diverges")(_Diverges)
     try:

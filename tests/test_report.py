@@ -27,6 +27,9 @@ except ImportError:  # websocket-client missing: the browser tests say so below
     chromium_path = open_page = None
 
 
+pytestmark = pytest.mark.slow  # every test reads the shared tiny experiment, run through the CLI
+
+
 def cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "vlp_bench", *args], capture_output=True, text=True, cwd=cwd)
 

@@ -79,6 +79,7 @@ def test_bad_search_configs_are_one_line_errors(override, message, tmp_path):
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_sqlite_search_writes_its_trials_and_resumes(tiny_overrides, tmp_path):
     out = tmp_path / "s"
     proc = search(tiny_overrides, "--trials", "2", "-o", str(out), cwd=tmp_path)
@@ -108,6 +109,7 @@ def test_sqlite_search_writes_its_trials_and_resumes(tiny_overrides, tmp_path):
     assert json.loads((out / "search.json").read_text())["best"]
 
 
+@pytest.mark.slow
 def test_budget_mode_prunes_configs_over_budget_before_training(tiny_overrides, tmp_path):
     """Scalarised mode: a config whose counted FLOPs per sample exceed the budget never trains; the
     others report their validation evaluations to the pruner."""
@@ -123,6 +125,7 @@ def test_budget_mode_prunes_configs_over_budget_before_training(tiny_overrides, 
     assert sorted(study.trials[1].intermediate_values) == [0, 4, 6]  # every validation evaluation
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_its_evaluation_callback_is_recorded_as_pruned(tiny_overrides, tmp_path):
     """How a pruner stops a trial: the callback sees each validation evaluation and raises StopRun."""
     from vlp_bench.experiment import StopRun, load_config, prepare
@@ -143,6 +146,7 @@ def test_a_run_stopped_by_its_evaluation_callback_is_recorded_as_pruned(tiny_ove
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_search_a_composition_by_name(tiny_overrides, tmp_path):
     proc = search(tiny_overrides, "--method", "simvlg+tome-vit", "--trials", "1", "-o", str(tmp_path / "c"),
                   "--set", "search.space={r={low=0, high=8}}", cwd=tmp_path)
@@ -152,6 +156,7 @@ def test_search_a_composition_by_name(tiny_overrides, tmp_path):
     assert trial["params"]["r"] == 0 and trial["user_attrs"]["tokens_to_llm"] == 57  # the ViT still merges
 
 
+@pytest.mark.slow
 def test_a_search_whose_trials_all_fail_stops(tiny_overrides, tmp_path):
     out = tmp_path / "f"
     proc = search(tiny_overrides, "--trials", "1", "-o", str(out), "--set", "train.lr=1e30",
@@ -206,6 +211,7 @@ def _study_trials(url: str, name: str):
     return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_on_postgresql(postgres, tiny_overrides, tmp_path):
     out = tmp_path / "s"
     prep = subprocess.run([sys.executable, "-m", "vlp_bench", "prepare", *_sets(tiny_overrides)], cwd=tmp_path,
@@ -237,6 +243,7 @@ def test_two_workers_share_one_study_on_postgresql(postgres, tiny_overrides, tmp
         assert rec["status"] == "finished" and t.values[1] == rec["cost"]["train_flops"]
 
 
+@pytest.mark.slow
 def test_a_killed_workers_trial_fails_and_is_retried(postgres, tiny_overrides, tmp_path):
     out = tmp_path / "s"
     args = ["--storage", postgres, "--study", "killed", "-o", str(out), "--set", "search.heartbeat_s=1"]

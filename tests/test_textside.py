@@ -219,6 +219,7 @@ def test_beam_search_respects_min_and_max_lengths():
     assert [len(o) for o in out] == [4, 4]
 
 
+@pytest.mark.slow
 def test_run_the_family_through_the_cli(tmp_path, tiny_overrides):
     """`vlp-bench run --methods flm,mlm,ar` on the tiny world: every run finishes, each evaluation
     follows the decoder phase, whose cost is recorded apart from pre-training."""

@@ -275,6 +275,7 @@ def video_experiment(tmp_path_factory, tiny_overrides):
     return out, proc
 
 
+@pytest.mark.slow
 def test_a_tiny_video_run_writes_valid_records(video_experiment):
     from vlp_bench.metrics.caption import METRIC_NAMES
     from vlp_bench.results import SCHEMA_VERSION
@@ -307,6 +308,7 @@ def test_a_tiny_video_run_writes_valid_records(video_experiment):
     assert "video_caption.CIDEr by subset" in html and "temporal (" in html
 
 
+@pytest.mark.slow
 def test_video_subset_scores_equal_scoring_the_subset_alone(video_experiment):
     """The "temporal" scores are what the official scorers give for those clips' samples alone."""
     from vlp_bench.metrics.caption import score_captions

@@ -106,6 +106,7 @@ def test_bad_config_is_a_user_error(tmp_path, change):
         build_world(WorldConfig(**change), tmp_path)
 
 
+@pytest.mark.slow
 def test_default_config_builds(tmp_path):
     d = build_world(WorldConfig(), tmp_path)
     info = _json(d / "world.json")
