@@ -12,6 +12,7 @@ import torch
 from conftest import TINY
 from vlp_bench import bench, costmodel
 from vlp_bench.experiment import load_config
+from vlp_bench.train.flops import UNIT
 from vlp_bench.registry import METHODS
 
 
@@ -30,7 +31,7 @@ def test_bench_times_every_stage_of_every_method(cfg, name):
         assert r["median_step_s"] > 0 and r["samples_per_s"] == pytest.approx(4 / r["median_step_s"])
         assert r["flops_per_sample"] > 0 and r["achieved_flops_per_s"] > 0 and r["peak_memory_bytes"] > 0
         assert r["mfu"] is None  # no tensor-core peak on a CPU
-    assert table["unit"] == "FLOP (one multiply-add = 2)" and table["caption_tokens"] == 8
+    assert table["unit"] == UNIT and table["caption_tokens"] == 8  # the one FLOP unit
 
 
 @pytest.mark.slow
