@@ -12,8 +12,8 @@ import torch
 from conftest import TINY
 from vlp_bench import bench, costmodel
 from vlp_bench.experiment import load_config
-from vlp_bench.train.flops import UNIT
 from vlp_bench.registry import METHODS
+from vlp_bench.train.flops import UNIT
 
 
 @pytest.fixture(scope="module")

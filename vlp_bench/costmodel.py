@@ -123,7 +123,12 @@ def vitl1b_scale(device="meta", frames: int = 0) -> Scale:
                  31, "", _paper_configs(), frames)
 
 
-SCALES = ("tiny", "vitl-1b", "paper")
+# name -> builder(bench, device): the one list of scales (`vlp-bench flops --preset`, `bench --preset`)
+SCALES = {
+    "tiny": tiny_scale,
+    "vitl-1b": lambda bench, device: vitl1b_scale(device, frames_of(bench)),
+    "paper": lambda bench, device: paper_scale(device, frames_of(bench)),
+}
 
 
 def _known(name: str) -> str:
@@ -133,15 +138,14 @@ def _known(name: str) -> str:
 
 
 def method_configs(name: str, bench) -> dict:
-    """The methods' configs at scale `name` (without building its backbones)."""
+    """The methods' configs at scale `name` (without building its backbones): as configured at the
+    tiny scale, each method's paper config at the others."""
     return dict(bench.methods) if _known(name) == "tiny" else _paper_configs()
 
 
 def scale(name: str, bench, device="meta") -> Scale:
     """The named scale's backbones on `device` (meta: shapes only; else random weights there)."""
-    if _known(name) == "tiny":
-        return tiny_scale(bench, device)
-    return (vitl1b_scale if name == "vitl-1b" else paper_scale)(device, frames_of(bench))
+    return SCALES[_known(name)](bench, device)
 
 
 def per_sample_costs(scale: Scale, names: list[str], reference: str | None = None) -> dict:
