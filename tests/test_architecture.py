@@ -43,6 +43,7 @@ SIZE_CHECKED_ALSO = ["vlp_bench.methods.*", "vlp_bench.tasks.*", "vlp_bench.repo
 
 # Over a size limit on purpose: {"module.function" or "module": "one-line reason"}. Entries that are
 # no longer over the limit, or no longer exist, fail the test too: this list only shrinks.
+# (Reasons "TODO": what is over the limits before the refactor branches merge; written after.)
 ALLOWLIST: dict[str, str] = {
     # the official VQAv2 normalisation tables (contractions, number words, punctuation) written out
     # beside the accuracy they serve, so the parity with the official tool reads in one file
@@ -410,7 +411,12 @@ def test_sizes(modules):
         if name in over:
             continue
         n = module_lines.get(name, function_lines.get(name))
-        stale.append(f"{name}: " + ("no longer exists" if n is None else f"{n} lines, within the limit now"))
+        if n is None:
+            stale.append(f"{name}: no longer exists")
+        elif not size_checked(name if name in module_lines else module_of(name, modules)):
+            stale.append(f"{name}: its module is not size-checked")
+        else:
+            stale.append(f"{name}: {n} lines, within the limit now")
     assert not new and not stale, (
         f"limits: {FUNCTION_MAX_LINES} lines a function, {MODULE_MAX_LINES} a module\n"
         + ("over the limit (split it, or add it to ALLOWLIST with a reason):\n  " + "\n  ".join(new) + "\n"

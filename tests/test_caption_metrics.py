@@ -199,6 +199,7 @@ def test_parity_with_official_cocoevalcap(ours_all: dict, official_all: dict) ->
     assert 0.05 < ours_all["Bleu_4"] < 0.9 and 0.1 < ours_all["CIDEr"] < 5
 
 
+@pytest.mark.slow
 def test_only_predicted_images_are_scored(
     files: dict[str, Path], ours_all: dict, capfd: pytest.CaptureFixture[str]
 ) -> None:
