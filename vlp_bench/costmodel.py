@@ -188,15 +188,16 @@ def per_sample_costs(scale: Scale, names: list[str], reference: str | None = Non
     return {name: results[name] for name in dict.fromkeys([*names, *([reference] if reference else [])])}
 
 
-def cost_table(scale: Scale, names: list[str], reference: str) -> dict:
-    """`vlp-bench flops --json`: the methods' per-sample costs at this scale, with what they are per."""
+def cost_table(scale: Scale, names: list[str], reference: str | None = None) -> dict:
+    """`vlp-bench flops --json`: the methods' per-sample costs at this scale, with what they are per
+    (and, with a `reference` method, each one's cost ratio to it)."""
     return {"preset": scale.name, "unit": UNIT, "per": "training sample", "batch": BATCH, "frames": scale.frames,
             "image_size": scale.image_size, "caption_tokens": scale.caption_words + 1, "prompt": scale.prompt,
             "vision_tokens": scale.backbones.vision.num_tokens, "reference": reference,
             "methods": per_sample_costs(scale, names, reference)}
 
 
-def costable_table(scale: Scale, names: list[str], reference: str) -> dict:
+def costable_table(scale: Scale, names: list[str], reference: str | None = None) -> dict:
     """cost_table of the methods this scale can cost; the others are listed under "skipped" with
     the reason (no config at this scale, or one its backbones cannot run), so a report can say so."""
     ok, skipped = [], {}
@@ -214,20 +215,22 @@ def costable_table(scale: Scale, names: list[str], reference: str) -> dict:
             skipped[name] = str(e)
             continue
         ok.append(name)
-    reference = reference if reference in ok else (ok[0] if ok else None)  # the reference itself may be skipped
+    if reference is not None and reference not in ok:  # the reference itself may be skipped
+        reference = ok[0] if ok else None
     return {**(cost_table(scale, ok, reference) if ok else {}), "skipped": skipped}
 
 
 def format_table(table: dict) -> str:
     """A plain-text table in GFLOP per sample."""
     parts = ["vision", "bridge", "llm"]
+    ratio = f"{table['reference']} / method" if table.get("reference") else None
     header = ["method", "tokens->LLM", *[f"{p} {d}" for p in parts for d in ("fwd", "bwd")], "total",
-              f"{table['reference']} / method"]
+              *([ratio] if ratio else [])]
     rows = []
     for name, m in table["methods"].items():
         cells = [m["per_sample"].get(p, {}).get(d, 0.0) / 1e9 for p in parts for d in ("forward", "backward")]
         rows.append([name, str(m["tokens_to_llm"]), *[f"{c:.4g}" for c in cells], f"{m['total'] / 1e9:.4g}",
-                     f"{m['ratio_to_reference']:.2f}x"])
+                     *([f"{m['ratio_to_reference']:.2f}x"] if ratio else [])])
     title = (f"{table['preset']} preset: GFLOP per training sample ({table['unit']}); "
              f"{table['vision_tokens']} vision tokens{' per frame of clips of %d frames' % table['frames'] if table.get('frames') else ''}, captions of {table['caption_tokens']} tokens (with EOS)"
              f"{' after the prompt ' + repr(table['prompt']) if table['prompt'] else ''}; "

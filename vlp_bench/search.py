@@ -86,6 +86,8 @@ def run_search(bench: BenchConfig, out: Path) -> dict:
         raise UserError("search.method is not set: name the method whose settings are searched")
     cls = METHODS.get(bench.search.method)
     cfg: SearchConfig = dataclasses.replace(bench.search, space=space_of(cls, bench.search.space))
+    if not cfg.metric:
+        raise UserError("search.metric is not set and none of experiment.tasks declares a headline metric")
     if cfg.metric.partition(".")[0] not in bench.experiment.tasks:
         raise UserError(f"search.metric {cfg.metric}: task '{cfg.metric.partition('.')[0]}' is not in "
                         f"experiment.tasks {bench.experiment.tasks}")
