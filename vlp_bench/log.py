@@ -39,6 +39,12 @@ def say(msg: str) -> None:
         print(f"[vlp-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def note(msg: str) -> None:
+    """A progress line inside a phase (indented, like a progress bar's plain lines)."""
+    if shows_progress():
+        print(f"  {msg}", file=sys.stderr, flush=True)
+
+
 def warn(msg: str) -> None:
     """Something the user should know that does not stop the work (a plug-in left out, a tracker
     switched off): said whatever the progress setting, by rank zero."""

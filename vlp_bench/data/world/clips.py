@@ -51,7 +51,7 @@ from vlp_bench.data.world.scenes import (
     sample_kind,
     write_json,
 )
-from vlp_bench.log import say
+from vlp_bench.log import note
 
 EVENTS = ("moves", "appears", "disappears", "turns", "stays")
 TEMPORAL = ("moves", "appears", "disappears", "turns")  # reversing the clip changes what is true
@@ -198,7 +198,7 @@ def generate_clips(cfg: WorldConfig, out: Path) -> dict:
             facts_out.append({"video_id": vid, "split": split, **facts})
             k += 1
             if k % 500 == 0 or k == total:
-                say(f"tiny world: {k}/{total} clips")
+                note(f"tiny world: {k}/{total} clips")
         counts["clips"][split] = sizes[split]
         counts["clip_captions"][split] = len(sentences) - n_caps
     write_json(out / "msrvtt" / "videodatainfo.json", {

@@ -46,7 +46,7 @@ from vlp_bench.data.world.scenes import (
 )
 from vlp_bench.data.world.vqa import vqa_entries
 from vlp_bench.errors import UserError
-from vlp_bench.log import say
+from vlp_bench.log import note
 
 
 def sample_scene(cfg: WorldConfig, rng: np.random.Generator) -> Scene:
@@ -139,7 +139,7 @@ def generate_stills(cfg: WorldConfig, out: Path) -> dict:
             scene = _add_still(cfg, out, image_id, entries)
             scenes_out.append(_scene_record(image_id, split, scene))
             if image_id % 500 == 0 or image_id == total:
-                say(f"tiny world: {image_id}/{total} images")
+                note(f"tiny world: {image_id}/{total} images")
         _write_split(out, split, entries)
         counts["images"][split] = len(entries["images"])
         counts["captions"][split] = len(entries["captions"])
