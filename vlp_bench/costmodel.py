@@ -217,7 +217,7 @@ def costable_table(scale: Scale, names: list[str], reference: str | None = None)
         ok.append(name)
     if reference is not None and reference not in ok:  # the reference itself may be skipped
         reference = ok[0] if ok else None
-    return {**(cost_table(scale, ok, reference) if ok else {}), "skipped": skipped}
+    return {**cost_table(scale, ok, reference), "skipped": skipped}  # ok may be empty: a table of none
 
 
 def format_table(table: dict) -> str:
