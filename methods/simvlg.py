@@ -86,6 +86,7 @@ class SimVLG(Baseline):
     # `vlp-bench search`'s space (read by search_values below, the schedule grammar): a list is a
     # categorical choice, {low, high} a range. "inflection" turns r into a ramp [r, inflection] (0 =
     # the same r in every layer); "r_layer_0", ... or "tokens" can replace r ([search.space]).
+    search_derived = ("inflection", "tokens", "r_layer_")  # the schedule grammar (schedule_values)
     search_space = {
         "r": {"low": 0, "high": 31},  # 0 = no merging; 31 x 2 layers takes the tiny ViT's 65 tokens to 3
         "inflection": {"low": -1.0, "high": 1.0},

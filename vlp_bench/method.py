@@ -48,6 +48,9 @@ class Method(nn.Module):
     paper_config: ClassVar[object | None] = None  # the config at its paper's scale (`vlp-bench flops --preset paper`)
     # `vlp-bench search`'s default space over Config fields: {field: [choices] | {low, high[, log]}}
     search_space: ClassVar[dict | None] = None
+    # search parameters that are not Config fields but that search_values() turns into settings (names,
+    # or prefixes ending in "_"): a space naming anything else fails before any work
+    search_derived: ClassVar[tuple[str, ...]] = ()
     # takes clips (B, T, 3, H, W) as well as images: the default encode() reads each frame and
     # averages the tokens over the frames (the frame-average baseline of video captioning). False
     # for changes to the encoder whose tokens differ from frame to frame (merged or dropped patches).

@@ -95,10 +95,10 @@ def run_search(bench: BenchConfig, out: Path) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot write to the output directory {out}: {e.strerror or e}") from None
+    _check_space(cls, cfg)
     url = cfg.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     study = _open_study(cfg, url)
     experiment = prepare(bench)  # the same preparation as `vlp-bench run`: data, backbones, tasks, batches
-    _check_space(cls, cfg, experiment)
     for point in cls.search_start_points(bench.methods[cfg.method], experiment.backbones, cfg.space):
         study.enqueue_trial(point, skip_if_exists=True)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -141,13 +141,13 @@ def _open_study(cfg: SearchConfig, url: str):
     return study
 
 
-def _check_space(cls, cfg: SearchConfig, experiment: Experiment) -> None:
-    """Every parameter of the space becomes a setting of the method (read through its
-    search_values hook), found before any trial trains: one point of the space is translated."""
-    probe = {name: spec[0] if isinstance(spec, list) else spec["low"] for name, spec in cfg.space.items()}
-    values = cls.search_values(probe, experiment.cfg.methods[cfg.method], experiment.backbones)
+def _check_space(cls, cfg: SearchConfig) -> None:
+    """Every parameter of the space is a setting of the method, or one its search_values hook turns
+    into settings (`Method.search_derived`): found before any preparation."""
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = set(values) - fields
+    derived = cls.search_derived
+    unknown = {k for k in cfg.space if k not in fields and k not in derived
+               and not any(d.endswith("_") and k.startswith(d) for d in derived)}
     if unknown:
         raise UserError(f"search.space: {sorted(unknown)} are not settings of methods.{cfg.method} "
                         f"({', '.join(sorted(fields))})")
