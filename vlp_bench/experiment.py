@@ -16,6 +16,7 @@ same files. The default comparison lives here (`DEFAULTS`) and in bench.toml, ne
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 import traceback
@@ -98,10 +99,12 @@ class Experiment:
 
             return ShardBatches(cfg.data.shards, self.images, cfg.train.batch_size, seed, prompt, rank, world,
                                 cfg.data.workers, cfg.data.shuffle_buffer, pin_memory=pin)
-        return TrainBatches(self._train_split(), self.images, cfg.train.batch_size, seed, prompt, rank, world,
+        return TrainBatches(self.train_split, self.images, cfg.train.batch_size, seed, prompt, rank, world,
                             cfg.data.workers, pin_memory=pin)
 
-    def _train_split(self):
+    @functools.cached_property
+    def train_split(self):
+        """The root's train split, read once (its clips when the tasks are on clips)."""
         if on_clips(self.cfg):
             from vlp_bench.data.video import VideoSplit
 
