@@ -1,27 +1,39 @@
-"""No-merge baseline (docs/methods.md, Baseline): frozen ViT -> Linear -> self-attention encoder
-over *all* visual tokens -> Linear -> frozen LLM, trained with the LLM's LM loss on caption tokens."""
+"""No-merge baseline (docs/methods.md, Baseline): SimVLG's bridge with r = 0. As EVLGen's connector:
+frozen ViT -> trainable LayerNorm (`ln_vision`) -> Linear to the bridge's width -> BERT embeddings
+(positions, token type 0, LayerNorm, dropout) -> BERT encoder layers over *all* visual tokens ->
+Linear -> frozen LLM, trained with the LLM's LM loss on caption tokens (docs/fidelity.md, SimVLG)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from vlp_bench.nn.layers import Block
 from vlp_bench.method import FrozenLLMMethod
+from vlp_bench.nn.bert import BertLayer, Embeddings, init_normal, load_bert
 from vlp_bench.registry import METHODS
 
 
 @dataclass
 class BaselineConfig:
-    width: int = 128  # paper scale is 768; 128 matches the tiny backbones
+    width: int = 128  # paper scale is 768 (BERT-base); 128 matches the tiny backbones
     depth: int = 2  # paper scale is 12 BERT layers; 2 trains in minutes on a CPU
     heads: int = 4
+    dropout: float = 0.1  # BERT's, on attention probabilities and every sub-layer's output (EVLGen keeps it)
+    positions: int = 512  # learned positions (BERT's 512); the visual tokens must fit
+    # "" = BERT's random init, N(0, 0.02); else a local Hugging Face BERT-style directory to start
+    # from, as EVLGen starts from bert-base-uncased (its width and heads must be this bridge's)
+    init: str = ""
 
     def validate(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init and not Path(self.init).is_dir():
+            raise ValueError(f"init: no checkpoint directory '{self.init}'")
 
 
 @METHODS.register("baseline")
@@ -29,17 +41,30 @@ class Baseline(FrozenLLMMethod):
     """No merging: every visual token goes through the bridge to the LLM (docs/methods.md, Baseline)."""
 
     Config = BaselineConfig
-    paper_config = BaselineConfig(width=768, depth=12, heads=12)  # SimVLG's 12-layer BERT-base-sized bridge
+    paper_config = BaselineConfig(width=768, depth=12, heads=12)  # SimVLG's 12-layer BERT-base bridge
+
+    @classmethod
+    def check(cls, cfg: BaselineConfig, backbones) -> None:
+        super().check(cfg, backbones)
+        n = cls.input_tokens(cfg, backbones.vision)
+        if n > cfg.positions:
+            raise ValueError(f"the bridge learns {cfg.positions} positions but gets {n} visual tokens")
 
     def __init__(self, cfg: BaselineConfig, backbones):
         super().__init__(cfg, backbones)
+        self.ln_vision = nn.LayerNorm(backbones.vision.dim)
         self.inp = nn.Linear(backbones.vision.dim, cfg.width)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width)
+        self.embeddings = Embeddings(cfg.width, cfg.positions, cfg.dropout, token_types=2)
+        self.layers = nn.ModuleList(BertLayer(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.depth))
         self.out = nn.Linear(cfg.width, backbones.llm_dim)
+        for part in (self.embeddings, self.layers):  # BERT's init; the two projections keep torch's, as EVLGen
+            init_normal(part)
+        if cfg.init:  # BERT's embeddings and first `depth` layers; the projections stay new
+            load_bert(nn.ModuleDict({"embeddings": self.embeddings, "layers": self.layers}), cfg.init,
+                      rename=lambda name: name.replace("layers.", "encoder.layer.", 1))
 
     def bridge(self, visual: torch.Tensor) -> torch.Tensor:
-        x = self.inp(visual)  # (B, N, width)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.out(self.norm(x))  # (B, N, llm_dim): every visual token reaches the LLM
+        x = self.embeddings(vectors=self.inp(self.ln_vision(visual)))  # (B, N, width)
+        for layer in self.layers:
+            x, _ = layer(x)
+        return self.out(x)  # (B, N, llm_dim): every visual token reaches the LLM; post-LN, no final norm

@@ -21,7 +21,9 @@ class SimVLGConfig(BaselineConfig):
     # merged per layer: int | [r, inflection] | per-layer list. The paper's 19 x 12 layers takes
     # 257 -> 29 tokens; on the tiny world 20 x 2 layers takes 65 -> 25, close to the paper's 29.
     r: int | list = 20
-    variant: Literal["tome", "evlgen"] = "tome"  # tome = faithful ToMe; evlgen = the released SimVLG code
+    # evlgen = the released SimVLG code: plain mean, no size bias (ToMe's own advice for training);
+    # tome = ToMe's size-weighted mean with proportional attention (the ablation)
+    variant: Literal["tome", "evlgen"] = "evlgen"
     curriculum_start: float = 1.0  # schedule scale at step 0 (1.0 = no step curriculum, as the paper)
     curriculum_ramp: float = 0.0  # fraction of training over which the scale reaches 1.0
 
@@ -115,7 +117,7 @@ class SimVLG(Baseline):
             ends = (lo, min(range(lo, hi + 1), key=lambda r: abs(token_counts(n, [r] * cfg.depth)[-1] - goal)))
         else:
             ends = (min(max(n, lo), hi), min(max(round(goal), lo), hi))
-        fixed = {"inflection": 0.0, "curriculum_start": 1.0, "curriculum_ramp": 0.0, "variant": "tome"}
+        fixed = {"inflection": 0.0, "curriculum_start": 1.0, "curriculum_ramp": 0.0, "variant": "evlgen"}
         points = []
         for value in dict.fromkeys(ends):
             p = {k: value if k == form else fixed.get(k, v[0] if isinstance(v, list) else None) for k, v in space.items()}
@@ -146,11 +148,11 @@ class SimVLG(Baseline):
         return [int(round(r * scale)) for r in self.schedule]
 
     def bridge(self, visual: torch.Tensor) -> torch.Tensor:
-        x = self.inp(visual)  # (B, N, width)
+        x = self.embeddings(vectors=self.inp(self.ln_vision(visual)))  # (B, N, width)
         merger = TokenMerger(x, self.cfg.variant)
-        for blk, r in zip(self.blocks, self.current_schedule()):
-            x = blk(x, merger.attn_bias(), lambda x, keys, r=r: merger(x, keys, r))
-        return self.out(self.norm(x))  # (B, N', llm_dim), N' after merging
+        for layer, r in zip(self.layers, self.current_schedule()):  # merging after each attention, as EVLGen
+            x, _ = layer(x, merger.attn_bias(), lambda a, keys, r=r: merger(a, keys, r))
+        return self.out(x)  # (B, N', llm_dim), N' after merging
 
     def info(self) -> dict:
         counts = token_counts(self.input_tokens(self.cfg, self.vision), self.schedule)
