@@ -6,8 +6,6 @@ Linear -> frozen LLM, trained with the LLM's LM loss on caption tokens (docs/fid
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 
@@ -32,8 +30,6 @@ class BaselineConfig:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.init and not Path(self.init).is_dir():
-            raise ValueError(f"init: no checkpoint directory '{self.init}'")
 
 
 @METHODS.register("baseline")

@@ -57,8 +57,8 @@ def test_init_mismatch_and_missing_checkpoint_are_user_errors(tmp_path):
     tiny_bert(tmp_path, width=48, heads=2)
     with pytest.raises(UserError, match="width and heads"):
         make(Baseline, init=str(tmp_path))
-    with pytest.raises(ValueError, match="no checkpoint directory"):
-        Baseline.Config(init=str(tmp_path / "missing")).validate()
+    with pytest.raises(UserError, match="no checkpoint directory"):
+        make(Baseline, init=str(tmp_path / "missing"))
 
 
 def test_dropout_is_bert_s_and_only_in_training():
