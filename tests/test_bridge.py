@@ -51,6 +51,8 @@ def test_without_init_the_bridge_is_bert_randomly_initialised():
     w = base.layers[0].attention.self.query.weight
     assert abs(w.std().item() - 0.02) < 0.005 and base.layers[0].output.LayerNorm.weight.eq(1).all()
     assert base.ln_vision.weight.requires_grad  # EVLGen's trainable LayerNorm on the ViT tokens
+    # BertModel's pooler (a dense layer on CLS) runs in EVLGen but its output is never read: not built here
+    assert not any("pooler" in name for name, _ in base.named_parameters())
 
 
 def test_init_mismatch_and_missing_checkpoint_are_user_errors(tmp_path):

@@ -2,24 +2,34 @@
 that carries token sizes across layers. SimVLG's bridge calls it; ToMe inside a frozen ViT and the
 video extension are meant to call the same code.
 
-One merge step on t tokens (ToMe, Bolya et al. 2023; docs/methods.md, ToMe's merge step):
-1. Protect the first `protected` tokens (CLS); r is clamped to (t - protected) // 2.
-2. Metric: the attention keys averaged over heads, L2-normalised.
-3. Alternate split: A = even positions, B = odd positions; scores = cosine(A, B); a protected
-   token is never a source.
-4. Each A token picks its most similar B token; the r A tokens with the highest scores are merged
-   into their partners; output = the kept A tokens (in their original order, CLS first) then B.
+One merge step on t tokens (ToMe, Bolya et al. 2023, facebookresearch/ToMe tome/merge.py;
+docs/methods.md, ToMe's merge step), with p = `protected` tokens at the front (CLS, a distillation
+token, registers):
+1. r is clamped to (t - p) // 2.
+2. Metric: the attention keys averaged over heads, L2-normalised (a zero vector stays zero here;
+   ToMe would divide by zero).
+3. Alternate split over all t tokens: A = even positions, B = odd positions; scores = cosine(A, B).
+   The p protected tokens are A's first ceil(p/2) and B's first floor(p/2) tokens: a protected A
+   token is never a source, a protected B token never a destination (ToMe's class_token is p = 1,
+   class_token + distill_token is p = 2; this is the same rule for any p).
+4. Each A token picks its most similar B token; the r unprotected A tokens with the highest scores
+   are merged into their partners (a stable sort: equal scores go in position order).
+5. Output = the p protected tokens, unchanged and in their original order; then the other kept A
+   tokens; then the other B tokens. The kept A tokens are in position order when p > 0 and in
+   descending score order when p = 0, as ToMe (which sorts them only when there is a class token).
+   For p = 2 this is ToMe's [cls, dist, other kept A, other B].
 Variants (an ablation switch):
 - "tome"   (faithful): size-weighted average (x <- sum(s x) / sum(s), s <- sum(s)) and
            proportional attention: softmax(QK^T / sqrt(d) + log s) over the keys.
 - "evlgen" (as the released SimVLG code): plain unweighted mean, no log-size bias. Sizes are still
            tracked, for reporting only.
+The schedule grammar follows ToMe's parse_r (tome/utils.py): see layer_schedule.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 
@@ -31,12 +41,20 @@ VARIANTS = ("tome", "evlgen")
 
 
 def layer_schedule(spec: int | Sequence, depth: int) -> list[int]:
-    """The number of tokens each of `depth` layers merges away.
+    """The number of tokens each of `depth` layers merges away, with ToMe's numbers (parse_r).
 
     spec: an int r (r in every layer); [r, inflection] with inflection in [-1, 1], a linear ramp
     across layers from r * (1 - inflection) to r * (1 + inflection) as in ToMe ([r, -1] is the
     "decreasing" schedule: 2r first, 0 last); or an explicit list of `depth` ints. For a 2-layer
     bridge, write the inflection as a float ([4, 1.0]) to mean a ramp, not a list.
+
+    The ramp's numbers are ToMe's: the first value is int(r * (1 - inflection)) (truncated), the
+    last is 2r minus it, and layer i merges int(first + step * i), truncated toward zero in the same
+    floating-point order as ToMe (so a decreasing ramp whose last value lands a hair below 0 gives 0,
+    and one landing a hair below an integer gives the integer below). [19, -1] over 12 layers:
+    38, 34, 31, 27, 24, 20, 17, 13, 10, 6, 3, 0 (223 tokens). Differences from parse_r: a list must
+    give exactly `depth` values (ToMe pads a short list with zeros and ignores extra values), and a
+    1-layer ramp gives [int(r * (1 - inflection))] (ToMe divides by zero).
     """
     if isinstance(spec, bool):
         raise ValueError(f"merge schedule must be an int or a list, got {spec!r}")
@@ -52,10 +70,10 @@ def layer_schedule(spec: int | Sequence, depth: int) -> list[int]:
         r, inflection = spec
         if r < 0:
             raise ValueError(f"merge schedule: r must be >= 0, got {r}")
-        lo = r * (1.0 - inflection)
-        hi = 2 * r - lo
-        step = (hi - lo) / (depth - 1) if depth > 1 else 0.0
-        return [int(round(lo + step * i)) for i in range(depth)]
+        first = int(r * (1.0 - inflection))  # truncated, as ToMe's min_val
+        last = 2 * r - first  # an int: the ramp is symmetric about r up to the truncation
+        step = (last - first) / (depth - 1) if depth > 1 else 0.0
+        return [int(first + step * i) for i in range(depth)]  # int(): toward zero, as ToMe
     if len(spec) != depth:
         raise ValueError(f"merge schedule lists {len(spec)} values for {depth} layers: {spec}")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in spec):
@@ -83,37 +101,49 @@ def curriculum_scale(progress: float, start: float, ramp: float) -> float:
 # ----------------------------------------------------------------------------- one merge
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1):
-    """Plan a merge of r token pairs. metric: (B, T, C). Returns (kept A index, source A index,
-    destination B index), each (B, n, 1), or None when nothing is merged."""
+class MergePlan(NamedTuple):
+    """One merge step's choice (bipartite_soft_matching), applied by apply_merge to any per-token
+    tensor (the tokens, their sizes, their sources). Indices are into A (even positions) or B (odd
+    positions), each (B, n, 1)."""
+    kept: torch.Tensor  # unprotected A tokens left unmerged, in output order
+    src: torch.Tensor  # the r A tokens merged away ...
+    dst: torch.Tensor  # ... and the B token each one joins
+    protected: int  # p: the first p tokens, copied to the front of the output unchanged
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1) -> MergePlan | None:
+    """Plan a merge of r token pairs (the module docstring's steps 1-5). metric: (B, T, C).
+    Returns a MergePlan, or None when nothing is merged."""
     T = metric.shape[1]
     r = min(r, (T - protected) // 2)
     if r <= 0:
         return None
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a, b = metric[:, ::2], metric[:, 1::2]
-    scores = a @ b.transpose(-1, -2)  # (B, |A|, |B|) cosine similarities
-    if protected:  # protected tokens sit at the front of A (positions 0, 2, ...): never sources
-        scores[:, : (protected + 1) // 2] = -torch.inf
-        if protected > 1:  # an odd position (a second protected token) is in B: never a destination
-            scores[:, :, : protected // 2] = -torch.inf
-    best, partner = scores.max(dim=-1)  # each A token's most similar B token
-    order = best.argsort(dim=-1, descending=True, stable=True)[..., None]  # stable: ties are deterministic
-    kept = order[:, r:].sort(dim=1).values  # unmerged A tokens, back in their original order
-    src = order[:, :r]
-    dst = partner[..., None].gather(1, src)
-    return kept, src, dst
+    in_a, in_b = (protected + 1) // 2, protected // 2  # protected tokens: A's first, B's first
+    with torch.no_grad():  # the plan is indices: nothing to differentiate
+        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # (B, |A|, |B|) cosines
+        scores[:, :, :in_b] = -torch.inf  # a protected B token is never a destination
+        best, partner = scores.max(dim=-1)  # each A token's most similar B token
+        # the unprotected A tokens by descending score (a protected A token is never a source);
+        # stable, so equal scores keep position order and the plan is deterministic
+        order = best[:, in_a:].argsort(dim=-1, descending=True, stable=True)[..., None] + in_a
+        src, kept = order[:, :r], order[:, r:]
+        if protected:  # ToMe re-sorts the kept A tokens only when there is a class token
+            kept = kept.sort(dim=1).values
+        dst = partner[..., None].gather(1, src)
+    return MergePlan(kept, src, dst, protected)
 
 
-def apply_merge(x: torch.Tensor, plan, reduce: str) -> torch.Tensor:
-    """Apply a plan to x (B, T, D): reduce = "sum" or "mean" (over a destination and its sources)."""
-    kept, src, dst = plan
-    D = x.shape[-1]
+def apply_merge(x: torch.Tensor, plan: MergePlan, reduce: str) -> torch.Tensor:
+    """Apply a plan to x (B, T, D): reduce = "sum", "mean" or "amax" (over a destination and its
+    sources). Output: the protected tokens, the kept A tokens, then the unprotected B tokens."""
+    D, p = x.shape[-1], plan.protected
     a, b = x[:, ::2], x[:, 1::2]
-    unmerged = a.gather(1, kept.expand(-1, -1, D))
-    sources = a.gather(1, src.expand(-1, -1, D))
-    b = b.scatter_reduce(1, dst.expand(-1, -1, D), sources, reduce=reduce, include_self=True)
-    return torch.cat([unmerged, b], dim=1)
+    unmerged = a.gather(1, plan.kept.expand(-1, -1, D))
+    sources = a.gather(1, plan.src.expand(-1, -1, D))
+    b = b.scatter_reduce(1, plan.dst.expand(-1, -1, D), sources, reduce=reduce, include_self=True)
+    # protected tokens are neither sources nor destinations: positions 0..p-1 as they came in
+    return torch.cat([x[:, :p], unmerged, b[:, p // 2:]], dim=1)
 
 
 class TokenMerger:
