@@ -1,8 +1,10 @@
-"""FLIP-style random masking (docs/methods.md, FLIP): during training, a random share of the visual
-tokens is dropped, either after the frozen ViT (the bridge and the LLM see fewer tokens) or at the
-ViT's input patches (its forward shrinks too). An optional last stage trains without masking
-(FLIP's unmasked tuning); evaluation never masks. `flip` puts it in front of the baseline's bridge;
-as a vision side it stacks onto any bridge method (`simvlg+flip`)."""
+"""FLIP-style random masking (docs/methods.md, FLIP): during training, a random share of the image
+encoder's input patches is dropped, so the frozen ViT runs on the rest only (FLIP's mechanism and
+its speed-up: the encoder's forward shrinks with the mask, and the bridge and the LLM see fewer
+tokens too). `where = "bridge"` is the cheaper-to-support variant kept for comparison: the full
+ViT runs and its output tokens are dropped after it (only the bridge and the LLM save). An optional
+last stage trains without masking (FLIP's unmasked tuning); evaluation never masks. `flip` puts it
+in front of the baseline's bridge; as a vision side it stacks onto any bridge method (`simvlg+flip`)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from vlp_bench.registry import METHODS
 @dataclass
 class FLIPOptions:
     mask_ratio: float = 0.5  # share of patch tokens dropped per image; FLIP's 50% (its other setting: 75%)
-    where: Literal["bridge", "vit"] = "bridge"  # drop after the frozen ViT, or its input patches (saves the ViT too)
+    # "vit": drop the encoder's input patches, as FLIP (its forward shrinks too); "bridge": drop the
+    # tokens after the full frozen ViT (for encoders that cannot run on a subset of their patches)
+    where: Literal["bridge", "vit"] = "vit"
     unmasked_fraction: float = 0.0  # last share of train.steps without masking; FLIP tunes briefly unmasked
 
     def validate(self) -> None:
@@ -31,7 +35,7 @@ class FLIPOptions:
 
 
 class FLIPSide(VisionSide):
-    """Random masking of visual tokens during training, after or inside the ViT (docs/methods.md, FLIP)."""
+    """Random masking of the ViT's input patches during training, or of its output tokens (docs/methods.md, FLIP)."""
 
     Options = FLIPOptions
     video = False  # a random mask per image: averaged frames would mix tokens of different patches
@@ -39,8 +43,10 @@ class FLIPSide(VisionSide):
     @classmethod
     def check(cls, cfg, backbones) -> None:
         super().check(cfg, backbones)
-        if cfg.where == "vit" and not backbones.vision.is_plain_vit():
-            raise ValueError(f"where = 'vit' needs a timm VisionTransformer, not {type(backbones.vision.model).__name__}")
+        if cfg.where == "vit" and not backbones.vision.can_drop_patches():
+            raise ValueError(f"where = 'vit' (masking the encoder's input patches) needs a timm VisionTransformer "
+                             f"or Eva, not {type(backbones.vision.model).__name__}; where = 'bridge' drops the "
+                             f"tokens after the encoder instead")
         if cls.needs_patch_grid:
             raise ValueError("masking leaves no patch grid, and this bridge pools one")
 
@@ -81,7 +87,8 @@ class FLIPConfig(FLIPOptions, BaselineConfig):
 
 @METHODS.register("flip")
 class FLIP(FLIPSide, Baseline):
-    """Random masking of visual tokens in training, after or inside the ViT, baseline bridge (docs/methods.md, FLIP)."""
+    """Random masking of the ViT's input patches in training (or of its output), baseline bridge (docs/methods.md, FLIP)."""
 
     Config = FLIPConfig
-    paper_config = FLIPConfig(width=768, depth=12, heads=12, mask_ratio=0.5)
+    # the EVA ViT-g runs on the kept half of its 256 patches (+ CLS), as FLIP's encoder does
+    paper_config = FLIPConfig(width=768, depth=12, heads=12, mask_ratio=0.5, where="vit")

@@ -1,10 +1,12 @@
 """Video captioning: the tiny world's clips, the MSR-VTT reader, simvlg-video's temporal modules
-(zero-gate equivalence, where gradients go, frame order), and a tiny video run end to end."""
+(where they sit in a block and their logits' scale, as EVLGen; zero-gate equivalence, where
+gradients go, frame order; on a timm ViT and on a timm Eva), and a tiny video run end to end."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import random_backbones
+from test_flip import tiny_eva, with_vision
+from vlp_bench.backbones import VisionEncoder, freeze
 from vlp_bench.data.images import ImageLoader
 from vlp_bench.errors import UserError
 from vlp_bench.method import DecodingConfig
@@ -176,12 +181,20 @@ def test_missing_clips_and_annotations_are_one_line_errors(world, tmp_path):
 # ----------------------------------------------------------------------------- simvlg-video
 
 
-def _pair(**options):
+def _backbones(encoder: str = "vit"):
+    """The random test backbones; "eva": their ViT swapped for a tiny timm Eva (rotary positions,
+    layer scale) read at its penultimate block (forward_intermediates, as BLIP-2 reads EVA ViT-g)."""
+    return random_backbones() if encoder == "vit" else with_vision(tiny_eva(feature_layer=-2, depth=3))
+
+
+def _pair(backbones=None, **options):
     """simvlg-video and simvlg built from the same seed on the same backbones: equal bridges."""
-    bb = random_backbones()
+    bb = backbones or random_backbones()
     video, image = METHODS.get("simvlg-video"), METHODS.get("simvlg")
     torch.manual_seed(0)
-    v = video(dataclasses.replace(video.Config(), width=32, heads=2, temporal_dim=16, temporal_heads=2, **options), bb)
+    cfg = dataclasses.replace(video.Config(), width=32, heads=2, temporal_dim=16, temporal_heads=2, **options)
+    video.check(cfg, bb)
+    v = video(cfg, bb)
     torch.manual_seed(0)
     s = image(dataclasses.replace(image.Config(), width=32, heads=2), bb)
     return v.eval(), s.eval(), bb
@@ -190,10 +203,12 @@ def _pair(**options):
 CLIP = torch.randn(2, 4, 3, 64, 64, generator=torch.Generator().manual_seed(5))
 
 
-def test_zero_gates_make_the_video_model_the_image_model_per_frame_averaged():
-    v, s, bb = _pair()
+@pytest.mark.parametrize("encoder", ["vit", "eva"])
+def test_zero_gates_make_the_video_model_the_image_model_per_frame_averaged(encoder):
+    v, s, bb = _pair(_backbones(encoder))
     with torch.no_grad():
         per_frame = torch.stack([bb.vision(CLIP[:, t]) for t in range(4)], dim=1).mean(dim=1)
+        assert torch.equal(v.encode(CLIP), per_frame)  # to the last bit
         assert torch.equal(v.visual_prefix(CLIP), s.bridge(per_frame))
         assert torch.equal(s.visual_prefix(CLIP), s.bridge(per_frame))  # simvlg on clips: the frame average
         for m in v.temporal:
@@ -201,8 +216,131 @@ def test_zero_gates_make_the_video_model_the_image_model_per_frame_averaged():
         assert not torch.allclose(v.visual_prefix(CLIP), s.bridge(per_frame), atol=1e-3)
 
 
-def test_gradients_reach_only_the_temporal_modules_and_the_bridge():
-    v, _, bb = _pair()
+# ----------------------------------------------------------------------------- EVLGen's module, written out
+
+
+def _temporal(m, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """EVLGen's TemporalTokenMerge (lavis/models/eva_vit_g.py) for module m's weights, written out:
+    at each position, attention over the frames with q, k projected (+ the frame positions vlp-bench
+    adds), v the stream itself split into heads, logits scaled by the whole q/k width ** -0.5
+    (EVLGen's hidden_dim ** -0.5: 1/16 at 256), not a head's; gated."""
+    BT, N, D = x.shape
+    B, h = BT // frames, m.heads
+    s = x.reshape(B, frames, N, D).permute(0, 2, 1, 3)  # (B, N, T, D)
+    q, k = F.linear(s, m.q.weight, m.q.bias), F.linear(s, m.k.weight, m.k.bias)
+    if m.pos is not None:
+        q, k = q + m.pos[:frames], k + m.pos[:frames]
+    width = q.shape[-1]
+    q, k, v = (t.reshape(B, N, frames, h, -1) for t in (q, k, s))
+    attn = (torch.einsum("bnthd,bnshd->bnhts", q, k) / math.sqrt(width)).softmax(dim=-1)
+    out = torch.einsum("bnhts,bnshd->bnthd", attn, v).reshape(B, N, frames, D).permute(0, 2, 1, 3)
+    return m.gate * out.reshape(BT, N, D)
+
+
+def _branches(blk, x, rope):
+    """A timm ViT Block's or EvaBlock's attention branch (layer scale included) and its MLP branch."""
+    if hasattr(blk, "gamma_1"):  # EvaBlock: layer scale as parameters, rotary positions
+        scale = (lambda g, y: y if g is None else g * y)
+        return (lambda t: scale(blk.gamma_1, blk.attn(blk.norm1(t), rope=rope)),
+                lambda t: scale(blk.gamma_2, blk.mlp(blk.norm2(t))))
+    return lambda t: blk.ls1(blk.attn(blk.norm1(t))), lambda t: blk.ls2(blk.mlp(blk.norm2(t)))
+
+
+def _video_encoder(vision, temporal, clips, placement: str = "evlgen"):
+    """The frame-averaged tokens of a clip batch, each block's temporal module where EVLGen has it
+    (Block.forward: x = x + attention; x = temporal(x); x = x + mlp), or "before" the block (the
+    placement vlp-bench had); and the streams the modules read."""
+    vit = vision.model
+    B, T = clips.shape[:2]
+    out = vit._pos_embed(vit.patch_embed(clips.flatten(0, 1)))
+    x, rope = out if isinstance(out, tuple) else (out, None)  # Eva: (tokens, rotary embedding)
+    x = vit.norm_pre(x)
+    streams = []
+    for blk, m in zip(vit.blocks, temporal):
+        attention, mlp = _branches(blk, x, rope)
+        if placement == "before":
+            x = x + _temporal(m, x, T)
+        x = x + attention(x)
+        if placement == "evlgen":
+            streams.append(x)
+            x = x + _temporal(m, x, T)
+        x = x + mlp(x)
+    x = vit.norm(x) if vision.feature_layer == -1 else x
+    return x.unflatten(0, (B, T)).mean(dim=1), streams
+
+
+@pytest.mark.parametrize("encoder", ["vit", "eva"])
+def test_the_temporal_module_sits_between_a_blocks_attention_and_its_mlp(encoder):
+    """With non-zero gates, each module reads the residual stream after its block's attention
+    sub-layer, and the encoder's output is EVLGen's: the gated output added to that stream, the
+    MLP reading the sum (not the module in front of the block)."""
+    bb = _backbones(encoder)
+    with torch.no_grad():  # attention and MLP weighing in the stream (at timm's init they hardly do)
+        for layer in bb.vision.model.blocks.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0.0, 0.2)
+    v, _, _ = _pair(bb)
+    read = []
+    handles = [m.register_forward_pre_hook(lambda mod, args: read.append(args[0])) for m in v.temporal]
+    with torch.no_grad():
+        for i, m in enumerate(v.temporal):
+            m.gate.fill_(0.5 + 0.25 * i)
+        got = v.encode(CLIP)
+        want, streams = _video_encoder(bb.vision, v.temporal, CLIP)
+        before, _ = _video_encoder(bb.vision, v.temporal, CLIP, placement="before")
+    for handle in handles:
+        handle.remove()
+    assert len(read) == len(streams) == len(v.temporal) == len(bb.vision.model.blocks) + 1 + bb.vision.feature_layer
+    assert torch.equal(read[0], streams[0])  # the first block's own x + attention branch, to the last bit
+    for a, b in zip(read, streams):  # later: up to rounding (vlp-bench adds x + (b + g t), EVLGen (x + b) + g t)
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, before, atol=1e-2)
+
+
+def test_temporal_logits_are_scaled_by_the_whole_qk_width_as_evlgen():
+    from vlp_bench.methods.simvlg_video import SimVLGVideo, TemporalAttention
+
+    paper = SimVLGVideo.paper_config
+    module = TemporalAttention(1408, paper.temporal_dim, paper.temporal_heads, paper.max_frames, paper.frame_positions)
+    assert module.scale == 1 / 16  # 256 ** -0.5 (EVLGen's hidden_dim), not a 32-wide head's 32 ** -0.5
+    torch.manual_seed(0)
+    m = TemporalAttention(32, 16, 2, 4, True)
+    with torch.no_grad():
+        m.gate.fill_(1.0)
+        for layer in (m.q, m.k):  # sharp enough attention that the scale shows
+            layer.weight.normal_(0.0, 0.5)
+        x = torch.randn(2 * 4, 5, 32)
+        want = _temporal(m, x, 4)
+        assert torch.allclose(m(x, 4), want, atol=1e-6)
+        m.scale = 8 ** -0.5  # a head's (16 / 2 wide): other attention
+        assert not torch.allclose(m(x, 4), want, atol=1e-3)
+
+
+def test_an_image_is_a_clip_of_one_frame_and_of_a_still_clip():
+    v, _, _ = _pair()
+    image = CLIP[:, 0]
+    with torch.no_grad():
+        for m in v.temporal:
+            m.gate.fill_(0.5)
+        one = v.encode(image)
+        assert torch.equal(one, v.encode(image[:, None]))
+        assert torch.allclose(one, v.encode(image[:, None].expand(-1, 4, -1, -1, -1)), atol=1e-5)
+
+
+def test_blocks_whose_attention_branch_the_module_cannot_follow_are_refused():
+    from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
+
+    vit = VisionTransformer(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=0,
+                            block_fn=ParallelScalingBlock)
+    bb = with_vision(freeze(VisionEncoder(vit, 64, (0.5,) * 3, (0.5,) * 3)))
+    with pytest.raises(ValueError, match="not of ParallelScalingBlock"):
+        _pair(bb)
+
+
+@pytest.mark.parametrize("encoder", ["vit", "eva"])
+def test_gradients_reach_only_the_temporal_modules_and_the_bridge(encoder):
+    v, s, bb = _pair(_backbones(encoder))
     v.train()
     batch = {"images": CLIP, "prompt": "a photo of", "captions": ["a red circle moves left", "a star appears"]}
     v.training_loss(batch, v.stages(4)[0]).loss.backward()
@@ -216,13 +354,13 @@ def test_gradients_reach_only_the_temporal_modules_and_the_bridge():
     for name, p in v.named_parameters():
         if name.startswith(("vision.", "llm.")):
             assert p.grad is None, name
-        elif name.startswith("temporal.") and name.endswith("k.bias"):
-            assert p.grad is not None  # a key bias shifts every score alike: softmax ignores it (grad 0)
-        else:
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert {n.split(".")[0] for n, p in v.named_parameters() if p.requires_grad} == {
-        "temporal", "inp", "blocks", "norm", "out"}
-    assert len(v.temporal) == len(bb.vision.model.blocks)
+        elif name.startswith("temporal."):
+            assert p.grad is not None, name
+            if not name.endswith("k.bias"):  # a key bias shifts every score alike: softmax ignores it (grad 0)
+                assert p.grad.abs().sum() > 0, name
+    trained = {n.split(".")[0] for n, p in v.named_parameters() if p.requires_grad}
+    assert trained == {"temporal"} | {n.split(".")[0] for n, p in s.named_parameters() if p.requires_grad}
+    assert len(v.temporal) == len(bb.vision.model.blocks) + 1 + bb.vision.feature_layer
 
 
 @pytest.mark.parametrize("frame_positions", [False, True])

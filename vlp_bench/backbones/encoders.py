@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vlp_bench.nn.vit_blocks import forward_blocks
+from vlp_bench.nn.vit_blocks import forward_blocks, is_eva
 
 
 @dataclass
@@ -80,17 +80,26 @@ class VisionEncoder(nn.Module):
         return getattr(self.model, "num_prefix_tokens", 0)
 
     def is_plain_vit(self) -> bool:
-        """A timm VisionTransformer of plain blocks, which vlp-bench runs itself for FLIP's patch
-        dropping and ToMe inside the encoder (vlp_bench.nn.vit_blocks; EVA, parallel or post-norm
-        blocks: not yet)."""
+        """A timm VisionTransformer of plain blocks, which vlp-bench runs itself for ToMe inside the
+        encoder (vlp_bench.nn.vit_blocks; EVA, parallel or post-norm blocks: not yet)."""
         from timm.models.vision_transformer import Block, VisionTransformer
 
         return isinstance(self.model, VisionTransformer) and all(type(b) is Block for b in self.model.blocks)
 
+    def can_drop_patches(self) -> bool:
+        """The encoder can run on a subset of its patches, as FLIP feeds it (forward(keep=...)): a
+        timm VisionTransformer (any of its block kinds: each reads the token sequence alone) or a
+        timm Eva (EVA-CLIP, the paper preset's ViT-g; the rotary embedding, where it has one, is
+        gathered for the kept patches as timm's own patch dropout does)."""
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(self.model, VisionTransformer) or is_eva(self.model)
+
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None, merge=None) -> torch.Tensor:
         """(B, N, D) tokens. With `keep` (B, K) patch indices the encoder runs on the prefix tokens
-        and those patches only, as FLIP feeds a ViT (dropped patches cost nothing); with `merge`
-        = (per-block r, variant) its blocks merge tokens as ToMe does. Both need is_plain_vit()."""
+        and those patches only, as FLIP feeds a ViT (dropped patches cost nothing; needs
+        can_drop_patches()); with `merge` = (per-block r, variant) its blocks merge tokens as ToMe
+        does (needs is_plain_vit())."""
         weight = next(self.model.parameters())
         images = images.to(weight.dtype)  # frozen weights are bf16 on a GPU (load_backbones)
         if keep is not None or merge is not None:
