@@ -1,21 +1,44 @@
-"""BLIP-2 (docs/methods.md, BLIP-2): a Q-Former bridge trained in two stages. Stage 1, without the
-LLM: image-text contrastive (ITC), matching with hard negatives (ITM) and grounded generation (ITG),
-equally weighted. Stage 2: the query outputs, linearly projected, are the LLM's soft prompt; LM
-loss only. `blip2-1stage` skips stage 1 (the ablation where OPT's zero-shot VQA collapses)."""
+"""BLIP-2 (docs/methods.md, BLIP-2; LAVIS's blip2_qformer.py): a Q-Former bridge trained in two
+stages. Stage 1, without the LLM: image-text contrastive (ITC), matching with hard negatives (ITM)
+and grounded generation (ITG), equally weighted. Stage 2: the query outputs, linearly projected, are
+the LLM's soft prompt; LM loss only. `blip2-1stage` skips stage 1 (the ablation where OPT's
+zero-shot VQA collapses).
+
+Stage 1 as LAVIS runs it (docs/fidelity.md holds the remaining differences):
+- one query pass per step: its outputs are ITC's image features, and its self-attention keys and
+  values are ITG's `past`, so ITG runs only the text through the layers (text sees all queries and
+  the earlier text, queries never see text); the gradient of ITG reaches the query pass through them;
+- label smoothing 0.1 on ITC (both directions) and on ITG's LM loss; none on ITM;
+- the text padded to a fixed `max_text_len` ([CLS]/[DEC] and the end token included);
+- across ranks (data parallel, vlp_bench.train.dist): ITC compares this rank's images with every
+  rank's texts and this rank's texts with every rank's images (gathered without gradient), the
+  targets offset by rank x local batch; ITM draws its negatives from the gathered batch, the
+  negative images' embeddings gathered *with* gradient.
+
+Rank weighting: training_loss returns StepOutput.weight None, so the trainer weights every rank's
+loss equally (equal local batches) and averages the gradients: the job optimises the mean over
+ranks of each rank's loss, which is what DDP's averaging makes of LAVIS's per-rank loss. The loss
+*value* is then the one-process loss of the whole batch (every term is a mean over the local rows,
+each row's softmax over the whole batch); the ITC gradient is not quite the one-process one, as in
+LAVIS: a rank's loss reaches only its own features (the gathered ones carry no gradient).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from vlp_bench.method import FrozenLLMMethod, Stage, StepOutput
-from vlp_bench.nn.generation import pad_rows
-from vlp_bench.nn.qformer import QFormer, attention_mask
+from vlp_bench.nn.qformer import LMHead, QFormer, QFormerText, attention_mask, bert_config, check_bert, itg_text_mask
 from vlp_bench.registry import METHODS
+from vlp_bench.train import dist
+
+SMOOTHING = 0.1  # LAVIS's label smoothing on ITC and on ITG's LM loss
 
 
 @dataclass
@@ -26,8 +49,20 @@ class Blip2Config:
     num_queries: int = 8  # paper: 32 of 257 ViT tokens; 8 of the tiny ViT's 65 keeps that share
     cross_every: int = 2  # cross-attention to the image in every second layer, as BLIP-2
     embed_dim: int = 64  # ITC projection; paper: 256
-    max_text_len: int = 32  # caption tokens seen by the Q-Former's text side
+    dropout: float = 0.1  # BERT's, kept by LAVIS's Q-Former
+    # Stage-1 text, padded (and truncated) to this many Q-Former tokens, [CLS]/[DEC] and the end token
+    # included: LAVIS pads to 32 BERT tokens, 2.4 x COCO's mean caption (10.5 words, ~13.5 BERT tokens
+    # with [CLS], [SEP] and the period; 32 / 13.5 = 2.37). The default tiny world's captions are 9.92
+    # Q-Former tokens on average (7.92 of the tiny LLM's tokenizer + [CLS] + EOS; 20,000 training
+    # captions, max 27): round(2.4 x 9.92) = round(23.8) = 24 (0.15% of the captions get truncated).
+    max_text_len: int = 24
     stage1_fraction: float = 0.75  # of the step budget; paper: 250k + 80k steps
+    # "" = random init (BERT's N(0, 0.02)) and the LLM's tokenizer for the text; else a local Hugging
+    # Face BERT-style directory the Q-Former starts from (as LAVIS from bert-base-uncased), whose
+    # tokenizer then reads the text; its width and heads must be the Q-Former's. Checked before any
+    # training (`check`: a missing directory, another width or heads are one-line errors), not when
+    # the config is read: a recipe names weights that only the machine that trains has
+    init: str = ""
 
     def validate(self) -> None:
         if self.width % self.heads:
@@ -36,6 +71,10 @@ class Blip2Config:
             raise ValueError(f"stage1_fraction must be in [0, 1), got {self.stage1_fraction}")
         if self.num_queries < 1 or self.cross_every < 1:
             raise ValueError("num_queries and cross_every must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.max_text_len < 3:
+            raise ValueError(f"max_text_len must be >= 3 ([CLS], a token, the end token), got {self.max_text_len}")
 
 
 @METHODS.register("blip2")
@@ -43,21 +82,35 @@ class Blip2(FrozenLLMMethod):
     """Q-Former, stage 1 (ITC + ITM + ITG, no LLM) then stage 2 (LM loss) (docs/methods.md, BLIP-2)."""
 
     Config = Blip2Config
-    # BLIP-2's Q-Former (BERT-base, 32 queries, ITC dim 256); stage 1 is 250k of its 330k steps
+    # BLIP-2's Q-Former (BERT-base, 32 queries, ITC dim 256, text of 32); stage 1 is 250k of its 330k steps
     paper_config = Blip2Config(width=768, depth=12, heads=12, num_queries=32, cross_every=2, embed_dim=256,
                                max_text_len=32, stage1_fraction=250 / 330)
 
+    @classmethod
+    def check(cls, cfg: Blip2Config, backbones) -> None:
+        super().check(cfg, backbones)
+        if cfg.init:
+            check_bert(str(Path(cfg.init).expanduser()), cfg.width, cfg.heads, cfg.depth)
+            positions = bert_config(str(Path(cfg.init).expanduser())).max_position_embeddings
+            if positions < cfg.max_text_len:
+                raise ValueError(f"max_text_len {cfg.max_text_len} is more than the {positions} positions "
+                                 f"of '{cfg.init}'")
+
     def __init__(self, cfg: Blip2Config, backbones):
         super().__init__(cfg, backbones)
-        vocab = len(self.tokenizer)
+        init = str(Path(cfg.init).expanduser()) if cfg.init else ""
+        positions = bert_config(init).max_position_embeddings if init else cfg.max_text_len  # first: a missing directory is named
+        self.text = QFormerText.of_bert(init) if init else QFormerText.of_llm(self.tokenizer)
         self.qformer = QFormer(cfg.width, cfg.depth, cfg.heads, cfg.num_queries, cfg.cross_every,
-                               backbones.vision.dim, vocab, cfg.max_text_len)
-        # stage-1 heads
+                               backbones.vision.dim, self.text, positions, cfg.dropout)
+        if init:
+            self.qformer.load_bert(init)
+        # stage-1 heads: the projections and ITM's keep torch's init, as LAVIS's (built outside its BERT)
         self.vision_proj = nn.Linear(cfg.width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.width, cfg.embed_dim)
         self.temp = nn.Parameter(torch.tensor(0.07))  # ITC temperature, BLIP-2's initial value
         self.itm_head = nn.Linear(cfg.width, 2)
-        self.itg_head = nn.Linear(cfg.width, vocab)
+        self.itg_head = LMHead(cfg.width, self.text.rows)  # its output layer: the Q-Former's word embeddings
         # stage-2 head
         self.llm_proj = nn.Linear(cfg.width, backbones.llm_dim)
 
@@ -72,70 +125,101 @@ class Blip2(FrozenLLMMethod):
         return params + ([self.temp] if stage.name == "stage1" else [])
 
     def bridge(self, visual: torch.Tensor) -> torch.Tensor:
-        queries = self.qformer(image=visual)  # (B, Q, width): queries only
+        queries, _ = self.qformer(context=self.qformer.ln_vision(visual))  # (B, Q, width): queries only
         return self.llm_proj(queries)  # (B, Q, llm_dim)
 
     def shape_key(self, batch: dict, stage: Stage):
         if stage.name != "stage1":
             return super().shape_key(batch, stage)
-        return self._text(batch["captions"], "cpu")[0].shape[1]  # the Q-Former's text length
+        return self.cfg.max_text_len  # stage 1's text is always padded to it
 
     def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
         if stage.name != "stage1":
             return super().training_loss(batch, stage)
         visual = self.encode(batch["images"], stage)
-        ids, valid = self._text(batch["captions"], visual.device)
-        loss = self.itc_itm_itg(visual, ids, valid)
+        ids, valid = self.text(batch["captions"], self.cfg.max_text_len)
+        loss = self.stage1_loss(visual, ids.to(visual.device), valid.to(visual.device))
+        # weight None: every rank's loss counts the same, as DDP averages LAVIS's (module docstring)
         return StepOutput(loss, 0)  # stage 1 sends nothing to the LLM
 
-    def _text(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        eos, L = self.tokenizer.eos_token_id, self.cfg.max_text_len
-        rows = [(self.tokenizer(c, add_special_tokens=False).input_ids + [eos])[:L] for c in captions]
-        ids, valid = pad_rows(rows, self.tokenizer.pad_token_id)
-        return ids.to(device), valid.to(device)
-
-    def itc_itm_itg(self, visual: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        B, Q = visual.shape[0], self.cfg.num_queries
-        with_first = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)  # [CLS]/[DEC] is valid
+    def stage1_loss(self, visual: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """ITC + ITM + ITG of this rank's pairs: visual (B, N, vision_dim) frozen ViT tokens, ids and
+        valid (B, max_text_len) from `self.text`, [CLS] first."""
         qf = self.qformer
-
-        # ITC: queries and text in separate passes; similarity = max over the query embeddings
-        img = F.normalize(self.vision_proj(qf(image=visual)), dim=-1)  # (B, Q, E)
-        cls = qf(text=qf.embed_text(ids, qf.CLS), mask=attention_mask(0, with_first, "text"))[:, 0]
+        image = qf.ln_vision(visual)
+        queries, query_kv = qf(context=image)  # the one query pass: ITC's features, ITG's past
+        img = F.normalize(self.vision_proj(queries), dim=-1)  # (B, Q, E)
+        cls = qf(ids=ids, mask=attention_mask(0, valid, "text"))[0][:, 0]
         txt = F.normalize(self.text_proj(cls), dim=-1)  # (B, E)
+        itc, sim_i2t, sim_t2i = self.itc(img, txt)
+        itm = self.itm(image, ids, valid, sim_i2t, sim_t2i)
+        return itc + itm + self.itg(ids, valid, query_kv)
+
+    def itc(self, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Contrastive loss of this rank's images against every rank's texts and of its texts against
+        every rank's images; similarity = the max over the query embeddings. -> (loss, sim_i2t,
+        sim_t2i), the similarities (B, world x B) for ITM's negatives."""
+        img_all, txt_all = dist.all_gather(img), dist.all_gather(txt)
         temp = self.temp.clamp(0.001, 0.5)
-        sim = torch.einsum("iqe,te->itq", img, txt).max(dim=-1).values / temp  # (B images, B texts)
-        target = torch.arange(B, device=visual.device)
-        itc = (F.cross_entropy(sim, target) + F.cross_entropy(sim.t(), target)) / 2
+        sim_i2t = torch.einsum("iqe,te->itq", img, txt_all).amax(dim=-1) / temp
+        sim_t2i = torch.einsum("te,iqe->tiq", txt, img_all).amax(dim=-1) / temp
+        target = _positives(img.shape[0], img.device)
+        loss = (F.cross_entropy(sim_i2t, target, label_smoothing=SMOOTHING)
+                + F.cross_entropy(sim_t2i, target, label_smoothing=SMOOTHING)) / 2
+        return loss, sim_i2t, sim_t2i
 
-        # ITM: one pass with full attention; hard negatives drawn in proportion to ITC similarity
-        neg_text, neg_image = hard_negatives(sim.detach())
-        v3 = torch.cat([visual, visual, visual[neg_image]], dim=0)
-        ids3 = torch.cat([ids, ids[neg_text], ids], dim=0)
-        valid3 = torch.cat([with_first, with_first[neg_text], with_first], dim=0)
-        out = qf(image=v3, text=qf.embed_text(ids3, qf.CLS), mask=attention_mask(Q, valid3, "itm"))
+    def itm(self, image: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, sim_i2t: torch.Tensor,
+            sim_t2i: torch.Tensor, negatives: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Matching over (image, text), (negative image, text), (image, negative text) in one joint
+        pass. negatives: (a text for each image, an image for each text), indices into the gathered
+        batch; None = drawn by `hard_negatives`. image: the ViT tokens after ln_vision."""
+        B, Q = image.shape[0], self.cfg.num_queries
+        ids_all, valid_all = dist.all_gather(ids), dist.all_gather(valid)
+        image_all = dist.all_gather_with_grad(image)  # a negative image's rank gets its gradient
+        neg_text, neg_image = negatives if negatives is not None else hard_negatives(sim_i2t, sim_t2i)
+        image3 = torch.cat([image, image_all[neg_image], image])
+        ids3 = torch.cat([ids, ids, ids_all[neg_text]])
+        valid3 = torch.cat([valid, valid, valid_all[neg_text]])
+        out, _ = self.qformer(context=image3, ids=ids3, mask=attention_mask(Q, valid3, "itm"))
         logits = self.itm_head(out[:, :Q]).mean(dim=1)  # (3B, 2), averaged over the queries
-        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(visual.device)
-        itm = F.cross_entropy(logits, labels)
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(image.device)
+        return F.cross_entropy(logits, labels)
 
-        # ITG: text sees all queries and the earlier text; [DEC] replaces the first text token
-        out = qf(image=visual, text=qf.embed_text(ids, qf.DEC), mask=attention_mask(Q, with_first, "itg"))
-        L = ids.shape[1]
-        pred = self.itg_head(out[:, Q : Q + L])  # position j ([DEC], t1, ...) predicts token j
-        itg = F.cross_entropy(pred.reshape(B * L, -1), ids.masked_fill(~valid, -100).reshape(-1))
-        return itc + itm + itg
+    def itg(self, ids: torch.Tensor, valid: torch.Tensor, query_kv: list) -> torch.Tensor:
+        """Grounded generation: [DEC] replaces [CLS], the text alone runs through the layers with the
+        queries' (k, v) as past; position j predicts token j + 1 (the end token included)."""
+        dec = ids.clone()
+        dec[:, 0] = self.text.dec_id
+        out, _ = self.qformer(ids=dec, mask=itg_text_mask(self.cfg.num_queries, valid), past=query_kv)
+        return self.lm_loss(out, ids, valid)
+
+    def lm_loss(self, out: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """ITG's loss from the text positions' outputs (B, L, width): next-token cross-entropy over
+        the valid targets, label smoothing 0.1 (LAVIS's BertLMHeadModel)."""
+        logits = self.itg_head(out[:, :-1], self.qformer.word_weight())  # the last position predicts nothing
+        target = ids[:, 1:].masked_fill(~valid[:, 1:], -100)
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, label_smoothing=SMOOTHING)
 
 
-def hard_negatives(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each image a negative text, for each text a negative image, drawn in proportion to
-    softmax(ITC similarity) over the *other* pairs of the batch (never the positive)."""
-    B = sim.shape[0]
-    if B < 2:
-        raise ValueError("ITM needs at least 2 image-text pairs per batch for its negatives")
-    off = ~torch.eye(B, dtype=torch.bool, device=sim.device)
-    w_i2t = F.softmax(sim.float(), dim=1) * off + off * 1e-12  # tiny floor: no all-zero row on underflow
-    w_t2i = F.softmax(sim.float().t(), dim=1) * off + off * 1e-12
-    return torch.multinomial(w_i2t, 1).squeeze(1), torch.multinomial(w_t2i, 1).squeeze(1)
+def _positives(batch: int, device) -> torch.Tensor:
+    """Each local pair's column in the gathered batch: rank x local batch + its index."""
+    return dist.group().rank * batch + torch.arange(batch, device=device)
+
+
+def hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each local image a negative text, for each local text a negative image, as indices into
+    the gathered batch, drawn in proportion to softmax(ITC similarity) over every pair of the
+    gathered batch but the positive (LAVIS). sim_*: (B, world x B). Deterministic given torch's RNG."""
+    B, total = sim_i2t.shape
+    if total < 2:
+        raise ValueError("ITM needs at least 2 image-text pairs per batch (over all ranks) for its negatives")
+    off = torch.ones(B, total, dtype=torch.bool, device=sim_i2t.device)
+    off[torch.arange(B, device=sim_i2t.device), _positives(B, sim_i2t.device)] = False
+    draws = []
+    for sim in (sim_i2t, sim_t2i):
+        weights = F.softmax(sim.detach().float(), dim=1) * off + off * 1e-12  # floor: no all-zero row on underflow
+        draws.append(torch.multinomial(weights, 1).squeeze(1))
+    return draws[0], draws[1]
 
 
 @dataclass

@@ -15,6 +15,10 @@ trainable parameter of the wrapped module used in every forward. One bucketed al
 backward is exact for all of them; what it gives up is DDP's overlap of communication with the
 backward pass, which matters little for bridge-sized gradients.
 
+A method whose loss compares a sample with the rest of the batch (BLIP-2's ITC and ITM negatives)
+reads the other ranks' rows through `all_gather` (no gradient) and `all_gather_with_grad`, as LAVIS
+does under DDP; both are the identity in one process.
+
 Without torchrun (no WORLD_SIZE, or 1) nothing here does anything: `Group()` is one process.
 """
 
@@ -122,6 +126,49 @@ def main_first(g: Group):
     finally:
         if g.is_main:
             g.barrier()
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` concatenated along dim 0, in rank order, without gradient (LAVIS's
+    `concat_all_gather`): what a rank only reads from the others (BLIP-2's ITC features of the
+    whole batch, the texts ITM draws its negatives from). Every rank passes the same shape. The
+    identity when group() is one process (no torchrun, or inside local())."""
+    g = group()
+    if not g.active:
+        return x
+    y = x.detach().to(torch.uint8) if x.dtype == torch.bool else x.detach()  # gloo has no bool
+    parts = [torch.empty_like(y) for _ in range(g.world)]
+    dist.all_gather(parts, y.contiguous())
+    return torch.cat(parts).to(x.dtype)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward: the gradients of the gathered tensor summed over ranks, this
+    rank's slice returned (LAVIS's GatherLayer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        g = group()
+        ctx.rank, ctx.world = g.rank, g.world
+        parts = [torch.empty_like(x) for _ in range(g.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # reduced in place: autograd's own stays
+        dist.all_reduce(grad)
+        return grad.chunk(ctx.world)[ctx.rank]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` concatenated along dim 0, in rank order, *with* gradient (LAVIS's
+    `all_gather_with_grad`): a rank's loss that uses another rank's rows (BLIP-2's ITM negative
+    images) sends them their gradient. Backward sums the gathered tensor's gradients over ranks, so
+    each rank's `x` gets the gradient of the summed loss (sum over ranks); the trainer's averaging
+    (`Group.average_gradients`) then makes it the gradient of the mean, as DDP does in LAVIS. Every
+    rank passes the same shape and runs the backward. The identity when group() is one process."""
+    return _GatherWithGrad.apply(x) if group().active else x
 
 
 def finish() -> bool:
