@@ -199,3 +199,12 @@ def test_compiled_blocks_train_what_eager_blocks_train(tmp_path):
 def test_an_unknown_compile_backend_is_a_config_error():
     with pytest.raises(ValueError, match="unknown torch.compile backend 'fast'"):
         TrainConfig(compile="fast").validate()
+
+
+def test_weight_decay_spares_biases_norms_and_scalars_as_the_reference_trainers():
+    from vlp_bench.train.trainer import param_groups
+
+    layer, norm, temp = torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Parameter(torch.tensor(0.07))
+    decayed, spared = param_groups([layer.weight, layer.bias, norm.weight, norm.bias, temp], 0.05)
+    assert decayed == {"params": [layer.weight], "weight_decay": 0.05}
+    assert spared["weight_decay"] == 0.0 and len(spared["params"]) == 4

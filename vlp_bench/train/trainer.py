@@ -178,6 +178,14 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     return _cost_summary(run, st, memory_kind)
 
 
+def param_groups(params: list, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (and embeddings, queries) only: biases, LayerNorm gains and scalars
+    (a temperature, a gate) are not decayed, as the reference trainers do (LAVIS's
+    get_optimizer_params: ndim < 2, or a bias or LayerNorm name; BERT and ViLT likewise)."""
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
 def _start_stage(run: _Run, st: TrainState, stage: Stage, opt_state: dict | None) -> tuple[list, torch.optim.AdamW]:
     """The parameters and a fresh optimizer of a stage the loop enters (or resumes in: then
     `opt_state` is its optimizer's state from the checkpoint; one saved at the end of an earlier
@@ -185,7 +193,7 @@ def _start_stage(run: _Run, st: TrainState, stage: Stage, opt_state: dict | None
     if not st.per_stage or st.per_stage[-1]["name"] != stage.name:
         st.per_stage.append({"name": stage.name, "steps": 0, "samples": 0, "train_wall_s": 0.0, "flops": {}})
     params = run.method.trainable_parameters(stage)
-    opt = torch.optim.AdamW(params, lr=run.cfg.lr, weight_decay=run.cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups(params, run.cfg.weight_decay), lr=run.cfg.lr)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     run.method.train()
