@@ -43,3 +43,12 @@ def test_known_text_side_deviations_are_the_listed_ones():
     assert "mask_embedding" in MLM.__init__.__code__.co_names  # every masked token -> [MASK], no 80/10/10
     assert not hasattr(TextSideConfig(), "lr_mult_cross_modal")  # one learning rate for new and copied layers
     assert "Known deviations from TencentARC/FLM, **not yet aligned**" in PAGE
+
+
+def test_every_test_the_page_names_exists():
+    """A deviation is pinned by the tests its row names: each must be a test function in tests/."""
+    defined = {m for f in (REPO / "tests").glob("test_*.py")
+               for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)}
+    files = {f.stem for f in (REPO / "tests").glob("test_*.py")}
+    named = set(re.findall(r"\b(test_\w+)", PAGE)) - files
+    assert named and not named - defined, f"docs/fidelity.md names tests that do not exist: {sorted(named - defined)}"
