@@ -6,6 +6,7 @@ Linear -> frozen LLM, trained with the LLM's LM loss on caption tokens (docs/fid
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 import torch
 import torch.nn as nn
 
@@ -42,6 +43,8 @@ class Baseline(FrozenLLMMethod):
     @classmethod
     def check(cls, cfg: BaselineConfig, backbones) -> None:
         super().check(cfg, backbones)
+        if cfg.init and not Path(cfg.init).is_dir():  # before any training, not when a recipe is read
+            raise ValueError(f"init: no checkpoint directory '{cfg.init}'")
         n = cls.input_tokens(cfg, backbones.vision)
         if n > cfg.positions:
             raise ValueError(f"the bridge learns {cfg.positions} positions but gets {n} visual tokens")

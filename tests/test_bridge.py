@@ -61,6 +61,8 @@ def test_init_mismatch_and_missing_checkpoint_are_user_errors(tmp_path):
         make(Baseline, init=str(tmp_path))
     with pytest.raises(UserError, match="no checkpoint directory"):
         make(Baseline, init=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no checkpoint directory"):  # found before any training
+        Baseline.check(Baseline.Config(init=str(tmp_path / "missing")), random_backbones())
 
 
 def test_dropout_is_bert_s_and_only_in_training():
