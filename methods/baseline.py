@@ -6,12 +6,11 @@ Linear -> frozen LLM, trained with the LLM's LM loss on caption tokens (docs/fid
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 import torch
 import torch.nn as nn
 
 from vlp_bench.method import FrozenLLMMethod
-from vlp_bench.nn.bert import BertLayer, Embeddings, init_normal, load_bert
+from vlp_bench.nn.bert import EXPERIMENT_BERT, BertLayer, Embeddings, check_bert, init_normal, init_source, load_bert
 from vlp_bench.registry import METHODS
 
 
@@ -22,9 +21,11 @@ class BaselineConfig:
     heads: int = 4
     dropout: float = 0.1  # BERT's, on attention probabilities and every sub-layer's output (EVLGen keeps it)
     positions: int = 512  # learned positions (BERT's 512); the visual tokens must fit
-    # "" = BERT's random init, N(0, 0.02); else a local Hugging Face BERT-style directory to start
-    # from, as EVLGen starts from bert-base-uncased (its width and heads must be this bridge's)
-    init: str = ""
+    # what the bridge starts from, as EVLGen from bert-base-uncased: "bert" = the experiment's BERT
+    # backbone ([bert]: the tiny world pre-trains one on its captions; the tiny-world measurement is
+    # in docs/decisions.md), a local Hugging Face BERT-style directory, or "" = BERT's random init
+    # (N(0, 0.02)); a checkpoint's width and heads must be this bridge's
+    init: str = EXPERIMENT_BERT
 
     def validate(self) -> None:
         if self.width % self.heads:
@@ -43,8 +44,9 @@ class Baseline(FrozenLLMMethod):
     @classmethod
     def check(cls, cfg: BaselineConfig, backbones) -> None:
         super().check(cfg, backbones)
-        if cfg.init and not Path(cfg.init).is_dir():  # before any training, not when a recipe is read
-            raise ValueError(f"init: no checkpoint directory '{cfg.init}'")
+        init = init_source(cfg.init, backbones.bert)
+        if init:  # before any training, not when a recipe is read
+            check_bert(init, cfg.width, cfg.heads, cfg.depth)
         n = cls.input_tokens(cfg, backbones.vision)
         if n > cfg.positions:
             raise ValueError(f"the bridge learns {cfg.positions} positions but gets {n} visual tokens")
@@ -58,9 +60,14 @@ class Baseline(FrozenLLMMethod):
         self.out = nn.Linear(cfg.width, backbones.llm_dim)
         for part in (self.embeddings, self.layers):  # BERT's init; the two projections keep torch's, as EVLGen
             init_normal(part)
-        if cfg.init:  # BERT's embeddings and first `depth` layers; the projections stay new
-            load_bert(nn.ModuleDict({"embeddings": self.embeddings, "layers": self.layers}), cfg.init,
+        self.bert = backbones.bert
+        init = init_source(cfg.init, backbones.bert)
+        if init:  # BERT's embeddings and first `depth` layers; the projections stay new
+            load_bert(nn.ModuleDict({"embeddings": self.embeddings, "layers": self.layers}), init,
                       rename=lambda name: name.replace("layers.", "encoder.layer.", 1))
+
+    def info(self) -> dict:
+        return {**super().info(), "init": init_source(self.cfg.init, self.bert)}  # "" = random init
 
     def bridge(self, visual: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(vectors=self.inp(self.ln_vision(visual)))  # (B, N, width)

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from vlp_bench.method import FrozenLLMMethod, Stage, StepOutput
-from vlp_bench.nn.qformer import LMHead, QFormer, QFormerText, attention_mask, bert_config, check_bert, itg_text_mask
+from vlp_bench.nn.bert import EXPERIMENT_BERT, bert_config, check_bert, init_source
+from vlp_bench.nn.qformer import LMHead, QFormer, QFormerText, attention_mask, itg_text_mask
 from vlp_bench.registry import METHODS
 from vlp_bench.train import dist
 
@@ -57,12 +57,13 @@ class Blip2Config:
     # captions, max 27): round(2.4 x 9.92) = round(23.8) = 24 (0.15% of the captions get truncated).
     max_text_len: int = 24
     stage1_fraction: float = 0.75  # of the step budget; paper: 250k + 80k steps
-    # "" = random init (BERT's N(0, 0.02)) and the LLM's tokenizer for the text; else a local Hugging
-    # Face BERT-style directory the Q-Former starts from (as LAVIS from bert-base-uncased), whose
-    # tokenizer then reads the text; its width and heads must be the Q-Former's. Checked before any
-    # training (`check`: a missing directory, another width or heads are one-line errors), not when
-    # the config is read: a recipe names weights that only the machine that trains has
-    init: str = ""
+    # what the Q-Former starts from, as LAVIS from bert-base-uncased: "bert" = the experiment's BERT
+    # backbone ([bert]: the tiny world pre-trains one on its captions), a local Hugging Face BERT-style
+    # directory, or "" = BERT's random init. A checkpoint's tokenizer then reads the text (random init:
+    # the LLM's, with learned [CLS] and [DEC] rows); its width and heads must be the Q-Former's.
+    # Checked before any training (`check`), not when the config is read: a recipe may name weights
+    # that only the machine that trains has
+    init: str = EXPERIMENT_BERT
 
     def validate(self) -> None:
         if self.width % self.heads:
@@ -89,17 +90,18 @@ class Blip2(FrozenLLMMethod):
     @classmethod
     def check(cls, cfg: Blip2Config, backbones) -> None:
         super().check(cfg, backbones)
-        if cfg.init:
-            check_bert(str(Path(cfg.init).expanduser()), cfg.width, cfg.heads, cfg.depth)
-            positions = bert_config(str(Path(cfg.init).expanduser())).max_position_embeddings
+        init = init_source(cfg.init, backbones.bert)
+        if init:
+            check_bert(init, cfg.width, cfg.heads, cfg.depth)
+            positions = bert_config(init).max_position_embeddings
             if positions < cfg.max_text_len:
-                raise ValueError(f"max_text_len {cfg.max_text_len} is more than the {positions} positions "
-                                 f"of '{cfg.init}'")
+                raise ValueError(f"max_text_len {cfg.max_text_len} is more than the {positions} positions of '{init}'")
 
     def __init__(self, cfg: Blip2Config, backbones):
         super().__init__(cfg, backbones)
-        init = str(Path(cfg.init).expanduser()) if cfg.init else ""
+        init = init_source(cfg.init, backbones.bert)
         positions = bert_config(init).max_position_embeddings if init else cfg.max_text_len  # first: a missing directory is named
+        self.init = init
         self.text = QFormerText.of_bert(init) if init else QFormerText.of_llm(self.tokenizer)
         self.qformer = QFormer(cfg.width, cfg.depth, cfg.heads, cfg.num_queries, cfg.cross_every,
                                backbones.vision.dim, self.text, positions, cfg.dropout)
@@ -113,6 +115,9 @@ class Blip2(FrozenLLMMethod):
         self.itg_head = LMHead(cfg.width, self.text.rows)  # its output layer: the Q-Former's word embeddings
         # stage-2 head
         self.llm_proj = nn.Linear(cfg.width, backbones.llm_dim)
+
+    def info(self) -> dict:
+        return {**super().info(), "init": self.init}  # the checkpoint the Q-Former started from ("" = random)
 
     def stages(self, total_steps: int) -> list[Stage]:
         first = int(round(total_steps * self.cfg.stage1_fraction))

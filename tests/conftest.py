@@ -23,6 +23,7 @@ TINY = [
     "world.n_clips_train=32", "world.n_clips_val=8", "world.n_clips_test=8",
     "vision.pretrain_steps=20", "vision.width=32", "vision.depth=1", "vision.heads=2",
     "llm.pretrain_steps=20", "llm.width=32", "llm.depth=1", "llm.heads=2", "llm.vocab_size=400",
+    "bert.name=''",  # bridges from random init (test_e2e runs the tiny BERT the default pre-trains)
     "train.steps=6", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=2",
     "train.eval_every=4", "train.eval_images=4", "train.warmup_exclude=1",
     "methods.baseline.width=32", "methods.baseline.depth=1", "methods.baseline.heads=2",

@@ -61,7 +61,7 @@ def test_init_mismatch_and_missing_checkpoint_are_user_errors(tmp_path):
         make(Baseline, init=str(tmp_path))
     with pytest.raises(UserError, match="no checkpoint directory"):
         make(Baseline, init=str(tmp_path / "missing"))
-    with pytest.raises(ValueError, match="no checkpoint directory"):  # found before any training
+    with pytest.raises(UserError, match="no checkpoint directory"):  # found before any training
         Baseline.check(Baseline.Config(init=str(tmp_path / "missing")), random_backbones())
 
 
@@ -88,3 +88,16 @@ def test_simvlg_merges_the_attention_output_with_a_plain_mean_by_default():
     base, plain = make(Baseline, depth=2).eval(), make(SimVLG, r=0, depth=2).eval()
     plain.load_state_dict(base.state_dict())
     assert torch.equal(base.bridge(x), plain.bridge(x))
+
+
+def test_init_bert_means_the_experiment_s_bert_backbone(tmp_path):
+    """init = "bert" (the default) starts from Backbones.bert (the tiny world's pre-trained BERT, or
+    bert-base-uncased); an experiment without one ([bert] name = "") starts from random init."""
+    bert = tiny_bert(tmp_path, layers=2)
+    torch.manual_seed(1)
+    backbones = random_backbones()
+    assert Baseline.Config().init == "bert" and make(Baseline).info()["init"] == ""  # random_backbones: no BERT
+    backbones.bert = str(tmp_path)
+    base = Baseline(Baseline.Config(width=32, heads=2, positions=128), backbones)
+    assert base.info()["init"] == str(tmp_path)
+    assert torch.equal(base.layers[1].output.dense.weight, bert.encoder.layer[1].output.dense.weight)

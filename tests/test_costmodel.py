@@ -91,3 +91,15 @@ def test_every_method_as_configured_by_default_fits_the_default_tiny_backbones()
     table = costmodel.cost_table(costmodel.tiny_scale(cfg), names, names[0])  # runs each method's check() first
     assert set(table["methods"]) == set(names)
     assert table["methods"]["simvlg+tome-vit"]["tokens_to_llm"] == table["methods"]["simvlg"]["tokens_to_llm"]
+
+
+@pytest.mark.slow
+def test_the_simvlg_vs_blip2_recipe_is_costed_against_blip2_at_paper_scale():
+    """The SimVLG paper's own comparison: its three methods, speed-ups read against two-stage BLIP-2."""
+    from test_config import REPO
+
+    proc = cli("flops", "--config", str(REPO / "recipes" / "simvlg-vs-blip2-opt2.7b.toml"), "--preset", "paper", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = json.loads(proc.stdout)
+    assert list(table["methods"]) == ["simvlg", "blip2", "baseline"] and table["reference"] == "blip2"
+    assert table["methods"]["blip2"]["ratio_to_reference"] == 1.0

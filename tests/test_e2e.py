@@ -147,11 +147,15 @@ def test_impossible_merge_schedule_fails_before_training(tiny_overrides, tmp_pat
 
 
 def test_blip2_run_accounts_for_both_stages(experiment, tiny_overrides, tmp_path):
-    sets = [a for o in tiny_overrides for a in ("--set", o)]
+    """With the default's tiny BERT too: pre-trained on the world's captions, the Q-Former starts from it."""
+    bert = ["bert.name='tiny'", "bert.width=32", "bert.heads=2", "bert.depth=2", "bert.pretrain_steps=20"]
+    sets = [a for o in [*tiny_overrides, *bert] for a in ("--set", o)]
     proc = cli("run", *sets, "--methods", "blip2", "--out", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "blip2-seed0" / "results.json").read_text())
     assert res["status"] == "finished"
+    start = Path(res["method_info"]["init"])
+    assert start.name.startswith("tiny-bert-") and (start / "tokenizer.json").is_file()
     stages = res["cost"]["stages"]
     assert [(s["name"], s["steps"], s["samples"]) for s in stages] == [("stage1", 4, 32), ("stage2", 2, 16)]
     assert res["cost"]["steps"] == 6 and res["cost"]["samples_seen"] == 48 and res["cost"]["tokens_to_llm"] == 4

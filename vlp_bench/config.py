@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vlp_bench.backbones import LLMConfig, VisionConfig
+from vlp_bench.backbones import BertBackboneConfig, LLMConfig, VisionConfig
 from vlp_bench.data.images import DataConfig
 from vlp_bench.data.world import WorldConfig
 from vlp_bench.errors import UserError, suggest
@@ -118,6 +118,7 @@ class BenchConfig:
     data: DataConfig = field(default_factory=DataConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    bert: BertBackboneConfig = field(default_factory=BertBackboneConfig)  # where the bridges start
     train: TrainConfig = field(default_factory=TrainConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     search: SearchConfig = field(default_factory=SearchConfig)  # `vlp-bench search`

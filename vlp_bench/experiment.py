@@ -34,6 +34,7 @@ from vlp_bench.data.world import build_world
 from vlp_bench.errors import UserError
 from vlp_bench.files import atomic_write_json, write_jsonl
 from vlp_bench.log import say
+from vlp_bench.nn.bert import EXPERIMENT_BERT
 from vlp_bench.nn.token_pictures import save_token_groups
 from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.results import SCHEMA_VERSION, MetricsLog, env_info
@@ -269,6 +270,12 @@ def image_loader(cfg: BenchConfig, backbones: Backbones):
     return images
 
 
+def _needs_bert(cfg: BenchConfig) -> bool:
+    """Whether a method of the experiment starts from its BERT backbone (init = "bert"): only then is
+    the tiny BERT pre-trained (the text-side family and the projectors have none)."""
+    return any(getattr(cfg.methods.get(m), "init", "") == EXPERIMENT_BERT for m in cfg.experiment.methods)
+
+
 def prepare(cfg: BenchConfig) -> Experiment:
     """Build (or find in the cache) the data and the frozen backbones, and check what can be checked
     before any training. Under torchrun this joins the job (vlp_bench.train.dist) and rank zero
@@ -288,7 +295,8 @@ def prepare(cfg: BenchConfig) -> Experiment:
         TASKS.get(name).check(cfg.tasks[name], root)
     say("frozen backbones (tiny ones are pre-trained once, then cached)")
     with dist.main_first(group):
-        backbones = load_backbones(cfg.vision, cfg.llm, root, cache_dir(cfg), device)
+        bert = cfg.bert if _needs_bert(cfg) else None
+        backbones = load_backbones(cfg.vision, cfg.llm, root, cache_dir(cfg), device, bert)
     images = image_loader(cfg, backbones)
     tasks = {name: TASKS.get(name)(cfg.tasks[name], root, images) for name in cfg.experiment.tasks}
     return Experiment(cfg, root, backbones, device, images, tasks, env_info(device))

@@ -1,7 +1,7 @@
-"""The frozen backbones' configs and wrappers: VisionConfig and LLMConfig (name "tiny": pre-trained
-by vlp_bench.backbones.tiny; any other name is a real backbone; both loaded by
+"""The backbones' configs and wrappers: VisionConfig, LLMConfig and BertBackboneConfig (name
+"tiny": pre-trained by vlp_bench.backbones.tiny; any other name is a real backbone; all loaded by
 vlp_bench.backbones.load), the frozen VisionEncoder around a timm model, Backbones (encoder, causal
-LLM, tokenizer), freeze and frozen_dtype.
+LLM, tokenizer, and the BERT checkpoint the bridges start from), freeze and frozen_dtype.
 """
 
 from __future__ import annotations
@@ -47,6 +47,25 @@ class LLMConfig:
     pretrain_steps: int = 1500  # enough for the LM to copy content from its context
     pretrain_batch: int = 64
     pretrain_lr: float = 2e-3
+
+
+@dataclass
+class BertBackboneConfig:
+    """The BERT-style encoder the bridges start from (methods' `init = "bert"`), as SimVLG's and
+    BLIP-2's start from bert-base-uncased. Not frozen: it is only where the trained bridges begin."""
+
+    # "tiny" = pre-trained here (masked LM on the data's training captions, with the LLM's tokenizer);
+    # else a local Hugging Face BERT-style directory; "" = none (bridges start from random init)
+    name: str = "tiny"
+    seed: int = 0
+    # tiny recipe (ignored for a directory): the default bridges' width and heads; 4 layers, the
+    # deepest tiny bridge's (BLIP-2's Q-Former); a bridge of fewer layers takes the first ones
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    pretrain_steps: int = 1500  # the masked-LM loss flattens near 1.1 by then (docs/decisions.md)
+    pretrain_batch: int = 64
+    pretrain_lr: float = 5e-4
 
 
 class VisionEncoder(nn.Module):
@@ -128,6 +147,7 @@ class Backbones:
     vision: VisionEncoder
     llm: nn.Module  # a Hugging Face causal LM
     tokenizer: object  # its (fast) tokenizer
+    bert: str = ""  # the BERT-style checkpoint directory bridges start from ("" = none: random init)
 
     @property
     def llm_dim(self) -> int:

@@ -17,8 +17,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from vlp_bench.backbones.encoders import Backbones, LLMConfig, VisionConfig, VisionEncoder, freeze, frozen_dtype
-from vlp_bench.backbones.tiny import pretrain_tiny_lm, pretrain_tiny_vit, tiny_vit
+from vlp_bench.backbones.encoders import (Backbones, BertBackboneConfig, LLMConfig, VisionConfig, VisionEncoder, freeze,
+                                         frozen_dtype)
+from vlp_bench.backbones.tiny import pretrain_tiny_bert, pretrain_tiny_lm, pretrain_tiny_vit, tiny_vit
 from vlp_bench.data.images import CaptionSplit
 from vlp_bench.errors import UserError
 from vlp_bench.files import atomic_dir
@@ -116,9 +117,27 @@ def load_llm(cfg: LLMConfig, data_root: Path, cache: Path, device: torch.device)
     return freeze(model), tokenizer
 
 
+# ----------------------------------------------------------------------------- BERT
+
+
+def bert_checkpoint(cfg: BertBackboneConfig, llm: LLMConfig, tokenizer, data_root: Path, cache: Path) -> str:
+    """The directory of the BERT-style checkpoint the bridges start from: the tiny BERT (pre-trained
+    once with the LLM's tokenizer, and cached), a local directory as given, or "" for none."""
+    if cfg.name != "tiny":
+        if cfg.name and not Path(cfg.name).expanduser().is_dir():
+            raise UserError(f"bert.name: no checkpoint directory '{cfg.name}' (a local Hugging Face BERT-style "
+                            f"directory, \"tiny\", or \"\" for none)")
+        return cfg.name
+    d = _cached(cache / "backbones" / f"tiny-bert-{_key(asdict(cfg), asdict(llm), str(data_root))}", "recipe.json",
+                lambda tmp: pretrain_tiny_bert(cfg, data_root, tokenizer, tmp))
+    return str(d)
+
+
 def load_backbones(vision: VisionConfig, llm: LLMConfig, data_root: Path, cache: Path,
-                   device: torch.device) -> Backbones:
-    """The frozen vision encoder and LLM on `device` in frozen_dtype(device), with the tokenizer."""
+                   device: torch.device, bert: BertBackboneConfig | None = None) -> Backbones:
+    """The frozen vision encoder and LLM on `device` in frozen_dtype(device), with the tokenizer,
+    and the BERT checkpoint the bridges start from (none when `bert` is None or names none)."""
     enc = load_vision(vision, data_root, cache).to(device, frozen_dtype(device))
     model, tokenizer = load_llm(llm, data_root, cache, device)
-    return Backbones(enc, model.to(device), tokenizer)
+    start = bert_checkpoint(bert, llm, tokenizer, data_root, cache) if bert is not None else ""
+    return Backbones(enc, model.to(device), tokenizer, start)

@@ -2,6 +2,10 @@
 caches them, keyed by their config and data root; `vlp-bench prepare` does it ahead of time):
 - tiny ViT (timm): pre-trained to predict the bag of words of an image's captions, so its patch
   tokens carry colours, shapes, counts and positions.
+- tiny BERT (Hugging Face BertModel), where the bridges start (as the papers' start from
+  bert-base-uncased): masked-LM pre-training on the training captions (and clips' references),
+  BERT's recipe (15% of tokens; 80% [MASK], 10% random, 10% kept), read with the tiny LM's
+  tokenizer plus [CLS], [SEP] and [MASK].
 - tiny LM (Hugging Face Llama with rotary positions, tokenizer trained with `tokenizers`):
   pre-trained on *pairs* of references of one image ("<refs A> a photo of <ref B>", and
   "<refs A> Question: q Short answer: a"), so it learns to carry content from its context into
@@ -25,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlp_bench.backbones.encoders import LLMConfig, VisionConfig
+from vlp_bench.backbones.encoders import BertBackboneConfig, LLMConfig, VisionConfig
 from vlp_bench.data.images import CaptionSplit, ImageLoader, TrainBatches
 from vlp_bench.data.video import SPLIT_NAMES, annotation_files
 from vlp_bench.log import progress_bar
@@ -210,5 +214,68 @@ def pretrain_tiny_lm(cfg: LLMConfig, root: Path, out: Path) -> None:
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "recipe.json").write_text(json.dumps({**asdict(cfg), "final_loss": loss.item()}, indent=1))
+
+
+# ----------------------------------------------------------------------------- BERT
+
+
+def _bert_captions(root: Path) -> list[str]:
+    """The training captions of the root's images (and of its clips, when it has some)."""
+    train = CaptionSplit(root, "train")
+    clips = _clip_refs(root) if annotation_files(root) else []
+    return [c for i in train.image_ids for c in train.refs[i]] + [c for refs in clips for c in refs]
+
+
+def _masked(ids: torch.Tensor, chosen: torch.Tensor, mask_id: int, vocab: int) -> torch.Tensor:
+    """BERT's corruption of the chosen positions: 80% [MASK], 10% a random token, 10% unchanged."""
+    roll = torch.rand(ids.shape)
+    out = ids.clone()
+    out[chosen & (roll < 0.8)] = mask_id
+    swap = chosen & (roll >= 0.8) & (roll < 0.9)
+    out[swap] = torch.randint(vocab, (int(swap.sum()),))
+    return out
+
+
+def pretrain_tiny_bert(cfg: BertBackboneConfig, root: Path, llm_tokenizer, out: Path) -> None:
+    """Pre-train a BERT-style encoder with masked LM on the root's training captions, read with the
+    LLM's tokenizer plus [CLS], [SEP] and [MASK]; save model and tokenizer to `out` (save_pretrained),
+    the recipe in out/recipe.json. docs/decisions.md has the measurement behind it."""
+    import copy
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    tokenizer = copy.deepcopy(llm_tokenizer)
+    tokenizer.add_special_tokens({"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"})
+    rows = [[tokenizer.cls_token_id, *tokenizer(c, add_special_tokens=False).input_ids[:62], tokenizer.sep_token_id]
+            for c in _bert_captions(root)]
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=cfg.width, num_hidden_layers=cfg.depth,
+                                       num_attention_heads=cfg.heads, intermediate_size=4 * cfg.width,
+                                       pad_token_id=tokenizer.pad_token_id))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    bar = progress_bar(range(cfg.pretrain_steps), "pre-train tiny BERT")
+    for step in bar:
+        batch = rng.sample(rows, min(cfg.pretrain_batch, len(rows)))
+        ids = torch.full((len(batch), max(map(len, batch))), tokenizer.pad_token_id)
+        valid = torch.zeros(ids.shape, dtype=torch.bool)
+        for i, r in enumerate(batch):
+            ids[i, : len(r)], valid[i, : len(r)] = torch.tensor(r), True
+        inner = valid.clone()
+        inner[:, 0] = False  # [CLS] and [SEP] are never predicted
+        inner[torch.arange(len(batch)), valid.sum(1) - 1] = False
+        chosen = (torch.rand(ids.shape) < 0.15) & inner
+        chosen[0, 1] |= not chosen.any()  # at least one target, so the loss is defined
+        inputs = _masked(ids, chosen, tokenizer.mask_token_id, len(tokenizer))
+        _set_lr(opt, _cosine_lr(step, cfg.pretrain_steps, cfg.pretrain_lr, 100))
+        logits = model(input_ids=inputs, attention_mask=valid.long()).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), ids.masked_fill(~chosen, -100).flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    model.bert.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "recipe.json").write_text(json.dumps({**asdict(cfg), "final_loss": loss.item()}, indent=1))

@@ -174,6 +174,42 @@ def init_normal(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(m.bias)
 
 
+# A bridge's `init`: this value means "the experiment's BERT backbone" ([bert]: the tiny world's
+# pre-trained one, or a local checkpoint such as bert-base-uncased; none = random init)
+EXPERIMENT_BERT = "bert"
+
+
+def init_source(init: str, experiment_bert: str) -> str:
+    """The checkpoint directory a bridge starts from ("" = BERT's random init): `init` itself, or,
+    for init = "bert", the experiment's BERT backbone (Backbones.bert, "" when it loads none)."""
+    path = experiment_bert if init == EXPERIMENT_BERT else init
+    return str(Path(path).expanduser()) if path else ""
+
+
+def bert_config(path: str):
+    """The Hugging Face config of the BERT-style checkpoint in directory `path` (UserError if none)."""
+    from transformers import AutoConfig
+
+    if not Path(path).is_dir():
+        raise UserError(f"init: no checkpoint directory '{path}' (a local Hugging Face BERT-style directory: "
+                        f"config.json, weights and tokenizer files; \"\" = random init)")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"init: cannot read a BERT-style config from '{path}': {str(e).splitlines()[0]}") from None
+
+
+def check_bert(path: str, width: int, heads: int, depth: int) -> None:
+    """UserError unless the checkpoint has this bridge's width and heads and at least its depth."""
+    cfg = bert_config(path)
+    have = (cfg.hidden_size, cfg.num_attention_heads)
+    if have != (width, heads):
+        raise UserError(f"init: '{path}' is {have[0]} wide with {have[1]} heads, the bridge {width} with {heads} "
+                        f"(give the bridge the checkpoint's width and heads; [bert] names the checkpoint of init = \"bert\"; init = \"\" is random weights)")
+    if cfg.num_hidden_layers < depth:
+        raise UserError(f"init: '{path}' has {cfg.num_hidden_layers} layers, the bridge {depth}")
+
+
 def load_bert(module: nn.Module, path: str, rename=lambda name: name) -> list[str]:
     """Initialise `module` from a local BERT-style Hugging Face checkpoint (a directory that
     `transformers.AutoModel.from_pretrained` reads), as the papers start from bert-base-uncased.

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlp_bench.errors import UserError
-from vlp_bench.nn.bert import LAYER_NORM_EPS, BertLayer, Embeddings, init_normal, load_bert
+from vlp_bench.nn.bert import LAYER_NORM_EPS, BertLayer, Embeddings, check_bert, init_normal, load_bert
 
 MaskMode = Literal["queries", "text", "itm", "itg"]
 
@@ -168,30 +168,6 @@ class QFormer(nn.Module):
         queries, ln_vision and [DEC] stay new. Returns the parameters left new."""
         check_bert(path, self.width, self.heads, self.depth)
         return load_bert(self, path, rename=lambda name: "encoder." + name if name.startswith("layer.") else name)
-
-
-def bert_config(path: str):
-    """The Hugging Face config of the BERT-style checkpoint in directory `path` (UserError if none)."""
-    from transformers import AutoConfig
-
-    if not Path(path).is_dir():
-        raise UserError(f"init: no checkpoint directory '{path}' (a local Hugging Face BERT-style directory: "
-                        f"config.json, weights and tokenizer files; \"\" = random init)")
-    try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"init: cannot read a BERT-style config from '{path}': {str(e).splitlines()[0]}") from None
-
-
-def check_bert(path: str, width: int, heads: int, depth: int) -> None:
-    """UserError unless the checkpoint has this Q-Former's width and heads and at least its depth."""
-    cfg = bert_config(path)
-    have = (cfg.hidden_size, cfg.num_attention_heads)
-    if have != (width, heads):
-        raise UserError(f"init: '{path}' is {have[0]} wide with {have[1]} heads, the Q-Former {width} with {heads} "
-                        f"(set methods.blip2 width and heads to the checkpoint's)")
-    if cfg.num_hidden_layers < depth:
-        raise UserError(f"init: '{path}' has {cfg.num_hidden_layers} layers, the Q-Former {depth}")
 
 
 class LMHead(nn.Module):
