@@ -221,13 +221,18 @@ def load_bert(module: nn.Module, path: str, rename=lambda name: name) -> list[st
     FFN from BERT's FFN). Returns the names left at their random initialisation (cross-attention,
     new heads). A shape mismatch is a UserError: the bridge's width and heads must be the checkpoint's."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
     if not Path(path).exists():
         raise UserError(f"init: no checkpoint directory '{path}'")
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the pooler a bare encoder lacks: noise here
     try:
         weights = AutoModel.from_pretrained(path, local_files_only=True).state_dict()
     except (OSError, ValueError) as e:
         raise UserError(f"init: cannot read a BERT-style checkpoint from '{path}': {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(level)
     weights = {k.removeprefix("bert."): v for k, v in weights.items()}
     fresh = []
     with torch.no_grad():
