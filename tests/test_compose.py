@@ -102,9 +102,10 @@ def test_paper_scale_cost_of_a_composition():
     proc = cli("flops", "--preset", "paper", "--methods", "flip,simvlg+flip", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads(proc.stdout)["methods"]
-    # half of ViT-g's 256 patches dropped after the encoder: the bridge and the LLM see 1 + 128 tokens
+    # half of ViT-g's 256 patches dropped at the encoder's input: it, the bridge and the LLM see 1 + 128 tokens
     assert m["flip"]["per_sample"]["llm"]["forward"] < 0.6 * m["baseline"]["per_sample"]["llm"]["forward"]
-    assert m["flip"]["per_sample"]["vision"] == m["baseline"]["per_sample"]["vision"]
+    vision, full = m["flip"]["per_sample"]["vision"]["forward"], m["baseline"]["per_sample"]["vision"]["forward"]
+    assert 0.45 * full < vision < 129 / 257 * full  # attention grows with the square of the tokens
     assert m["simvlg+flip"]["total"] < m["flip"]["total"]
     eva = cli("flops", "--preset", "paper", "--methods", "tome-vit")
     assert eva.returncode == 2 and "needs a timm VisionTransformer, not Eva" in eva.stderr

@@ -31,7 +31,10 @@ METHOD = "simvlg"  # merging in the bridge and a token-mean loss: what the rank 
 def runs(tmp_path_factory, tiny_overrides):
     sets = [a for o in [*tiny_overrides, f"experiment.methods=['{METHOD}']", "experiment.tasks=['vqa']",
                         "experiment.device='cpu'", "train.log_every=1", "train.eval_every=3",
-                        "train.checkpoint_every=0", "trackers.tensorboard=true"] for a in ("--set", o)]
+                        "train.checkpoint_every=0", "trackers.tensorboard=true",
+                        # dropout draws its masks per rank: N processes then train the same model in
+                        # distribution, not bit for bit; without it they train exactly what one does
+                        f"methods.{METHOD}.dropout=0.0"] for a in ("--set", o)]
     one = _run(sets, tmp_path_factory.mktemp("one"), 1)
     two = _run(sets, tmp_path_factory.mktemp("two"), 2)
     return one, two

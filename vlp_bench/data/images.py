@@ -171,10 +171,12 @@ class TrainBatches:
             chosen = self._draw()
             images = self.loader.batch([self.split.image_path(i) for i in chosen])
         else:
-            if self._images is None:
+            if self._images is None:  # worker seeds from a private generator: the global random
+                # stream's draws (dropout masks) must not depend on when a loader starts (a resume)
                 self._images = iter(torch.utils.data.DataLoader(
                     _Images(self.split, self.loader), batch_sampler=self._plan(weakref.ref(self)), num_workers=self.workers,
-                    collate_fn=torch.stack, pin_memory=self.pin, prefetch_factor=2))
+                    collate_fn=torch.stack, pin_memory=self.pin, prefetch_factor=2,
+                    generator=torch.Generator().manual_seed(0)))
             try:
                 images = next(self._images)
             except UserError as e:

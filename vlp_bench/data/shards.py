@@ -212,7 +212,8 @@ class ShardBatches:
         data = ShardDataset(self.cfg, self.loader, skip=self.drawn)
         self._it = iter(torch.utils.data.DataLoader(
             data, batch_size=None, num_workers=self.workers, pin_memory=self.pin,
-            persistent_workers=False, prefetch_factor=4 if self.workers else None))
+            persistent_workers=False, prefetch_factor=4 if self.workers else None,
+            generator=torch.Generator().manual_seed(0)))  # worker seeds apart from the global random stream
 
     def __iter__(self):
         return self

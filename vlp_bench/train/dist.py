@@ -6,7 +6,8 @@ Every process holds the whole model; `train.batch_size` stays the *global* micro
 on N GPUs trains exactly what a run on one would (same batches, same updates): each rank loads
 its slice of every batch, gradients are averaged after backward, and each rank's loss is weighted
 by the share of the batch's targets (StepOutput.weight) it holds, so the average is the one-process
-mean. Rank zero alone writes files, shows progress and evaluates (the others wait); costs are for
+mean. (Dropout is the exception: each rank draws its own masks, so with dropout on, N processes
+train the same model in distribution rather than bit for bit.) Rank zero alone writes files, shows progress and evaluates (the others wait); costs are for
 the whole job (samples and FLOPs summed over ranks, wall-clock is the job's).
 
 Why not torch's DistributedDataParallel: a method's stages change which parameters train and

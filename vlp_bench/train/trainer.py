@@ -238,7 +238,9 @@ def _count_flops(run: _Run, st: TrainState, batch: dict, stage: Stage, step_flop
     key = run.method.shape_key(batch, stage)
     key = None if key is None else (stage.name, tuple(batch["images"].shape), key)
     if key is None or key not in run.flop_cache:
-        run.flop_cache[key] = count_step(run.method, batch, stage, run.autocast)[0]
+        devices = [torch.cuda.current_device()] if run.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the replay draws no dropout mask training will see
+            run.flop_cache[key] = count_step(run.method, batch, stage, run.autocast)[0]
         st.flop_counts += 1
     step_flops.update(run.flop_cache[key])
     sync(run.device)
