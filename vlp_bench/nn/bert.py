@@ -1,7 +1,7 @@
 """BERT's encoder layer, written once for the bridges that the papers start from BERT-base: SimVLG's
 connector (EVLGen: a BERT encoder over the projected ViT tokens) and BLIP-2's Q-Former (LAVIS).
 
-What makes it BERT (docs/fidelity.md, The bridge):
+What makes it BERT (docs/fidelity.md, SimVLG and the no-merge baseline; BLIP-2):
 - post-LN: attention -> dense -> dropout -> LayerNorm(x + .); the FFN the same way, GELU inside;
 - dropout 0.1 on the attention probabilities and on each sub-layer's output;
 - embeddings: learned absolute positions (+ token types where the model has them) added to the
