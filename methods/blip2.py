@@ -229,7 +229,7 @@ def hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor) -> tuple[torch.
 
 @dataclass
 class Blip2OneStageConfig(Blip2Config):
-    stage1_fraction: float = 0.0  # the ablation: stage 2 only, the Q-Former trained from scratch by the LLM
+    stage1_fraction: float = 0.0  # the ablation: stage 2 only, the Q-Former trained by the LLM's loss alone
 
 
 @METHODS.register("blip2-1stage")
