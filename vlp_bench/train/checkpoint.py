@@ -44,6 +44,10 @@ def load_checkpoint(path: Path, method: Method, batches: TrainBatches, log: Metr
     trainer's state (a plain dict), the optimizer's state and the name of the stage it belongs to."""
     state = torch.load(path, map_location="cpu", weights_only=True)  # no pickle of arbitrary objects
     params = dict(method.named_parameters())
+    unknown = [name for name in state["weights"] if name not in params]
+    if unknown:  # e.g. written before the method's architecture changed (the BERT bridges)
+        raise ValueError(f"{path} holds weights this method does not have ({unknown[0]}, ...): it was "
+                         f"written by another version of the method; start the run afresh")
     with torch.no_grad():
         for name, value in state["weights"].items():
             params[name].copy_(value.to(device))
