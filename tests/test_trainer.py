@@ -208,3 +208,13 @@ def test_weight_decay_spares_biases_norms_and_scalars_as_the_reference_trainers(
     decayed, spared = param_groups([layer.weight, layer.bias, norm.weight, norm.bias, temp], 0.05)
     assert decayed == {"params": [layer.weight], "weight_decay": 0.05}
     assert spared["weight_decay"] == 0.0 and len(spared["params"]) == 4
+
+
+def test_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
+    """A run resumed across a change of the method's layers (e.g. the pre-norm bridge before BERT's)."""
+    from vlp_bench.train.checkpoint import load_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"weights": {"blocks.0.norm1.weight": torch.ones(4)}}, path)
+    with pytest.raises(ValueError, match="another version of the method"):
+        load_checkpoint(path, torch.nn.Linear(4, 4), None, None, "cpu")
