@@ -7,8 +7,9 @@ on N GPUs trains exactly what a run on one would (same batches, same updates): e
 its slice of every batch, gradients are averaged after backward, and each rank's loss is weighted
 by the share of the batch's targets (StepOutput.weight) it holds, so the average is the one-process
 mean. (Dropout is the exception: each rank draws its own masks, so with dropout on, N processes
-train the same model in distribution rather than bit for bit.) Rank zero alone writes files, shows progress and evaluates (the others wait); costs are for
-the whole job (samples and FLOPs summed over ranks, wall-clock is the job's).
+train the same model in distribution rather than bit for bit.) Rank zero alone writes files, shows
+progress and evaluates (the others wait); costs are for the whole job (samples and FLOPs summed
+over ranks, wall-clock is the job's).
 
 Why not torch's DistributedDataParallel: a method's stages change which parameters train and
 which run (BLIP-2's stage 1 never touches its LLM projection), and DDP's reducer needs every
