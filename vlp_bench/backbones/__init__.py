@@ -15,6 +15,7 @@ from vlp_bench.backbones.tiny import (CAPTION_PROMPT, VQA_PROMPT, pretrain_tiny_
 
 __all__ = [
     "BACKBONE_VERSION", "CAPTION_PROMPT", "VQA_PROMPT", "Backbones", "BertBackboneConfig", "LLMConfig", "VisionConfig",
-    "VisionEncoder", "freeze", "frozen_dtype", "load_backbones", "load_llm", "load_vision", "pretrain_tiny_lm", "pretrain_tiny_vit",
+    "VisionEncoder", "freeze", "frozen_dtype", "load_backbones", "load_llm", "load_vision", "pretrain_tiny_lm",
+    "pretrain_tiny_vit",
     "tiny_llama", "tiny_vit", "train_tokenizer",
 ]

@@ -205,7 +205,8 @@ def check_bert(path: str, width: int, heads: int, depth: int) -> None:
     have = (cfg.hidden_size, cfg.num_attention_heads)
     if have != (width, heads):
         raise UserError(f"init: '{path}' is {have[0]} wide with {have[1]} heads, the bridge {width} with {heads} "
-                        f"(give the bridge the checkpoint's width and heads; [bert] names the checkpoint of init = \"bert\"; init = \"\" is random weights)")
+                        f"(give the bridge the checkpoint's width and heads; [bert] names the checkpoint of "
+                        f"init = \"bert\"; init = \"\" is random weights)")
     if cfg.num_hidden_layers < depth:
         raise UserError(f"init: '{path}' has {cfg.num_hidden_layers} layers, the bridge {depth}")
 
@@ -245,7 +246,8 @@ def load_bert(module: nn.Module, path: str, rename=lambda name: name) -> list[st
                 continue
             w = weights[key]
             if name.endswith("word_embeddings.weight") and w.shape[0] != p.shape[0]:
-                raise UserError(f"init: the checkpoint's vocabulary has {w.shape[0]} tokens, the bridge's tokenizer {p.shape[0]}")
+                raise UserError(f"init: the checkpoint's vocabulary has {w.shape[0]} tokens, "
+                                f"the bridge's tokenizer {p.shape[0]}")
             if w.shape != p.shape:
                 raise UserError(f"init: {name} is {tuple(p.shape)} here and {tuple(w.shape)} in '{path}' "
                                 f"(set the bridge's width and heads to the checkpoint's)")
