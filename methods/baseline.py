@@ -60,14 +60,13 @@ class Baseline(FrozenLLMMethod):
         self.out = nn.Linear(cfg.width, backbones.llm_dim)
         for part in (self.embeddings, self.layers):  # BERT's init; the two projections keep torch's, as EVLGen
             init_normal(part)
-        self.bert = backbones.bert
-        init = init_source(cfg.init, backbones.bert)
+        self.init = init = init_source(cfg.init, backbones.bert)
         if init:  # BERT's embeddings and first `depth` layers; the projections stay new
             load_bert(nn.ModuleDict({"embeddings": self.embeddings, "layers": self.layers}), init,
                       rename=lambda name: name.replace("layers.", "encoder.layer.", 1))
 
     def info(self) -> dict:
-        return {**super().info(), "init": init_source(self.cfg.init, self.bert)}  # "" = random init
+        return {**super().info(), "init": self.init}  # the checkpoint the bridge started from ("" = random)
 
     def bridge(self, visual: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(vectors=self.inp(self.ln_vision(visual)))  # (B, N, width)
