@@ -92,3 +92,15 @@ def test_bf16_frozen_backbones_meet_fp32_trainable_parts():
     method = cls(cls.Config(heads=2), bb)
     assert {p.dtype for p in method.text.lm.parameters()} == {torch.float32}
     assert {p.dtype for p in bb.llm.parameters()} == {torch.bfloat16}  # the frozen original is untouched
+
+
+def test_the_bert_backbone_is_a_directory_or_none(tmp_path):
+    """[bert] name: a directory is used as given, "" is none (random init), a missing one is a one-line error."""
+    from vlp_bench.backbones import BertBackboneConfig
+    from vlp_bench.backbones.load import bert_checkpoint
+
+    args = (LLMConfig(), None, tmp_path, tmp_path)  # no tiny BERT is built for these names
+    assert bert_checkpoint(BertBackboneConfig(name=""), *args) == ""
+    assert bert_checkpoint(BertBackboneConfig(name=str(tmp_path)), *args) == str(tmp_path)
+    with pytest.raises(UserError, match="bert.name: no checkpoint directory"):
+        bert_checkpoint(BertBackboneConfig(name=str(tmp_path / "missing")), *args)

@@ -71,3 +71,11 @@ def test_prepare_gives_what_every_run_shares(tiny_overrides):
     batch = next(experiment.batches(seed=0))
     assert batch["images"].shape[0] == experiment.cfg.train.batch_size
     assert next(experiment.batches(seed=0))["captions"] == batch["captions"]  # seed i: the same data order
+
+
+def test_the_tiny_bert_is_built_only_for_methods_that_start_from_it():
+    from vlp_bench.experiment import _needs_bert
+
+    assert _needs_bert(load_config(None))  # the default bridges start from [bert]
+    assert not _needs_bert(load_config(None, ["experiment.methods=['flm', 'mlp']"]))  # text side, projector
+    assert not _needs_bert(load_config(None, ["methods.simvlg.init=''", "experiment.methods=['simvlg']"]))
