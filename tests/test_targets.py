@@ -1,10 +1,13 @@
-"""Time-to-target and FLOPs-to-target on synthetic curves (no training, no torch)."""
+"""Time-to-target and FLOPs-to-target on synthetic curves (no training, no torch): one rule for
+every method, the monotone fit, interpolation, never-reached, targets not drawn from the runs they
+judge, and the speed-up curve over targets."""
 
 from __future__ import annotations
 
 import pytest
 
-from vlp_bench.metrics.targets import bootstrap_ratio, curve, first_reach, speedups
+from vlp_bench.metrics.targets import (GRID_POINTS, TARGET_LEVEL, VAL_LOSS, curve, first_reach, monotone,
+                                      speedups, target_grid)
 
 
 def val_row(step: int, wall_s: float, flops: float, cider: float | None, **extra) -> dict:
@@ -52,13 +55,28 @@ def test_curve_rejects_a_metric_name_without_a_dot():
         curve(rows_from([0.1, 0.2]), "CIDEr")
 
 
-# --- first_reach -------------------------------------------------------------------------------
+def test_curve_reads_the_validation_loss_rows_once_per_step():
+    rows = [{"step": 0, "wall_s": 0.0, "flops": 0.0, "split": "val", "val_loss": 3.0, "eval": {}},
+            {"step": 0, "wall_s": 0.0, "flops": 0.0, "val_loss": 3.1},  # a second row of step 0: ignored
+            {"step": 25, "wall_s": 5.0, "flops": 50.0, "loss": 2.0, "val_loss": 2.5},
+            {"step": 50, "wall_s": 9.0, "flops": 90.0, "loss": 1.9}]  # no validation loss logged
+    assert curve(rows, VAL_LOSS) == [(0.0, 0.0, 3.0), (5.0, 50.0, 2.5)]
+
+
+# --- the monotone fit and first_reach ----------------------------------------------------------
+
+def test_monotone_fit_pools_violators_and_keeps_a_monotone_curve():
+    assert monotone([0.1, 0.5, 0.9]) == [0.1, 0.5, 0.9]
+    assert monotone([0.2, 0.77, 0.7, 0.79, 0.82]) == pytest.approx([0.2, 0.735, 0.735, 0.79, 0.82])
+    assert monotone([0.5, 0.3, 0.1]) == pytest.approx([0.3, 0.3, 0.3])
+    assert monotone([]) == []
+
 
 def test_first_reach_interpolates_linearly_between_the_bracketing_points():
-    # 0.7 is halfway from 0.5 to 0.9: halfway from 10 to 20 s and from 100 to 200 FLOPs
+    # between (10 s, 0.5) and (20 s, 0.9): 0.7 is half way
     assert first_reach(POINTS, 0.7, "wall_s") == pytest.approx(15.0)
     assert first_reach(POINTS, 0.7, "flops") == pytest.approx(150.0)
-    # a quarter of the way from 0.1 to 0.5
+    # between (0 s, 0.1) and (10 s, 0.5): 0.2 is a quarter of the way
     assert first_reach(POINTS, 0.2, "wall_s") == pytest.approx(2.5)
 
 
@@ -73,11 +91,20 @@ def test_first_reach_never_reached_or_empty_is_none():
     assert first_reach([], 0.1, "flops") is None
 
 
-def test_first_reach_takes_the_first_crossing_of_a_non_monotone_curve():
-    points = [(0.0, 0.0, 0.2), (10.0, 100.0, 0.8), (20.0, 200.0, 0.3), (30.0, 300.0, 0.9)]
-    # first crossing of 0.6: two thirds of the way from 0.2 to 0.8, not the later climb from 0.3
-    assert first_reach(points, 0.6, "wall_s") == pytest.approx(10.0 * 0.4 / 0.6)
-    assert first_reach(points, 0.6, "flops") == pytest.approx(100.0 * 0.4 / 0.6)
+def test_a_spike_that_the_later_points_do_not_hold_is_not_a_crossing():
+    # raw 0.765 at 10 s, then 0.719: the fit pools them to 0.742, reached only on the way up to 0.8
+    points = [(0.0, 0.0, 0.2), (10.0, 100.0, 0.765), (20.0, 200.0, 0.719), (30.0, 300.0, 0.8)]
+    assert first_reach(points, 0.75, "wall_s") == pytest.approx(20.0 + 10.0 * (0.75 - 0.742) / (0.8 - 0.742))
+    assert first_reach(points, 0.7, "wall_s") == pytest.approx(10.0 * 0.5 / 0.542)  # below the pooled level
+    assert first_reach(points[:3], 0.75, "wall_s") is None  # the spike alone never holds
+
+
+def test_first_reach_of_a_loss_is_at_or_below_the_target():
+    points = [(0.0, 0.0, 3.0), (10.0, 100.0, 2.0), (20.0, 200.0, 2.2), (30.0, 300.0, 1.0)]
+    # 2.0 then 2.2 is a violation for a loss: both become 2.1
+    assert first_reach(points, 2.5, "wall_s", sign=-1.0) == pytest.approx(10.0 * 0.5 / 0.9)
+    assert first_reach(points, 1.5, "wall_s", sign=-1.0) == pytest.approx(20.0 + 10.0 * 0.6 / 1.1)
+    assert first_reach(points, 0.5, "wall_s", sign=-1.0) is None
 
 
 def test_first_reach_rejects_an_unknown_axis():
@@ -85,76 +112,34 @@ def test_first_reach_rejects_an_unknown_axis():
         first_reach(POINTS, 0.5, "samples")
 
 
-# --- bootstrap_ratio ---------------------------------------------------------------------------
-
-def test_bootstrap_point_value_is_the_ratio_of_means_and_the_ci_contains_it():
-    ref, other = [100.0, 130.0, 110.0], [50.0, 70.0, 40.0]  # skewed: mean differs from median
-    result = bootstrap_ratio(ref, other, n=500, seed=1)
-    assert result["value"] == pytest.approx((340.0 / 3) / (160.0 / 3))
-    assert result["n_boot"] == 500
-    assert result["ci_low"] <= result["value"] <= result["ci_high"]
-    assert result["ci_low"] < result["ci_high"]  # the groups vary, so the interval is not a point
-    # every resampled ratio lies between the extremes: min(ref)/max(other) and max(ref)/min(other)
-    assert result["ci_low"] >= 100.0 / 70.0 and result["ci_high"] <= 130.0 / 40.0
-
-
-def test_bootstrap_is_deterministic_for_a_seed_and_varies_with_it():
-    ref, other = [100.0, 120.0, 110.0, 90.0], [50.0, 70.0, 40.0, 65.0]
-    first = bootstrap_ratio(ref, other, n=300, seed=7)
-    assert bootstrap_ratio(ref, other, n=300, seed=7) == first
-    assert bootstrap_ratio(ref, other, n=300, seed=8) != first
-
-
-def test_bootstrap_single_seed_gives_no_interval():
-    result = bootstrap_ratio([100.0], [25.0, 30.0], n=100)
-    assert result["value"] == pytest.approx(100.0 / 27.5)
-    assert result["ci_low"] is None and result["ci_high"] is None
-    assert bootstrap_ratio([100.0, 90.0], [25.0], n=100)["ci_low"] is None
-
-
-def test_bootstrap_constant_groups_collapse_the_interval():
-    same = bootstrap_ratio([4.0, 4.0, 4.0], [4.0, 4.0, 4.0], n=200)
-    assert same["value"] == same["ci_low"] == same["ci_high"] == 1.0
-    double = bootstrap_ratio([10.0, 10.0], [5.0, 5.0, 5.0], n=200)
-    assert double["value"] == double["ci_low"] == double["ci_high"] == pytest.approx(2.0)
-
-
-def test_bootstrap_rejects_empty_groups():
-    with pytest.raises(ValueError):
-        bootstrap_ratio([], [1.0, 2.0])
-    with pytest.raises(ValueError):
-        bootstrap_ratio([1.0, 2.0], [])
-
-
-# --- speedups ----------------------------------------------------------------------------------
+# --- speedups: one rule, given and default targets --------------------------------------------
 
 def test_speedups_with_a_given_target_and_partial_reach():
-    # fast reaches 0.7 at 5 s on every seed (steps of 5 s); slow at 15 s; partial on 2 of 3 seeds
+    # fast reaches 0.7 at 3.75 s on every seed (steps of 5 s); slow at 15 s; partial on 2 of 3 seeds
     rows_by_run = {
         "slow-s0": rows_from([0.1, 0.5, 0.9]), "slow-s1": rows_from([0.1, 0.5, 0.9]),
+        "slow-s2": rows_from([0.1, 0.5, 0.9]),
         "fast-s0": rows_from([0.1, 0.9], wall_per_step=5.0, flops_per_step=50.0),
         "fast-s1": rows_from([0.1, 0.9], wall_per_step=5.0, flops_per_step=50.0),
         "partial-s0": rows_from([0.1, 0.9]), "partial-s1": rows_from([0.1, 0.6, 0.8]),
         "partial-s2": rows_from([0.1, 0.3, 0.5]),
     }
-    records = [record("slow", 0), record("slow", 1), record("fast", 0), record("fast", 1),
+    records = [record("slow", 0), record("slow", 1), record("slow", 2), record("fast", 0), record("fast", 1),
                record("partial", 0), record("partial", 1), record("partial", 2),
                record("fast", 2, status="failed")]
-    report = speedups(records, rows_by_run, "caption.CIDEr", target=0.7, n_boot=200)
+    report = speedups(records, rows_by_run, "caption.CIDEr", target=0.7)
 
     assert report["target"] == 0.7 and report["target_source"] == "given"
-    assert report["reference"] == "slow"
-    assert list(report["methods"]) == ["slow", "fast", "partial"]
-
+    assert report["reference"] == "slow" and list(report["methods"]) == ["slow", "fast", "partial"]
     slow, fast, partial = (report["methods"][m] for m in ("slow", "fast", "partial"))
-    assert slow["time_to_target_s"] == {"mean": pytest.approx(15.0), "per_seed": [pytest.approx(15.0)] * 2}
-    assert slow["time_speedup"]["value"] == 1.0
+    assert slow["time_to_target_s"]["mean"] == pytest.approx(15.0)  # the reference by the same rule
+    assert slow["time_speedup"]["value"] == pytest.approx(1.0)
     assert fast["seeds"] == 2 and fast["reached"] == 2  # the failed run is not counted
     # 0.7 is three quarters of the way from 0.1 to 0.9 over one 5 s step
     assert fast["time_to_target_s"]["mean"] == pytest.approx(3.75)
     assert fast["flops_to_target"]["mean"] == pytest.approx(37.5)
-    assert fast["time_speedup"]["value"] == pytest.approx(15.0 / 3.75)
-    assert fast["flops_speedup"]["value"] == pytest.approx(150.0 / 37.5)
+    assert fast["time_speedup"]["value"] == pytest.approx(4.0) and fast["time_speedup"]["pairs"] == 2
+    assert fast["flops_speedup"]["value"] == pytest.approx(4.0)
 
     assert partial["seeds"] == 3 and partial["reached"] == 2
     per_seed = partial["time_to_target_s"]["per_seed"]
@@ -167,57 +152,127 @@ def test_speedups_never_reached_is_reported_as_such():
     rows_by_run = {"base-s0": rows_from([0.1, 0.5]), "stuck-s0": rows_from([0.1, 0.2]),
                    "stuck-s1": rows_from([0.1, 0.3])}
     records = [record("base", 0), record("stuck", 0), record("stuck", 1)]
-    stuck = speedups(records, rows_by_run, "caption.CIDEr", target=0.4, n_boot=50)["methods"]["stuck"]
+    stuck = speedups(records, rows_by_run, "caption.CIDEr", target=0.4)["methods"]["stuck"]
     assert stuck["seeds"] == 2 and stuck["reached"] == 0
-    assert stuck["time_to_target_s"] == {"mean": None, "per_seed": [None, None]}
-    assert stuck["flops_to_target"] == {"mean": None, "per_seed": [None, None]}
+    assert stuck["time_to_target_s"]["per_seed"] == [None, None] and stuck["time_to_target_s"]["mean"] is None
     assert stuck["time_speedup"] is None and stuck["flops_speedup"] is None
 
 
-def test_speedups_need_the_reference_to_reach_on_every_seed():
+def test_speedups_need_the_paired_reference_seed_to_reach():
     rows_by_run = {"base-s0": rows_from([0.1, 0.9]), "base-s1": rows_from([0.1, 0.3]),
-                   "other-s0": rows_from([0.1, 0.9])}
-    records = [record("base", 0), record("base", 1), record("other", 0)]
-    other = speedups(records, rows_by_run, "caption.CIDEr", target=0.5, n_boot=50)["methods"]["other"]
+                   "other-s0": rows_from([0.1, 0.9]), "other-s1": rows_from([0.1, 0.9])}
+    records = [record("base", 0), record("base", 1), record("other", 0), record("other", 1)]
+    other = speedups(records, rows_by_run, "caption.CIDEr", target=0.5)["methods"]["other"]
     assert other["time_to_target_s"]["mean"] == pytest.approx(5.0)
     assert other["time_speedup"] is None and other["flops_speedup"] is None
 
 
-def test_default_target_is_the_mean_of_the_reference_final_values():
-    rows_by_run = {
-        # the final *val* values are 0.6 and 0.8; a later test-split row must not count
-        "base-s0": rows_from([0.1, 0.6]) + [{**val_row(2, 30.0, 300.0, 5.0), "split": "test"}],
-        "base-s1": rows_from([0.2, 0.9, 0.8]),
-        "other-s0": rows_from([0.3, 0.9]),
-    }
-    records = [record("base", 0), record("base", 1), record("other", 0)]
-    report = speedups(records, rows_by_run, "caption.CIDEr", n_boot=50)
-    assert report["target"] == pytest.approx(0.7)
-    assert report["target_source"] == "reference final"
-    assert report["reference"] == "base"
-    # other crosses 0.7 two thirds of the way from 0.3 to 0.9 over one 10 s step
-    assert report["methods"]["other"]["time_to_target_s"]["mean"] == pytest.approx(10.0 * 0.4 / 0.6)
+def test_default_target_of_a_seed_comes_from_the_other_reference_seeds():
+    floor = 0.1
+    rows_by_run = {"base-s0": rows_from([0.1, 0.6]), "base-s1": rows_from([0.2, 0.9, 0.8]),
+                   "other-s0": rows_from([0.3, 0.9]), "other-s1": rows_from([0.3, 0.9])}
+    records = [record("base", 0), record("base", 1), record("other", 0), record("other", 1)]
+    for r in records:
+        r["metrics"]["caption"]["floor"] = {"CIDEr": floor}
+    report = speedups(records, rows_by_run, "caption.CIDEr")
+    assert report["target_source"].startswith("cross-fitted")
+    targets = report["targets_per_seed"]
+    # seed 0 is judged at 0.9 of the way to seed 1's best fitted value (0.85: 0.9 and 0.8 pooled)
+    assert targets["0"] == pytest.approx(floor + TARGET_LEVEL * (0.85 - floor))
+    assert targets["1"] == pytest.approx(floor + TARGET_LEVEL * (0.6 - floor))
+    # changing reference seed 0's own curve leaves its target alone
+    rows_by_run["base-s0"] = rows_from([0.1, 0.3, 0.95])
+    assert speedups(records, rows_by_run, "caption.CIDEr")["targets_per_seed"]["0"] == pytest.approx(targets["0"])
+
+
+def test_one_reference_seed_says_its_target_comes_from_its_own_run():
+    rows_by_run = {"base-s0": rows_from([0.1, 0.5, 0.9]), "other-s0": rows_from([0.1, 0.9])}
+    report = speedups([record("base", 0), record("other", 0)], rows_by_run, "caption.CIDEr")
+    assert report["target_source"].startswith("own run")
+    # no floor in the records: the reference's start (0.1) stands in
+    assert report["target"] == pytest.approx(0.1 + TARGET_LEVEL * 0.8)
+    sp = report["methods"]["other"]["time_speedup"]
+    assert sp["verdict"] == "point estimate" and sp["ci_low"] is None and sp["value"] > 1
 
 
 def test_explicit_reference_and_metric():
     rows_by_run = {"a-s0": rows_from([0.1, 0.2]), "b-s0": rows_from([0.1, 0.2], wall_per_step=20.0)}
     records = [record("a", 0), record("b", 0)]
     # vqa.overall is 40 + step: 41 is reached after one step by both
-    report = speedups(records, rows_by_run, metric="vqa.overall", target=41.0, reference="b", n_boot=50)
+    report = speedups(records, rows_by_run, metric="vqa.overall", target=41.0, reference="b")
     assert report["reference"] == "b" and report["metric"] == "vqa.overall"
     assert report["methods"]["a"]["time_speedup"]["value"] == pytest.approx(2.0)
 
 
-def test_speedups_rejects_an_unknown_or_unfinished_reference():
-    rows_by_run = {"a-s0": rows_from([0.1, 0.9]), "b-s0": rows_from([0.1, 0.9])}
+def test_speedups_rejects_an_unknown_or_unfinished_reference_and_duplicate_seeds():
+    rows_by_run = {"a-s0": rows_from([0.1, 0.9]), "b-s0": rows_from([0.1, 0.9]), "a2-s0": rows_from([0.1, 0.9])}
     records = [record("a", 0), record("b", 0, status="failed")]
     with pytest.raises(ValueError, match="nope"):
         speedups(records, rows_by_run, "caption.CIDEr", reference="nope")
     with pytest.raises(ValueError, match="no finished run"):
         speedups(records, rows_by_run, "caption.CIDEr", reference="b")
+    twice = [record("a", 0), {**record("a", 0), "run_id": "a2-s0"}]
+    with pytest.raises(ValueError, match="seed 0"):
+        speedups(twice, rows_by_run, "caption.CIDEr")
 
 
 def test_default_target_needs_reference_curve_points():
     rows_by_run = {"a-s0": [{"step": 0, "loss": 1.0}], "b-s0": rows_from([0.1, 0.9])}
     with pytest.raises(ValueError, match="target"):
         speedups([record("a", 0), record("b", 0)], rows_by_run, "caption.CIDEr")
+
+
+# --- the speed-up curve over targets -----------------------------------------------------------
+
+def _ramp(top: float, steps: int, wall_per_step: float) -> list[dict]:
+    return rows_from([0.1 + (top - 0.1) * i / steps for i in range(steps + 1)], wall_per_step, 10 * wall_per_step)
+
+
+def test_speedup_curve_over_the_grid_shows_where_an_advantage_ends():
+    # "quick" climbs twice as fast as the reference but stops at 0.5; the reference goes on to 0.9
+    seeds = (0, 1, 2)
+    rows_by_run = {}
+    for s in seeds:
+        rows_by_run[f"base-s{s}"] = _ramp(0.9, 8, 10.0 + s)
+        rows_by_run[f"quick-s{s}"] = rows_from([0.1, 0.3, 0.5, 0.5, 0.5], 10.0 + s + 0.3 * (s - 1) ** 2, 100.0)
+    records = [record(m, s) for m in ("base", "quick") for s in seeds]
+    report = speedups(records, rows_by_run, "caption.CIDEr")
+    grid = report["curve"]["targets"]
+    assert len(grid) == GRID_POINTS and grid[0] == pytest.approx(0.1 + 0.1 * 0.8) and grid[-1] == pytest.approx(0.9)
+    time = report["curve"]["methods"]["quick"]["time"]
+    assert [e["target"] for e in time] == grid
+    below = [e for e in time if e["target"] <= 0.5]
+    assert below and all(e["verdict"] == "faster" for e in below)
+    assert all(e["value"] == pytest.approx(2.0, rel=0.05) for e in below)
+    assert all(e["verdict"] == "not reached" and "value" not in e for e in time if e["target"] > 0.5)
+    assert "base" not in report["curve"]["methods"]
+
+
+def test_target_grid_is_empty_when_the_reference_never_leaves_the_floor():
+    assert target_grid(0.5, {0: 0.4, 1: 0.6}, 1.0) == []
+    assert target_grid(0.0, {0: 1.0, 1: 2.0}, 1.0, points=3) == pytest.approx([0.1, 0.55, 1.0])
+
+
+def test_a_target_met_before_training_has_no_ratio():
+    rows_by_run = {f"{m}-s{s}": rows_from(v) for m, v in (("base", [0.1, 0.9]), ("warm", [0.6, 0.9]))
+                   for s in (0, 1)}
+    records = [record(m, s) for m in ("base", "warm") for s in (0, 1)]
+    report = speedups(records, rows_by_run, "caption.CIDEr")
+    early = [e for e in report["curve"]["methods"]["warm"]["time"] if e["target"] <= 0.6]
+    assert early and all(e["verdict"] == "reached untrained" for e in early)
+
+
+def test_the_loss_curve_is_judged_lower_is_better():
+    def loss_rows(values, wall):
+        return [{"step": 25 * i, "wall_s": wall * i, "flops": 10.0 * wall * i, "val_loss": v}
+                for i, v in enumerate(values)]
+    rows_by_run = {}
+    for s in (0, 1, 2):
+        rows_by_run[f"base-s{s}"] = loss_rows([3.0, 2.5, 2.0, 1.5, 1.0], 10.0 + s)
+        rows_by_run[f"half-s{s}"] = loss_rows([3.0, 2.0, 1.0, 1.0, 1.0], 10.0 + s + (s == 1))
+    records = [record(m, s) for m in ("base", "half") for s in (0, 1, 2)]
+    report = speedups(records, rows_by_run, VAL_LOSS)
+    assert report["higher_is_better"] is False
+    assert report["target"] == pytest.approx(3.0 - TARGET_LEVEL * 2.0)  # from the start 3.0 down to 1.0
+    half = report["methods"]["half"]["time_speedup"]
+    assert half["verdict"] == "faster" and 1.7 < half["value"] < 2.1
