@@ -147,6 +147,11 @@ class Blip2(FrozenLLMMethod):
         # weight None: every rank's loss counts the same, as DDP averages LAVIS's (module docstring)
         return StepOutput(loss, 0)  # stage 1 sends nothing to the LLM
 
+    def generation_loss(self, batch: dict, stage: Stage) -> StepOutput | None:
+        if stage.name == "stage1":  # the LLM projection trains only in stage 2: no generation path yet
+            return None
+        return super().generation_loss(batch, stage)
+
     def stage1_loss(self, visual: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """ITC + ITM + ITG of this rank's pairs: visual (B, N, vision_dim) frozen ViT tokens, ids and
         valid (B, max_text_len) from `self.text`, [CLS] first."""

@@ -1,9 +1,9 @@
 """The report's pictures, each returned as a data: URI so the page stays one file that loads
-nothing: learning curves (quality, training loss, the loss after a decoder phase) against
-wall-clock and FLOPs, final quality against cost with the Pareto front, a search's trials against
-their cost, and the token groups of the methods that merge. Seaborn draws the plots; a method keeps
-its colour in every plot (palette()), and plots are saved so that the same result files give the
-same bytes (no date, a fixed SVG hash salt)."""
+nothing: learning curves (quality, validation loss, training loss, the loss after a decoder phase)
+against wall-clock and FLOPs, the speed-up against the target quality, final quality against cost
+with the Pareto front, a search's trials against their cost, and the token groups of the methods
+that merge. Seaborn draws the plots; a method keeps its colour in every plot (palette()), and plots
+are saved so that the same result files give the same bytes (no date, a fixed SVG hash salt)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import pandas as pd
 
 from vlp_bench.errors import UserError
 from vlp_bench.files import read_jsonl
+from vlp_bench.metrics.targets import AXES, GRID_START, VAL_LOSS, curve
+from vlp_bench.metrics.verdicts import FASTER, SLOWER
 from vlp_bench.reports.summary import Run, flop_scale, metric_value
 
 CURVE_POINTS = 60  # the common grid that seeds are interpolated onto, to draw their mean and band
@@ -102,19 +104,55 @@ def _curve_series(runs: list[Run], metric: str | None, axis: str, scale: float):
             for stage, rs in by_stage.items():
                 xs = np.array([x[axis] / scale for x in rs], float)
                 out.append((r.method, stage, xs, np.array([x["loss"] for x in rs], float)))
+            continue
+        if metric == VAL_LOSS:  # logged at training rows (stages without a caption loss log none)
+            try:
+                points = curve(r.rows, VAL_LOSS)
+            except ValueError:  # a row without its cost: no curve to draw, as for a run that logged none
+                points = []
+            xs = np.array([p[AXES[axis]] / scale for p in points], float)
+            ys = np.array([p[2] for p in points], float)
         else:
             rows = [x for x in r.rows if x.get("split") == "val" and "eval" in x and x.get(axis) is not None
                     and isinstance(_val_value(x, metric), (int, float))]
             xs = np.array([x[axis] / scale for x in rows], float)
             ys = np.array([_val_value(x, metric) for x in rows], float)
-            out.append((r.method, "val", xs, ys))
-            raw.extend({"method": r.method, "x": a, "y": b} for a, b in zip(xs, ys))
+        out.append((r.method, "val", xs, ys))
+        raw.extend({"method": r.method, "x": a, "y": b} for a, b in zip(xs, ys))
     return out, pd.DataFrame(raw)
 
 
-def curve_figures(runs: list[Run], metric: str, target: float | None, colors: dict) -> list[dict]:
-    """Quality and training loss (and, for runs with a decoder phase, the loss after it) against
-    wall-clock and against FLOPs, one line per method."""
+def _curve_text(what: str | None, metric: str, target: float | None) -> tuple[str, str, str]:
+    """(title, y label, caption) of one learning-curve figure."""
+    if what == DECODER_LOSS:
+        return ("Loss after the decoder phase", "loss after the decoder phase",
+                "The caption (AR) loss at the end of the decoder phase that precedes each evaluation (mean over "
+                "its last tenth of steps), against the pre-training clock: the same fine-tuning for every method "
+                "of the text-side family, so unlike their training losses these are comparable across methods; "
+                "lower is better.")
+    if what is None:
+        return ("Loss curves", "training loss",
+                "Training loss (log scale) against wall-clock and FLOPs. Line styles mark training stages: losses "
+                "of different stages (e.g. BLIP-2's stage 1) are different objectives and are not comparable "
+                "across them, nor are FLM's, MLM's and AR's.")
+    where = "; the dotted line is the target" if target is not None else ""
+    if what == VAL_LOSS:
+        return ("Validation loss curves", "validation loss",
+                "Teacher-forced caption loss on held-out validation captions, read at the training log rows, "
+                "against wall-clock (left) and training FLOPs (right); lower is better, and the same objective "
+                "for every method. Stages that train no caption loss log none (BLIP-2's stage 1): their curve "
+                "starts later or has fewer points. With several seeds the line is their mean and the band their "
+                f"range{where}.")
+    return (f"{metric} learning curves", f"{metric} (validation)",
+            f"Validation {metric} during training, against wall-clock (left) and training FLOPs (right): a line "
+            f"further left reaches a quality sooner. Dots are the evaluations; with several seeds the line is their "
+            f"mean and the band their range{where}.")
+
+
+def curve_figures(runs: list[Run], metric: str, target: float | None, colors: dict,
+                  loss_target: float | None = None) -> list[dict]:
+    """Quality, validation loss (runs that logged it) and training loss (and, for runs with a decoder
+    phase, the loss after it) against wall-clock and against FLOPs, one line per method."""
     sns = _setup_plots()
     import matplotlib.pyplot as plt
 
@@ -123,7 +161,9 @@ def curve_figures(runs: list[Run], metric: str, target: float | None, colors: di
     fscale, funit = flop_scale(max_flops or 1)
     axes_spec = [("wall_s", 1.0, "training wall-clock (s)"), ("flops", fscale, f"training compute ({funit})")]
     figures = []
-    for what in (metric, None, DECODER_LOSS):  # the last only for runs with a decoder phase
+    for what in dict.fromkeys((metric, VAL_LOSS, None, DECODER_LOSS)):  # drawn where the runs logged them
+        line = target if what == metric else loss_target if what == VAL_LOSS else None
+        title, ylabel, caption = _curve_text(what, metric, line)
         fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4), sharey=True)
         drawn = False
         for ax, (axis, scale, label) in zip(axes, axes_spec):
@@ -137,11 +177,10 @@ def curve_figures(runs: list[Run], metric: str, target: float | None, colors: di
                          palette=colors, ax=ax, legend=ax is axes[-1])
             if not raw.empty:
                 sns.scatterplot(raw, x="x", y="y", hue="method", palette=colors, ax=ax, s=14, legend=False)
-            if what == metric and target is not None:
-                ax.axhline(target, color="0.3", lw=1, ls=":")
+            if line is not None:
+                ax.axhline(line, color="0.3", lw=1, ls=":")
             ax.set_xlabel(label)
-            ax.set_ylabel({metric: f"{metric} (validation)", None: "training loss",
-                           DECODER_LOSS: "loss after the decoder phase"}[what])
+            ax.set_ylabel(ylabel)
             if what is None:
                 ax.set_yscale("log")
         if not drawn:
@@ -149,24 +188,69 @@ def curve_figures(runs: list[Run], metric: str, target: float | None, colors: di
             continue
         if axes[-1].get_legend():
             sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
-        if what == DECODER_LOSS:
-            caption = ("The caption (AR) loss at the end of the decoder phase that precedes each evaluation "
-                       "(mean over its last tenth of steps), against the pre-training clock: the same "
-                       "fine-tuning for every method of the text-side family, so unlike their training "
-                       "losses these are comparable across methods; lower is better.")
-        elif what:
-            caption = (f"Validation {metric} during training, against wall-clock (left) and training FLOPs "
-                       f"(right): a line further left reaches a quality sooner. Dots are the evaluations; "
-                       f"with several seeds the line is their mean and the band their range"
-                       f"{'; the dotted line is the target' if target is not None else ''}.")
-        else:
-            caption = ("Training loss (log scale) against wall-clock and FLOPs. Line styles mark training "
-                       "stages: losses of different stages (e.g. BLIP-2's stage 1) are different objectives "
-                       "and are not comparable across them, nor are FLM's, MLM's and AR's.")
-        title = {metric: f"{metric} learning curves", None: "Loss curves", DECODER_LOSS: "Loss after the decoder phase"}
-        figures.append({"title": title[what], "uri": _data_uri(fig),
-                        "caption": caption})
+        figures.append({"title": title, "uri": _data_uri(fig), "caption": caption})
     return figures
+
+
+# ----------------------------------------------------------------------------- speed-up against target
+
+
+def _speedup_axis(ax, entries: list[dict], color) -> None:
+    """One method's speed-ups over the target grid: the line, its interval band, a dot per target
+    (filled: a verdict; hollow: none) and an x at the bottom where it did not reach the target."""
+    from matplotlib.transforms import blended_transform_factory
+
+    x = np.array([e["target"] for e in entries], float)
+    value = np.array([e.get("value", np.nan) for e in entries], float)
+    low = np.array([np.nan if e.get("ci_low") is None else e["ci_low"] for e in entries], float)
+    high = np.array([np.nan if e.get("ci_high") is None else e["ci_high"] for e in entries], float)
+    ax.plot(x, value, color=color, lw=1.5)
+    band = ~np.isnan(low)
+    if band.any():
+        ax.fill_between(x, np.where(band, low, 1.0), np.where(band, high, 1.0), where=band, color=color,
+                        alpha=0.2, lw=0)
+    decided = np.array([e["verdict"] in (FASTER, SLOWER) for e in entries])
+    for mask, face in ((decided, color), (~decided, "white")):
+        ax.scatter(x[mask], value[mask], s=22, facecolor=face, edgecolor=color, zorder=3)
+    bottom = blended_transform_factory(ax.transData, ax.transAxes)  # x in data units, y in axes units
+    missed = np.array([e["verdict"] == "not reached" for e in entries])
+    ax.scatter(x[missed], np.full(missed.sum(), 0.04), marker="x", s=30, color=color, transform=bottom, zorder=3)
+
+
+def speedup_figure(sp: dict, colors: dict, quality: str) -> dict | None:
+    """Each method's time and FLOPs speed-up over the reference against the target quality (the
+    speed-up curve of vlp_bench.metrics.targets), with its pointwise intervals; None without a grid."""
+    grid, methods = sp["curve"]["targets"], sp["curve"]["methods"]
+    if not grid or not methods:
+        return None
+    sns = _setup_plots()
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    ref = sp["reference"]
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4), sharey=True)
+    for ax, axis in zip(axes, ("time", "flops")):
+        for method, curves in methods.items():
+            _speedup_axis(ax, curves[axis], colors.get(method))
+        ax.axhline(1.0, color="0.3", lw=1, ls=":")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"target: {quality}")
+        ax.set_ylabel(f"{'wall-clock' if axis == 'time' else 'FLOPs'} speed-up over {ref}")
+        if not sp["higher_is_better"]:
+            ax.invert_xaxis()  # quality grows to the right
+    axes[-1].legend([Line2D([], [], color=colors.get(m)) for m in methods], list(methods), loc="upper left",
+                    bbox_to_anchor=(1.01, 1), frameon=False)
+    caption = (f"Speed-up over {ref} (its time, or FLOPs, to reach the target over the method's, paired by "
+               f"seed) at {len(grid)} targets from the floor plus {GRID_START:.0%} of the gap up to the lowest "
+               f"best fitted value among {ref}'s seeds, which every {ref} seed reaches. Bands: paired t intervals "
+               f"at {sp['pair_level'] * 100:.4g}% per comparison, Bonferroni-corrected over the {len(methods)} "
+               f"method(s) compared so that at each target their verdicts hold jointly at {sp['level']:.0%}; "
+               f"pointwise over targets (neighbouring targets are read off the same curves), not one band for "
+               f"the whole curve. Filled dots: a verdict (faster above the dotted 1x line, slower below); hollow: "
+               f"no detectable difference, or one seed's point estimate (no band). x at the bottom: not reached "
+               f"in any seed, where the method's advantage ends; a gap without an x: some seeds reached it and "
+               f"others not.")
+    return {"title": f"Speed-up against target quality ({quality})", "uri": _data_uri(fig), "caption": caption}
 
 
 # ----------------------------------------------------------------------------- quality against cost

@@ -17,7 +17,7 @@ from vlp_bench.errors import UserError
 from vlp_bench.log import text_table
 from vlp_bench.results import READABLE_VERSIONS
 from vlp_bench.files import read_jsonl
-from vlp_bench.metrics.targets import speedups
+from vlp_bench.metrics.targets import VAL_LOSS, speedups
 
 
 # ----------------------------------------------------------------------------- result files
@@ -166,12 +166,51 @@ def compute_speedups(dirs: list[Path], results: list[dict], metric: str, target:
         raise UserError(f"time-to-target: {e}") from None
 
 
+def loss_speedups(dirs: list[Path], results: list[dict], reference: str | None) -> dict | None:
+    """The same on the teacher-forced validation loss, when the runs logged it (else None)."""
+    if not any(VAL_LOSS in row for d in dirs for row in metrics_rows(d)):
+        return None
+    try:
+        return compute_speedups(dirs, results, VAL_LOSS, None, reference)
+    except UserError:
+        return None  # e.g. a reference that logged none (a stage with no generation path throughout)
+
+
 def format_ratio(s: dict | None) -> str:
-    """A speed-up as 1.98x [1.06, 5.16] (its 95% CI when there are seeds to have one)."""
+    """A speed-up as 1.98x [1.06, 5.16] (its interval when there are seeds to have one)."""
     if s is None:
         return "-"
     ci = "" if s["ci_low"] is None else f" [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
     return f"{s['value']:.2f}x{ci}"
+
+
+def verdict_ranges(entries: list[dict]) -> list[dict]:
+    """Consecutive grid targets with the same verdict, as {verdict, from, to, low, high}: the range
+    of targets and of the speed-ups there (None where there is no number)."""
+    out: list[dict] = []
+    for e in entries:
+        if out and out[-1]["verdict"] == e["verdict"]:
+            out[-1]["to"] = e["target"]
+        else:
+            out.append({"verdict": e["verdict"], "from": e["target"], "to": e["target"], "values": []})
+        if "value" in e:
+            out[-1]["values"].append(e["value"])
+    for r in out:
+        values = r.pop("values")
+        r["low"], r["high"] = (min(values), max(values)) if values else (None, None)
+    return out
+
+
+def describe_curve(entries: list[dict], metric: str) -> str:
+    """The speed-up curve in words: 'faster (1.6x-2.1x) at caption.CIDEr 0.29-0.61; not reached
+    at 0.63-0.80' (one seed: point estimates, never a verdict)."""
+    parts = []
+    for r in verdict_ranges(entries):
+        span = f"{r['from']:.4g}" if r["from"] == r["to"] else f"{r['from']:.4g}-{r['to']:.4g}"
+        values = "" if r["low"] is None else (f" ({r['low']:.2f}x)" if f"{r['low']:.2f}" == f"{r['high']:.2f}"
+                                               else f" ({r['low']:.2f}x-{r['high']:.2f}x)")
+        parts.append(f"{r['verdict']}{values} at {span}")
+    return f"{metric}: " + "; ".join(parts) if parts else f"{metric}: no targets (the reference never left its floor)"
 
 
 # ----------------------------------------------------------------------------- text tables
@@ -207,14 +246,30 @@ def summary_table(results: list[dict]) -> str:
 
 
 def speedup_table(sp: dict) -> str:
-    lines = [f"target: {sp['metric']} >= {sp['target']:.4g} on the validation curve "
-             f"({'the final value of ' + sp['reference'] if sp['target_source'] == 'reference final' else 'given'}); "
-             f"speed-ups vs {sp['reference']}, 95% bootstrap CI over seeds"]
-    header = ["method", "reached", "time to target s", "time speed-up", "TFLOP to target", "FLOPs speed-up"]
+    """The headline target's table, then each method's speed-up curve over the target grid in words."""
+    compare = ">=" if sp["higher_is_better"] else "<="
+    lines = [f"target: {sp['metric']} {compare} {sp['target']:.4g} on the validation curve's monotone fit "
+             f"({sp['target_source']}); speed-ups vs {sp['reference']}: paired over seeds, "
+             f"{sp['pair_level']:.1%} t intervals ({sp['level']:.0%} jointly over the methods)"]
+    header = ["method", "reached", "time to target s", "time speed-up", "verdict", "TFLOP to target",
+              "FLOPs speed-up", "verdict"]
     rows = []
     for name, m in sp["methods"].items():
-        reached = f"{m['reached']}/{m['seeds']}"
         t, f = m["time_to_target_s"]["mean"], m["flops_to_target"]["mean"]
-        rows.append([name, reached, "not reached" if t is None else f"{t:.1f}", format_ratio(m["time_speedup"]),
-                     "not reached" if f is None else f"{f / 1e12:.3f}", format_ratio(m["flops_speedup"])])
-    return "\n".join(lines) + "\n" + _table(header, rows)
+        rows.append([name, f"{m['reached']}/{m['seeds']}", "not reached" if t is None else f"{t:.1f}",
+                     format_ratio(m["time_speedup"]), verdict(m["time_speedup"], name == sp["reference"]),
+                     "not reached" if f is None else f"{f / 1e12:.3f}", format_ratio(m["flops_speedup"]),
+                     verdict(m["flops_speedup"], name == sp["reference"])])
+    out = "\n".join(lines) + "\n" + _table(header, rows)
+    for name, axes in sp["curve"]["methods"].items():
+        for axis, entries in axes.items():
+            out += f"\n{name} vs {sp['reference']}, {axis} to target, {describe_curve(entries, sp['metric'])}"
+    return out
+
+
+def verdict(s: dict | None, reference: bool = False) -> str:
+    """The verdict of one headline speed-up ("-" for the reference against itself or no number)."""
+    if reference or s is None:
+        return "-"
+    needed = f" ({s['seeds_needed']} seeds to decide)" if s.get("seeds_needed") else ""
+    return s["verdict"] + needed

@@ -25,7 +25,7 @@ TINY = [
     "llm.pretrain_steps=20", "llm.width=32", "llm.depth=1", "llm.heads=2", "llm.vocab_size=400",
     "bert.name=''",  # bridges from random init (test_e2e runs the tiny BERT the default pre-trains)
     "train.steps=6", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=2",
-    "train.eval_every=4", "train.eval_images=4", "train.warmup_exclude=1",
+    "train.eval_every=4", "train.eval_images=4", "train.warmup_exclude=1", "train.val_loss_images=8",
     "methods.baseline.width=32", "methods.baseline.depth=1", "methods.baseline.heads=2",
     "methods.simvlg.width=32", "methods.simvlg.depth=2", "methods.simvlg.heads=2",
     "methods.blip2.width=32", "methods.blip2.depth=2", "methods.blip2.heads=2", "methods.blip2.num_queries=4",

@@ -87,3 +87,20 @@ def test_pad_rows_right_and_left():
     assert valid.tolist() == [[True] * 3, [True, False, False], [False] * 3]
     ids, valid = pad_rows([[5, 6, 7], [8]], pad_id=0, left=True)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and valid.tolist() == [[True] * 3, [False, False, True]]
+
+
+def test_generation_loss_is_the_teacher_forced_loss_of_the_generation_path_or_none(method):
+    """Every stage either has a generation path, whose loss on the captions is finite and
+    deterministic in eval mode, or says it has none (None: BLIP-2's stage 1 alone)."""
+    method.eval()
+    batch = _batch()
+    with torch.no_grad():
+        for stage in method.stages(8):
+            out = method.generation_loss(batch, stage)
+            if out is None:
+                assert type(method).name.startswith("blip2") and stage.name == "stage1"
+                continue
+            assert out.loss.ndim == 0 and torch.isfinite(out.loss) and out.weight and out.weight > 0
+            again = method.generation_loss(batch, stage)
+            assert float(again.loss) == float(out.loss)  # eval mode: deterministic
+    assert method.generation_loss(batch, method.stages(8)[-1]) is not None  # the last stage generates

@@ -218,3 +218,28 @@ def test_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     torch.save({"weights": {"blocks.0.norm1.weight": torch.ones(4)}}, path)
     with pytest.raises(ValueError, match="another version of the method"):
         load_checkpoint(path, torch.nn.Linear(4, 4), None, None, "cpu")
+
+
+def test_validation_loss_rows_leave_the_run_unchanged(tmp_path):
+    """Reading the validation loss at every log row (dropout on in training) changes no training
+    loss, and its values are the generation path's loss on the fixed captions."""
+    torch.manual_seed(0)
+    cls = METHODS.get("baseline")
+    cfg = TrainConfig(steps=6, batch_size=4, lr=2e-2, warmup_steps=1, log_every=2, warmup_exclude=1)
+    val = [next(batches(seed=9, n=4))]
+
+    def go(name, validation_batches):
+        torch.manual_seed(0)
+        method = cls(dataclasses.replace(cls.Config(), width=32, heads=2, depth=1, dropout=0.1), random_backbones())
+        log = MetricsLog(tmp_path / name / "metrics.jsonl")
+        train(method, batches(), cfg, torch.device("cpu"), log, progress=False, validation_batches=validation_batches)
+        return method, log.rows
+
+    _, plain = go("plain", [])
+    method, read = go("read", val)
+    assert [r["loss"] for r in read] == [r["loss"] for r in plain]
+    assert all("val_loss" not in r for r in plain) and all("val_loss" in r for r in read)
+    method.eval()
+    with torch.no_grad():
+        final = float(method.generation_loss(val[0], Stage("train", 6)).loss)
+    assert read[-1]["val_loss"] == pytest.approx(final, abs=1e-5)

@@ -80,9 +80,11 @@ def run(
 
 
 def _print_summary(dirs, target, as_json: bool = False, strict: bool = False) -> None:
-    """The per-run table, then time- and FLOPs-to-target per method. After a run (not strict), a
-    target that cannot be computed (e.g. no learning curve) is a note, never a failure."""
-    from vlp_bench.reports.summary import compute_speedups, load_results, speedup_table, summary_table
+    """The per-run table, then time- and FLOPs-to-target per method with verdicts and speed-up
+    curves, on the target metric and on the validation loss. After a run (not strict), a target
+    that cannot be computed (e.g. no learning curve) is a note, never a failure."""
+    from vlp_bench.reports.summary import (compute_speedups, load_results, loss_speedups, speedup_table,
+                                           summary_table)
 
     results = load_results(dirs)
     try:
@@ -91,20 +93,25 @@ def _print_summary(dirs, target, as_json: bool = False, strict: bool = False) ->
         if strict:
             raise
         sp, why = None, str(e)
+    loss = loss_speedups(dirs, results, sp["reference"] if sp else target.reference or None)
     if as_json:
         typer.echo(json.dumps({"runs": [{"dir": str(d), "results": r} for d, r in zip(dirs, results)],
-                               "speedups": sp}, indent=2))
+                               "speedups": sp, "loss_speedups": loss}, indent=2))
         return
     typer.echo(summary_table(results))
     typer.echo("")
     typer.echo(speedup_table(sp) if sp else f"no speed-ups: {why}")
+    if loss:
+        typer.echo("")
+        typer.echo(speedup_table(loss))
 
 
 @app.command()
 def summary(
     runs: list[Path] = typer.Argument(..., help="Run directories, or experiment directories holding them."),
     metric: Optional[str] = typer.Option(None, help="task.key of the learning curve (default: target.metric)."),
-    target: Optional[float] = typer.Option(None, help="Target value (default: the reference's final value)."),
+    target: Optional[float] = typer.Option(None, help="Target value (default: 0.9 of the way from the floor to "
+                                           "the other reference seeds' best, docs/costs.md)."),
     reference: Optional[str] = typer.Option(None, help="Reference method (default: baseline if it ran, else the first)."),
     as_json: bool = typer.Option(False, "--json", help="Print the runs and speed-ups as JSON."),
 ):
@@ -162,7 +169,8 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: EXPERIMENT/report.html for "
                                                                "one experiment directory, else ./report.html)."),
     metric: Optional[str] = typer.Option(None, help="task.key of the learning curve (default: target.metric)."),
-    target: Optional[float] = typer.Option(None, help="Target value (default: the reference's final value)."),
+    target: Optional[float] = typer.Option(None, help="Target value (default: 0.9 of the way from the floor to "
+                                           "the other reference seeds' best, docs/costs.md)."),
     reference: Optional[str] = typer.Option(None, help="Reference method (default: baseline if it ran, else the first)."),
     flops_: Optional[list[Path]] = typer.Option(None, "--flops", help="A `vlp-bench flops --json` table to show "
                                                 "(repeatable; default: the flops-*.json of the experiment directories)."),

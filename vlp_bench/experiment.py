@@ -112,6 +112,25 @@ class Experiment:
             return VideoSplit(self.root, "train")
         return CaptionSplit(self.root, "train")
 
+    @functools.cached_property
+    def validation_batches(self) -> list[dict]:
+        """The validation loss's fixed captions: the first train.val_loss_images validation images
+        (clips) with their first reference each, in training-size batches; none when no task
+        evaluates (an experiment that only trains has no validation split to read)."""
+        cfg = self.cfg
+        if not cfg.train.val_loss_images or not self.tasks:
+            return []
+        if on_clips(cfg):
+            from vlp_bench.data.video import VideoSplit
+
+            split = VideoSplit(self.root, "val")
+        else:
+            split = CaptionSplit(self.root, "val")
+        ids, size = split.image_ids[:cfg.train.val_loss_images], cfg.train.batch_size
+        return [{"prompt": cfg.experiment.prompt, "image_ids": chunk, "captions": [split.refs[i][0] for i in chunk],
+                 "images": self.images.batch([split.image_path(i) for i in chunk])}
+                for chunk in (ids[k:k + size] for k in range(0, len(ids), size))]
+
     def run_one(self, method_name: str, seed: int, run_dir: Path, method_cfg=None,
                 on_eval: Callable[[int, dict], None] | None = None) -> None:
         """Train and evaluate `method_name` with `seed`, writing run_dir's records; `method_cfg`
@@ -199,7 +218,8 @@ class _Run:
         if self.checkpoint.is_file():
             say(f"resuming {self.dir.name} from its checkpoint")
         cost = self.record["cost"] = train(method, batches, cfg.train, exp.device, log, evaluate,
-                                           checkpoint=self.checkpoint, decoder_batches=decoder_batches)
+                                           checkpoint=self.checkpoint, decoder_batches=decoder_batches,
+                                           validation_batches=exp.validation_batches)
         self.record["data"] = _job_report(group, batches.report())
         if self.main:
             self.final_evaluation(method, decoder_batches)

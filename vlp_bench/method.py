@@ -10,6 +10,8 @@ takes both (the default `encode` averages the frozen encoder's tokens over the f
     set_progress(fraction), info()  -> optional: step curricula; facts for results.json
     decoder_stage()                 -> optional: a short stage trained on a copy of the weights
                                        before each evaluation (the text-side family's AR fine-tuning)
+    generation_loss(batch, stage)   -> optional: the teacher-forced loss of the batch's captions
+                                       through the generation path (the validation loss)
 A method is a small file in methods/ with a `Config` dataclass and, for the frozen-LLM family, a
 `bridge(visual_tokens) -> soft prompt` (its output length may be anything: merging shrinks it).
 """
@@ -120,6 +122,13 @@ class Method(nn.Module):
         afterwards (vlp_bench.train.trainer.decoder_finetune); its cost is recorded apart. None = none."""
         return None
 
+    def generation_loss(self, batch: dict, stage: Stage) -> StepOutput | None:
+        """The teacher-forced loss of batch["captions"] after batch["prompt"] through the model that
+        generates this method's answers, as it stands during training `stage` (evaluation's
+        encoder path: no masking); None when that stage has no generation path yet. The validation
+        loss (vlp_bench.train.validation) reads it, in eval mode and without gradients."""
+        return None
+
     def set_progress(self, fraction: float) -> None:
         """Called by the trainer before each step with the fraction of training done (curricula)."""
 
@@ -164,6 +173,11 @@ class FrozenLLMMethod(Method):
 
     def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
         prefix = self.visual_prefix(batch["images"], stage)
+        loss, n = prefix_lm_loss(self.llm, self.tokenizer, prefix, batch["prompt"], batch["captions"])
+        return StepOutput(loss, prefix.shape[1], weight=n)
+
+    def generation_loss(self, batch: dict, stage: Stage) -> StepOutput | None:
+        prefix = self.visual_prefix(batch["images"])  # evaluation's path (stage None)
         loss, n = prefix_lm_loss(self.llm, self.tokenizer, prefix, batch["prompt"], batch["captions"])
         return StepOutput(loss, prefix.shape[1], weight=n)
 

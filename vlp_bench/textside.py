@@ -204,6 +204,12 @@ class TextSideMethod(Method):
         self.counts["hidden_share"] += float(((share * out.predicted).sum(1) / per_row.clamp(min=1)).sum())
         return StepOutput(self.objective_loss(text, out), visual.shape[1])  # the visual tokens the text side reads
 
+    def generation_loss(self, batch: dict, stage: Stage) -> StepOutput | None:
+        """The decoding stream's AR loss; the trainer reads it after the decoder stage (evaluations)."""
+        visual = self.encode(batch["images"])
+        text = self.batch_text(batch["prompt"], batch["captions"])
+        return StepOutput(self.ar_loss(text, visual), visual.shape[1], weight=float(text.targets.sum()))
+
     def predictions(self, text: Text, visual: torch.Tensor) -> Predictions:
         raise NotImplementedError
 

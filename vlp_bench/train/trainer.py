@@ -37,6 +37,7 @@ from vlp_bench.train.checkpoint import load_checkpoint, rng_state, save_checkpoi
 from vlp_bench.train.compile import compile_blocks, eager
 from vlp_bench.train.flops import PASSES, FlopCount, count_step, flop_summary, stage_summary
 from vlp_bench.train.measure import peak_flops_per_s, peak_memory_bytes, reset_peak_memory, sync
+from vlp_bench.train.validation import ValidationLoss
 
 
 @dataclass
@@ -52,6 +53,9 @@ class TrainConfig:
     log_every: int = 25  # steps between metrics.jsonl rows
     eval_every: int = 250  # steps between validation evaluations (0 = final only): a learning curve of a few points
     eval_images: int = 100  # validation images per periodic evaluation (the final one uses the whole test split)
+    # validation captions whose teacher-forced loss is read at every log row (0 = none): the cheap,
+    # frequent signal of docs/costs.md; the first N validation images, one caption each
+    val_loss_images: int = 64
     warmup_exclude: int = 5  # first steps of each stage left out of the median step time
     checkpoint_every: int = 250  # steps between checkpoints (0 = none): a killed run loses at most this many
     count_flops: bool = True  # count each step's FLOPs (once per new shape, outside the clock); false = no FLOPs
@@ -67,8 +71,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0 or self.eval_every < 0 or self.checkpoint_every < 0 or self.eval_images < 1:
-            raise ValueError("warmup_steps, eval_every and checkpoint_every must be >= 0, eval_images >= 1")
+        if min(self.warmup_steps, self.eval_every, self.checkpoint_every, self.val_loss_images) < 0 or self.eval_images < 1:
+            raise ValueError("warmup_steps, eval_every, checkpoint_every and val_loss_images must be >= 0, "
+                             "eval_images >= 1")
         if self.peak_tflops < 0:
             raise ValueError(f"peak_tflops must be >= 0, got {self.peak_tflops}")
         if self.compile and self.compile not in torch.compiler.list_backends(exclude_tags=()):
@@ -127,7 +132,7 @@ class _Run:
 def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch.device, log: MetricsLog,
           evaluate: Callable[[int], dict] | None = None, progress: bool = True,
           checkpoint: Path | None = None, stages: list[Stage] | None = None,
-          decoder_batches: Callable[[], TrainBatches] | None = None) -> dict:
+          decoder_batches: Callable[[], TrainBatches] | None = None, validation_batches: list[dict] = ()) -> dict:
     """Train `method` for cfg.steps optimizer steps; returns the cost summary for results.json.
 
     With `checkpoint`, the state (trainable weights, optimizer, data position, RNG, cost counters,
@@ -136,6 +141,8 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     With `stages`, those are trained instead of method.stages(cfg.steps): a phase inside another
     run (decoder_finetune), which leaves that run's peak-memory window alone. With
     `decoder_batches`, each evaluation is preceded by the method's decoder stage (decoder_finetune).
+    With `validation_batches`, their validation loss joins the log rows (or, for a method with a decoder
+    stage, the evaluation rows: vlp_bench.train.validation).
 
     Under torchrun (vlp_bench.train.dist) every rank calls this with its slice of each batch; the
     returned costs are the job's (samples and FLOPs of all ranks), evaluation is rank zero's."""
@@ -153,8 +160,10 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
         saved, opt_state, opt_stage = load_checkpoint(checkpoint, method, batches, log, device, group.rank)
         st = TrainState(**saved)
     decoder = lambda: decoder_finetune(method, decoder_batches, cfg, device)  # noqa: E731 (before each evaluation)
+    validation = ValidationLoss(list(validation_batches), device, autocast)
+    read_loss = validation if validation and method.decoder_stage() is None else None  # at log rows
     if evaluate is not None and cfg.eval_every and st.step == 0:  # the learning curve starts untrained
-        _evaluate(method, evaluate, log, st, decoder, group)
+        _evaluate(method, evaluate, log, st, decoder, group, (validation, schedule[0][0]) if schedule else None)
     run = _Run(method, batches, cfg, device, group, autocast, [*method.flop_parts()[0], method.flop_parts()[1]])
     current = None
     for i, (stage, s) in enumerate(progress_bar(schedule, f"train {method.name}", progress and group.is_main)):
@@ -169,9 +178,9 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
         loss, step_flops, dt = _optimizer_step(run, st, stage, params, opt, lr)
         _record_step(st, loss, step_flops, dt, timed=s >= cfg.warmup_exclude)
         if st.step % cfg.log_every == 0 or st.step == total:
-            _log_row(log, st, stage, step_flops, lr)
+            _log_row(log, st, stage, step_flops, lr, read_loss(method, stage) if read_loss and group.is_main else None)
         if evaluate is not None and cfg.eval_every and (st.step % cfg.eval_every == 0 or st.step == total):
-            _evaluate(method, evaluate, log, st, decoder, group)
+            _evaluate(method, evaluate, log, st, decoder, group, (validation, stage))
         if checkpoint is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total:
             _save(run, checkpoint, opt, stage, log, st)
     method.eval()
@@ -280,11 +289,14 @@ def _record_step(st: TrainState, loss: float, step_flops: FlopCount, dt: float, 
     st.window.append(loss)
 
 
-def _log_row(log: MetricsLog, st: TrainState, stage: Stage, step_flops: FlopCount, lr: float) -> None:
-    """A metrics.jsonl row: the counters so far and the mean loss since the previous row."""
+def _log_row(log: MetricsLog, st: TrainState, stage: Stage, step_flops: FlopCount, lr: float,
+             val_loss: float | None) -> None:
+    """A metrics.jsonl row: the counters so far, the mean loss since the previous row and the
+    validation loss when it was read."""
     log.append({"step": st.step, "stage": stage.name, "samples": st.samples, "wall_s": round(st.wall, 4),
                 "flops": FlopCount(st.flops).total, "step_flops": step_flops.total,
-                "loss": sum(st.window) / len(st.window), "lr": lr, "tokens_to_llm": st.tokens_to_llm})
+                "loss": sum(st.window) / len(st.window), "lr": lr, "tokens_to_llm": st.tokens_to_llm,
+                **({} if val_loss is None else {"val_loss": val_loss})})
     st.window = []
 
 
@@ -367,9 +379,10 @@ def _reduce_step(group: dist.Group, loss: float, flops: FlopCount, parts: list[s
 
 
 def _evaluate(method: Method, evaluate: Callable[[int], dict], log: MetricsLog, st: TrainState, decoder,
-              group: dist.Group) -> None:
+              group: dist.Group, validation: tuple[ValidationLoss | None, Stage] | None) -> None:
     """One point of the learning curve (validation subset), at the training cost spent so far; a
-    decoder phase before it (if the method has one) is recorded in the row, apart from that cost.
+    decoder phase before it (if the method has one) is recorded in the row, apart from that cost,
+    and so is the validation loss read after it (`validation`: the reader and the current stage).
     Rank zero's alone, with collectives off; the other ranks wait for it."""
     if group.is_main:
         method.eval()
@@ -377,6 +390,8 @@ def _evaluate(method: Method, evaluate: Callable[[int], dict], log: MetricsLog, 
                "flops": FlopCount(st.flops).total, "split": "val"}
         with dist.local(), eager(), decoder() as cost:
             row["eval"] = evaluate(st.step)
+            if validation and validation[0] and (loss := validation[0](method, validation[1])) is not None:
+                row["val_loss"] = loss
         log.append({**row, **({"decoder": cost} if cost else {})})
         method.train()
     group.barrier()
