@@ -226,14 +226,21 @@ def speedup_figure(sp: dict, colors: dict, quality: str) -> dict | None:
     sns = _setup_plots()
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    ref = sp["reference"]
+    ref, pad = sp["reference"], 0.03 * (max(grid) - min(grid)) or 0.05 * abs(grid[0]) or 1.0
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4), sharey=True)
     for ax, axis in zip(axes, ("time", "flops")):
         for method, curves in methods.items():
             _speedup_axis(ax, curves[axis], colors.get(method))
         ax.axhline(1.0, color="0.3", lw=1, ls=":")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        low, high = ax.get_ylim()
+        ax.set_ylim(low / 1.4, high)  # room for the x marks below the lowest speed-up
+        ax.set_xlim(min(grid) - pad, max(grid) + pad)  # the x marks alone do not widen the axis
         ax.set_xlabel(f"target: {quality}")
         ax.set_ylabel(f"{'wall-clock' if axis == 'time' else 'FLOPs'} speed-up over {ref}")
         if not sp["higher_is_better"]:

@@ -23,9 +23,13 @@ import pandas as pd
 
 from vlp_bench.errors import UserError
 from vlp_bench.files import atomic_write_text
-from vlp_bench.reports.figures import curve_figures, merge_pictures, palette, pareto_figure, search_figure
-from vlp_bench.reports.summary import (Run, by_method, captioning, compute_speedups, flops_units,
-                                       format_mean_sd, format_ratio, load_runs, mean_sd, metric_value, run_metric)
+from vlp_bench.metrics.targets import VAL_LOSS
+from vlp_bench.metrics.verdicts import FASTER, POINT, SLOWER
+from vlp_bench.reports.figures import (curve_figures, merge_pictures, palette, pareto_figure, search_figure,
+                                       speedup_figure)
+from vlp_bench.reports.summary import (Run, by_method, captioning, compute_speedups, describe_curve, flops_units,
+                                       format_mean_sd, format_ratio, load_runs, loss_speedups, mean_sd,
+                                       metric_value, run_metric, verdict)
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -33,8 +37,10 @@ TEMPLATES = Path(__file__).parent / "templates"
 # ----------------------------------------------------------------------------- the top of the page
 
 
-def headline(runs: list[Run], sp: dict | None, metric: str) -> dict:
-    """What was compared, who won, by how much: the facts the top of the page states."""
+def headline(runs: list[Run], sp: dict | None, metric: str, lsp: dict | None = None) -> dict:
+    """What was compared and, for each method against the reference, the verdict at the headline
+    target and where over the target grid it is faster, slower or not distinguishable (`lsp`: the
+    same on the validation loss, when the runs logged it)."""
     groups = by_method(runs)
     finished = {m: [r for r in rs if r.finished] for m, rs in groups.items()}
     quality = {m: mean_sd([metric_value(r.rec, metric) for r in rs])[0] for m, rs in finished.items()}
@@ -47,16 +53,55 @@ def headline(runs: list[Run], sp: dict | None, metric: str) -> dict:
            "floor": next((metric_value(r.rec, metric, floor=True) for rs in finished.values() for r in rs), None)}
     if sp:
         ref = sp["reference"]
-        faster = {m: s for m, s in sp["methods"].items()
-                  if m != ref and s["time_speedup"] is not None and s["reached"] == s["seeds"]}
-        out.update(reference=ref, target=sp["target"], target_source=sp["target_source"],
-                   not_reached=[m for m, s in sp["methods"].items() if s["reached"] < s["seeds"]])
-        if faster:
-            win = max(faster, key=lambda m: faster[m]["time_speedup"]["value"])
-            out.update(winner=win, time=format_ratio(faster[win]["time_speedup"]),
-                       flops=format_ratio(faster[win]["flops_speedup"]),
-                       winner_faster=faster[win]["time_speedup"]["value"] > 1,
-                       has_ci=faster[win]["time_speedup"]["ci_low"] is not None)
+        per_seed = sp["targets_per_seed"]
+        source = sp["target_source"] if len(set(per_seed.values())) < 2 else (
+            f"the mean of the per-seed targets, {sp['target_source']}: "
+            + ", ".join(f"seed {seed} {t:.4g}" for seed, t in per_seed.items()))
+        out.update(reference=ref, target=sp["target"], compare="≥" if sp["higher_is_better"] else "≤",
+                   target_source=source, pair_level=f"{sp['pair_level'] * 100:.4g}%",
+                   level=f"{sp['level']:.0%}", compared=len(sp["methods"]) - 1,
+                   not_reached=[m for m, s in sp["methods"].items() if s["reached"] < s["seeds"]],
+                   comparisons=[comparison(sp, m, lsp) for m in sp["methods"] if m != ref])
+    return out
+
+
+def no_ratio(sp: dict, method: str, cost: str = "time_to_target_s") -> str:
+    """Why a method has no speed-up at the headline target (`cost`: the per-seed costs to look at)."""
+    m, ref = sp["methods"][method], sp["methods"][sp["reference"]]
+    if m["reached"] == 0:
+        return "not reached"
+    if m["reached"] < m["seeds"]:
+        return f"not reached in every seed ({m['reached']}/{m['seeds']})"
+    if ref["reached"] < ref["seeds"]:
+        return f"{sp['reference']} not reached in every seed"
+    if 0 in m[cost]["per_seed"] or 0 in ref[cost]["per_seed"]:
+        return "reached untrained"
+    return "no paired seeds"
+
+
+def verdict_text(sp: dict, method: str, key: str = "time_speedup") -> str:
+    """A method's verdict at the headline target: faster, slower, no detectable difference (with the
+    seeds a decision needs), one seed's labelled point estimate, or why there is no speed-up."""
+    s = sp["methods"][method][key]
+    if method == sp["reference"]:
+        return "-"
+    if s is None:
+        return no_ratio(sp, method, "time_to_target_s" if key == "time_speedup" else "flops_to_target")
+    return "one seed: point estimate, no verdict" if s["verdict"] == POINT else verdict(s)
+
+
+def comparison(sp: dict, method: str, lsp: dict | None = None) -> dict:
+    """One method against the reference, for its card at the top of the page."""
+    m = sp["methods"][method]
+    time = m["time_speedup"]
+    kind = "warn" if time is None else {FASTER: "win", SLOWER: "warn"}.get(time["verdict"], "")
+    out = {"method": method, "time": None if time is None else format_ratio(time), "kind": kind,
+           "verdict": verdict_text(sp, method), "flops": format_ratio(m["flops_speedup"]),
+           "flops_verdict": verdict_text(sp, method, "flops_speedup"),
+           "curve": describe_curve(sp["curve"]["methods"].get(method, {}).get("time", []), sp["metric"]),
+           "loss_curve": None}
+    if lsp and method in lsp["curve"]["methods"]:
+        out["loss_curve"] = describe_curve(lsp["curve"]["methods"][method]["time"], "validation loss")
     return out
 
 
@@ -74,23 +119,24 @@ def floors(runs: list[Run]) -> dict:
 # ----------------------------------------------------------------------------- tables
 
 
-def styled(frame: pd.DataFrame, uid: str, highlight: str | None = None) -> str:
-    """A pandas-styled table with every value and header HTML-escaped (user names stay text)."""
-    def row_style(row):
-        bold = highlight is not None and row.iloc[0] == highlight
-        return ["font-weight:600;background:#eef6ee" if bold else ""] * len(row)
-
+def styled(frame: pd.DataFrame, uid: str) -> str:
+    """A pandas-styled table with every value and header HTML-escaped (user names stay text); "not
+    reached" and the verdicts "slower" in red, "faster" in green."""
     def cell_style(v):
-        return "color:#a33" if isinstance(v, str) and v.startswith("not reached") else ""
+        if isinstance(v, str) and v.startswith(("not reached", SLOWER)):
+            return "color:#a33"
+        return "color:#276b27;font-weight:600" if v == FASTER else ""
 
     style = (frame.style.hide(axis="index").format(escape="html").format_index(escape="html", axis=1)
-             .apply(row_style, axis=1).map(cell_style).set_uuid(uid).set_table_attributes('class="table"'))
+             .map(cell_style).set_uuid(uid).set_table_attributes('class="table"'))
     return style.to_html()
 
 
 def method_table(runs: list[Run], sp: dict | None, metric: str) -> pd.DataFrame:
-    """One row per method: quality with its spread over seeds, time- and FLOPs-to-target, costs."""
+    """One row per method: quality with its spread over seeds, time- and FLOPs-to-target with the
+    speed-ups and their verdicts, costs."""
     task, _, key = metric.partition(".")
+    ci = f"{sp['pair_level'] * 100:.4g}% CI" if sp else "CI"
     rows = []
     for method, all_runs in by_method(runs).items():
         done = [r for r in all_runs if r.finished]
@@ -108,9 +154,11 @@ def method_table(runs: list[Run], sp: dict | None, metric: str) -> pd.DataFrame:
             "VQA acc. % (test)": format_mean_sd([metric_value(r.rec, "vqa.overall") for r in done], ".2f"),
             "reached target": "-" if s is None else f"{s['reached']}/{s['seeds']}",
             "time to target (s)": "-" if s is None else ("not reached" if t is None else f"{t:.1f}"),
-            "time speed-up [95% CI]": "-" if s is None else format_ratio(s["time_speedup"]),
+            f"time speed-up [{ci}]": "-" if s is None else format_ratio(s["time_speedup"]),
+            "time verdict": "-" if s is None else verdict_text(sp, method),
             "FLOPs to target (TFLOP)": "-" if s is None else ("not reached" if f is None else f"{f / 1e12:.3f}"),
-            "FLOPs speed-up [95% CI]": "-" if s is None else format_ratio(s["flops_speedup"]),
+            f"FLOPs speed-up [{ci}]": "-" if s is None else format_ratio(s["flops_speedup"]),
+            "FLOPs verdict": "-" if s is None else verdict_text(sp, method, "flops_speedup"),
             "tokens to LLM": "/".join(map(str, tokens)) or "-",
             "GFLOP / train sample": "-" if per_sample is None else f"{per_sample / 1e9:.3f}",
             "train time (s)": format_mean_sd([c.get("train_wall_s") for c in cost], ".1f"),
@@ -231,18 +279,22 @@ def render(dirs: list[Path], metric: str = "", target: float | None = None,
         if strict:
             raise
         sp, sp_error = None, str(e)
+    lsp = (loss_speedups([r.dir for r in runs], [r.rec for r in runs], sp["reference"] if sp else reference)
+           if runs and metric != VAL_LOSS else None)  # the same on the validation loss, when logged
     methods = list(by_method(runs))
     colors = palette(methods)
-    head = headline(runs, sp, metric)
+    head = headline(runs, sp, metric, lsp)
+    speedup_figures = [f for f in (sp and speedup_figure(sp, colors, f"validation {metric}"),
+                                   lsp and speedup_figure(lsp, colors, "validation loss (lower is better)")) if f]
     paper = [paper_section(path, f"paper{k}") for k, path in enumerate(flops_files)]
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.get_template("report.html.j2").render(
         title="vlp-bench report", generated=time.strftime("%Y-%m-%d %H:%M %Z"), head=head, sp=sp,
         sp_error=sp_error, metric=metric, floors=floors(runs), flops_units=flops_units([r.rec for r in runs]),
-        speedups=styled(method_table(runs, sp, metric), "speedups", head.get("winner")),
+        speedups=styled(method_table(runs, sp, metric), "speedups"), speedup_figures=speedup_figures,
         subsets=None if (subsets := subset_table(runs, metric)) is None else styled(subsets, "subsets"),
-        curves=curve_figures(runs, metric, sp["target"] if sp else None, colors),
+        curves=curve_figures(runs, metric, sp["target"] if sp else None, colors, lsp and lsp["target"]),
         pareto=pareto_figure(runs, metric, colors), merges=merge_pictures(runs), paper=paper,
         searches=[search_section(p, f"search{k}") for k, p in enumerate(searches)],
         failed=[{"run": r.dir.name, "status": r.rec.get("status"), "error": r.rec.get("error", "")}

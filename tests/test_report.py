@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from markupsafe import escape
 
 from vlp_bench.files import read_jsonl
 from vlp_bench.reports import html as report
+from vlp_bench.reports.summary import compute_speedups, describe_curve, load_results, loss_speedups, verdict
 
 try:
     from browser import chromium_path, open_page
@@ -71,6 +73,17 @@ def experiment(shared_experiment):
     return shared_experiment
 
 
+def svg_figures(out: Path) -> int:
+    """The plots the page of this experiment draws: quality, training loss and the Pareto plot always
+    (the tiny runs log all three); the validation-loss curves when the runs logged it; a speed-up
+    against target quality for each of the target metric and the validation loss that has a grid."""
+    dirs = sorted(d for d in out.iterdir() if (d / "results.json").is_file())
+    results = load_results(dirs)
+    sp, lsp = compute_speedups(dirs, results, "", None, None), loss_speedups(dirs, results, None)
+    logged = any("val_loss" in row for d in dirs for row in read_jsonl(d / "metrics.jsonl"))
+    return 3 + logged + sum(bool(s and s["curve"]["targets"]) for s in (sp, lsp))
+
+
 def _speedups(out: Path) -> dict:
     proc = cli("summary", str(out), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -96,13 +109,20 @@ def test_run_writes_the_report_and_its_numbers_match_the_results(experiment):
         assert row["GFLOP / train sample"] == f"{per_sample / 1e9:.3f}"
         s = sp["methods"][method]
         assert row["reached target"] == f"{s['reached']}/2"
-        for col, key in (("time speed-up [95% CI]", "time_speedup"), ("FLOPs speed-up [95% CI]", "flops_speedup")):
-            ratio = s[key]
-            assert row[col] == ("-" if ratio is None else
-                                f"{ratio['value']:.2f}x [{ratio['ci_low']:.2f}, {ratio['ci_high']:.2f}]")
+        for axis, key in (("time", "time_speedup"), ("FLOPs", "flops_speedup")):
+            ratio = s[key]  # two methods: one comparison, so the per-comparison level is the joint 95%
+            assert row[f"{axis} speed-up [95% CI]"] == ("-" if ratio is None else
+                                                        f"{ratio['value']:.2f}x [{ratio['ci_low']:.2f}, {ratio['ci_high']:.2f}]")
+            if method == "baseline":
+                assert row[f"{axis} verdict"] == "-"
+            elif ratio is not None:
+                assert row[f"{axis} verdict"] == verdict(ratio)
+            else:
+                assert row[f"{axis} verdict"].startswith(("not reached", "baseline not reached", "reached untrained"))
     assert rows["simvlg"]["tokens to LLM"] == "25" and rows["baseline"]["tokens to LLM"] == "65"
     assert f"{sp['target']:.4g}" in page  # the target the speed-ups are measured at
-    assert page.count('src="data:image/svg+xml;base64,') == 3  # quality curves, loss curves, Pareto plot
+    assert sp["target_source"] in page and "paired t" in page
+    assert page.count('src="data:image/svg+xml;base64,') == svg_figures(out)
     paper = json.loads((out / "flops-paper.json").read_text())  # written by the run, shown in the report
     paper_rows = {r[0]: r for r in Tables(page).tables["T_paper0"][1:]}
     assert set(paper_rows) == {"baseline", "simvlg"}
@@ -205,7 +225,7 @@ def test_report_loads_in_headless_chromium_offline(experiment, tmp_path):
         "top": "document.querySelector('.cards').innerText"})
     assert load.errors() == [] and load.dialogs == []
     assert load.external_requests(path.resolve().as_uri()) == []
-    assert len(load.values["images"]) == 3 + 4 and all(load.values["images"])  # every embedded image decodes
+    assert len(load.values["images"]) == svg_figures(out) + 4 and all(load.values["images"])  # all decode
     assert load.values["scripts"] == 0
     assert "baseline" in load.values["top"]
     assert load.screenshot.startswith(b"\x89PNG")
@@ -220,3 +240,131 @@ def test_hostile_strings_are_displayed_not_executed(hostile):
     assert load.values["pwned"] == "undefined" and load.dialogs == [] and load.errors() == []
     assert load.external_requests(hostile.resolve().as_uri()) == []  # the <img> was never created
     assert "evil" + HOSTILE in load.values["text"]  # the label, as the reader sees it
+
+
+# ----------------------------------------------------------------------------- verdicts, on written runs
+
+
+def fake_run(root: Path, method: str, seed: int, top: float, wall_per_step: float, flops_per_step: float) -> Path:
+    """A finished run directory without training: caption.CIDEr rising from the floor 0.1 towards
+    `top` (an evaluation each step) and a validation loss falling with it, logged at the training
+    rows (the reader must take it from there)."""
+    run = root / f"{method}-seed{seed}"
+    run.mkdir(parents=True)
+    rows = []
+    for step in range(21):
+        cider = 0.1 + (top - 0.1) * (1 - math.exp(-step / 5))
+        cost = {"step": step, "wall_s": wall_per_step * step, "flops": flops_per_step * step}
+        rows.append({**cost, "split": "val", "eval": {"caption": {"CIDEr": cider}}})
+        rows.append({**cost, "stage": "train", "loss": 4.0 - cider, "val_loss": 3.0 - cider})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = {"schema_version": 4, "run_id": run.name, "method": method, "seed": seed, "status": "finished",
+           "config": {"target": {"metric": "caption.CIDEr"}},
+           "metrics": {"caption": {"CIDEr": cider, "floor": {"CIDEr": 0.1, "caption": "a shape"}}},
+           "cost": {"train_wall_s": wall_per_step * 20, "train_flops": flops_per_step * 20, "tokens_to_llm": 65,
+                    "train_flops_per_sample": flops_per_step / 8, "flops_unit": "FLOP"}, "env": {}}
+    (run / "results.json").write_text(json.dumps(rec))
+    return run
+
+
+def fake_experiment(root: Path, seeds: int) -> list[Path]:
+    """baseline; "fast", as good about 2x sooner (a little more or less per seed, so its interval has
+    a width); "stuck", which levels off at CIDEr 0.4 and so never reaches the higher targets."""
+    dirs = []
+    for seed in range(seeds):
+        wall = 10.0 * (1 + 0.05 * seed)
+        dirs += [fake_run(root, "baseline", seed, 1.0 + 0.01 * seed, wall, 1e12),
+                 fake_run(root, "fast", seed, 1.0 + 0.01 * seed, wall / (2.0 + 0.1 * seed), 0.5e12),
+                 fake_run(root, "stuck", seed, 0.4, wall, 1e12)]
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """The pages of the written experiment with three seeds and with one."""
+    pages = {}
+    for seeds in (3, 1):
+        dirs = fake_experiment(tmp_path_factory.mktemp(f"written{seeds}"), seeds)
+        results = load_results(dirs)
+        pages[seeds] = (report.render(dirs), compute_speedups(dirs, results, "", None, None),
+                        loss_speedups(dirs, results, None))
+    return pages
+
+
+def _cards(page: str) -> dict[str, str]:
+    """The headline's cards by the method they compare, as text."""
+    cards = re.findall(r'<div class="card[^"]*"><b class="big">([^<]*)</b>(.*?)</div>', page, re.S)
+    return {name: re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", "", body))) for name, body in cards}
+
+
+def test_headline_states_a_verdict_and_the_speedup_curve_with_seeds(written):
+    page, sp, lsp = written[3]
+    assert "winner" not in page
+    cards = _cards(page)
+    fast = sp["methods"]["fast"]["time_speedup"]
+    assert fast["verdict"] == "faster" and fast["ci_low"] > 1  # 2.0x, 2.1x, 2.2x over three seeds
+    assert f"{fast['value']:.2f}x [{fast['ci_low']:.2f}, {fast['ci_high']:.2f}], faster" in cards["fast"]
+    assert describe_curve(sp["curve"]["methods"]["fast"]["time"], "caption.CIDEr") in cards["fast"]
+    assert describe_curve(lsp["curve"]["methods"]["fast"]["time"], "validation loss") in cards["fast"]
+    assert sp["target_source"] == "cross-fitted from the other reference seeds"
+    assert f"the mean of the per-seed targets, {sp['target_source']}" in page
+    assert f"{sp['target']:.4g}" in page
+    # three methods: two comparisons, each at 97.5% so that both hold jointly at 95%
+    assert sp["pair_level"] == pytest.approx(0.975) and "paired t intervals at 97.5% per comparison" in page
+    assert "jointly at 95%" in page and "pointwise" in page
+    rows = {r[0]: dict(zip(Tables(page).tables["T_speedups"][0], r)) for r in Tables(page).tables["T_speedups"][1:]}
+    assert rows["fast"]["time verdict"] == rows["fast"]["FLOPs verdict"] == "faster"
+    assert "time speed-up [97.5% CI]" in rows["fast"]
+
+
+def test_a_method_that_never_reaches_the_target_shows_as_such(written):
+    page, sp, _ = written[3]
+    stuck = sp["methods"]["stuck"]
+    assert stuck["reached"] == 0 and stuck["time_speedup"] is None
+    card = _cards(page)["stuck"]
+    assert "not reached" in card and "speed-up" not in card.split(":")[1]  # no number at the target
+    assert "not reached at" in card  # where over the grid its advantage ends
+    verdicts = [e["verdict"] for e in sp["curve"]["methods"]["stuck"]["time"]]
+    assert verdicts[-1] == "not reached" and verdicts[0] != "not reached"  # the low targets it does reach
+    rows = {r[0]: dict(zip(Tables(page).tables["T_speedups"][0], r)) for r in Tables(page).tables["T_speedups"][1:]}
+    assert rows["stuck"]["time to target (s)"] == rows["stuck"]["time verdict"] == "not reached"
+    assert "Did not reach the target in every seed" in page
+
+
+def test_one_seed_gives_a_labelled_point_estimate_and_no_verdict(written):
+    page, sp, _ = written[1]
+    fast = sp["methods"]["fast"]["time_speedup"]
+    assert fast["verdict"] == "point estimate" and fast["ci_low"] is None
+    assert sp["target_source"] == "own run (one reference seed)" in page
+    card = _cards(page)["fast"]
+    assert f"{fast['value']:.2f}x, one seed: point estimate, no verdict" in card
+    assert "faster" not in card and "slower" not in card
+    rows = {r[0]: dict(zip(Tables(page).tables["T_speedups"][0], r)) for r in Tables(page).tables["T_speedups"][1:]}
+    assert rows["fast"]["time verdict"] == "one seed: point estimate, no verdict"
+
+
+def test_the_speedup_against_target_quality_and_the_validation_loss_are_drawn(written):
+    for seeds in (3, 1):
+        page, sp, lsp = written[seeds]
+        assert lsp is not None and lsp["higher_is_better"] is False and lsp["curve"]["targets"]
+        titles = re.findall(r"<h2>([^<]*)</h2>\s*<figure><img src=\"data:image/svg", page)
+        assert titles == ["caption.CIDEr learning curves", "Validation loss curves", "Loss curves",
+                          "Speed-up against target quality (validation caption.CIDEr)",
+                          "Speed-up against target quality (validation loss (lower is better))",
+                          "Quality against cost"]
+        assert "Bonferroni" in page and f"{len(sp['curve']['targets'])} targets from the floor plus 10%" in page
+        assert "lowest best fitted value among baseline&#39;s seeds" in page
+        assert "BLIP-2&#39;s stage 1" in page  # the validation-loss caption: stages that log none
+
+
+def test_no_speedup_curve_when_the_reference_never_leaves_its_floor(tmp_path):
+    dirs = []
+    for seed in range(2):
+        dirs += [fake_run(tmp_path, "baseline", seed, 0.1, 10.0, 1e12), fake_run(tmp_path, "fast", seed, 0.1, 5.0, 1e12)]
+    for d in dirs:  # no validation loss either
+        rows = [{k: v for k, v in r.items() if k != "val_loss"} for r in read_jsonl(d / "metrics.jsonl")]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = report.render(dirs)
+    assert "Speed-up against target quality" not in page and "Validation loss curves" not in page
+    assert "no range of targets to compare the methods over" in page
+    assert "no targets (the reference never left its floor)" in _cards(page)["fast"]

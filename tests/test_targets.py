@@ -276,3 +276,14 @@ def test_the_loss_curve_is_judged_lower_is_better():
     assert report["target"] == pytest.approx(3.0 - TARGET_LEVEL * 2.0)  # from the start 3.0 down to 1.0
     half = report["methods"]["half"]["time_speedup"]
     assert half["verdict"] == "faster" and 1.7 < half["value"] < 2.1
+
+
+def test_a_floor_the_reference_never_beat_gives_way_to_its_start():
+    rows_by_run = {"base-s0": rows_from([0.1, 0.3]), "other-s0": rows_from([0.1, 0.4])}
+    records = [record("base", 0), record("other", 0)]
+    for r in records:
+        r["metrics"]["caption"]["floor"] = {"CIDEr": 0.5}
+    report = speedups(records, rows_by_run, "caption.CIDEr")
+    assert report["floor"] == pytest.approx(0.1)
+    assert report["target"] == pytest.approx(0.1 + TARGET_LEVEL * 0.2)
+    assert report["methods"]["base"]["reached"] == 1

@@ -32,7 +32,8 @@ so their verdicts are strongly dependent: a range of targets where a method is f
 pointwise verdicts, not a simultaneous band.
 
 The floor is the metric's floor as the runs' results give it (the task's answer-the-most-common
-baseline, e.g. metrics.caption.floor.CIDEr), else the reference's fitted value at step 0.
+baseline, e.g. metrics.caption.floor.CIDEr), else (no floor, or a reference that never beat it) the
+reference's fitted value at step 0.
 """
 
 from __future__ import annotations
@@ -186,8 +187,10 @@ def _levels(ref_curves: dict[int, list[Point]], runs: list[dict], metric: str) -
                          f"points of {metric!r}")
     best = {s: fitted(p, sign)[-1][2] for s, p in ref_curves.items()}
     floor = _floor(runs, metric)
-    start = float(np.mean([fitted(p, sign)[0][2] for p in ref_curves.values()]))
-    return (start if floor is None else sign * floor), best
+    if floor is not None and sign * floor < min(best.values()):
+        return sign * floor, best
+    # no floor, or a reference that never beat it (then the floor says nothing of where it starts)
+    return float(np.mean([fitted(p, sign)[0][2] for p in ref_curves.values()])), best
 
 
 def seed_targets(floor: float, best: dict[int, float], seeds: set[int], sign: float) -> tuple[dict[int, float], str]:
