@@ -257,7 +257,7 @@ def speedup_figure(sp: dict, colors: dict, quality: str) -> dict | None:
                f"no detectable difference, or one seed's point estimate (no band). x at the bottom: not reached "
                f"in any seed, where the method's advantage ends; a gap without an x: some seeds reached it and "
                f"others not.")
-    return {"title": f"Speed-up against target quality ({quality})", "uri": _data_uri(fig), "caption": caption}
+    return {"title": f"Speed-up against target quality: {quality}", "uri": _data_uri(fig), "caption": caption}
 
 
 # ----------------------------------------------------------------------------- quality against cost

@@ -75,7 +75,7 @@ def no_ratio(sp: dict, method: str, cost: str = "time_to_target_s") -> str:
     if ref["reached"] < ref["seeds"]:
         return f"{sp['reference']} not reached in every seed"
     if 0 in m[cost]["per_seed"] or 0 in ref[cost]["per_seed"]:
-        return "reached untrained"
+        return "reached untrained (met at step 0)"
     return "no paired seeds"
 
 
@@ -96,7 +96,8 @@ def comparison(sp: dict, method: str, lsp: dict | None = None) -> dict:
     time = m["time_speedup"]
     kind = "warn" if time is None else {FASTER: "win", SLOWER: "warn"}.get(time["verdict"], "")
     out = {"method": method, "time": None if time is None else format_ratio(time), "kind": kind,
-           "verdict": verdict_text(sp, method), "flops": format_ratio(m["flops_speedup"]),
+           "verdict": verdict_text(sp, method) + (": no speed-up at this target" if time is None else ""),
+           "flops": format_ratio(m["flops_speedup"]),
            "flops_verdict": verdict_text(sp, method, "flops_speedup"),
            "curve": describe_curve(sp["curve"]["methods"].get(method, {}).get("time", []), sp["metric"]),
            "loss_curve": None}

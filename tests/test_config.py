@@ -42,12 +42,19 @@ def test_overrides_are_typed():
     ("experiment.tasks=['captoin']", "unknown task 'captoin' (did you mean 'caption'?)"),
     ("methods.baseline.heads=3", "not divisible"),
     ("train", "--set expects section.key=value"),
+    ("search.metric='val_loss'", "search.metric is maximised"),
+    ("train.val_loss_images=-1", "val_loss_images must be >= 0"),
 ])
 def test_config_errors(override, message):
     with pytest.raises(UserError) as e:
         load_config(None, [override])
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_the_validation_loss_can_be_the_target_but_never_what_a_search_maximises():
+    cfg = load_config(None, ["target.metric='val_loss'"])
+    assert cfg.target.metric == "val_loss" and cfg.search.metric == "caption.CIDEr"
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -111,14 +111,14 @@ def test_run_writes_the_report_and_its_numbers_match_the_results(experiment):
         assert row["reached target"] == f"{s['reached']}/2"
         for axis, key in (("time", "time_speedup"), ("FLOPs", "flops_speedup")):
             ratio = s[key]  # two methods: one comparison, so the per-comparison level is the joint 95%
-            assert row[f"{axis} speed-up [95% CI]"] == ("-" if ratio is None else
-                                                        f"{ratio['value']:.2f}x [{ratio['ci_low']:.2f}, {ratio['ci_high']:.2f}]")
+            shown = "-" if ratio is None else f"{ratio['value']:.2f}x [{ratio['ci_low']:.2f}, {ratio['ci_high']:.2f}]"
+            assert row[f"{axis} speed-up [95% CI]"] == shown
             if method == "baseline":
                 assert row[f"{axis} verdict"] == "-"
             elif ratio is not None:
                 assert row[f"{axis} verdict"] == verdict(ratio)
-            else:
-                assert row[f"{axis} verdict"].startswith(("not reached", "baseline not reached", "reached untrained"))
+            else:  # why there is none: the tiny runs may not reach it, or meet it untrained
+                assert row[f"{axis} verdict"] == report.verdict_text(sp, method, key) != "-"
     assert rows["simvlg"]["tokens to LLM"] == "25" and rows["baseline"]["tokens to LLM"] == "65"
     assert f"{sp['target']:.4g}" in page  # the target the speed-ups are measured at
     assert sp["target_source"] in page and "paired t" in page
@@ -322,7 +322,7 @@ def test_a_method_that_never_reaches_the_target_shows_as_such(written):
     stuck = sp["methods"]["stuck"]
     assert stuck["reached"] == 0 and stuck["time_speedup"] is None
     card = _cards(page)["stuck"]
-    assert "not reached" in card and "speed-up" not in card.split(":")[1]  # no number at the target
+    assert "not reached: no speed-up at this target" in card and "wall-clock speed-up" not in card
     assert "not reached at" in card  # where over the grid its advantage ends
     verdicts = [e["verdict"] for e in sp["curve"]["methods"]["stuck"]["time"]]
     assert verdicts[-1] == "not reached" and verdicts[0] != "not reached"  # the low targets it does reach
@@ -349,8 +349,8 @@ def test_the_speedup_against_target_quality_and_the_validation_loss_are_drawn(wr
         assert lsp is not None and lsp["higher_is_better"] is False and lsp["curve"]["targets"]
         titles = re.findall(r"<h2>([^<]*)</h2>\s*<figure><img src=\"data:image/svg", page)
         assert titles == ["caption.CIDEr learning curves", "Validation loss curves", "Loss curves",
-                          "Speed-up against target quality (validation caption.CIDEr)",
-                          "Speed-up against target quality (validation loss (lower is better))",
+                          "Speed-up against target quality: validation caption.CIDEr",
+                          "Speed-up against target quality: validation loss (lower is better)",
                           "Quality against cost"]
         assert "Bonferroni" in page and f"{len(sp['curve']['targets'])} targets from the floor plus 10%" in page
         assert "lowest best fitted value among baseline&#39;s seeds" in page

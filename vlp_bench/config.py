@@ -20,7 +20,7 @@ from vlp_bench.backbones import BertBackboneConfig, LLMConfig, VisionConfig
 from vlp_bench.data.images import DataConfig
 from vlp_bench.data.world import WorldConfig
 from vlp_bench.errors import UserError, suggest
-from vlp_bench.metrics.targets import split_metric
+from vlp_bench.metrics.targets import VAL_LOSS, split_metric
 from vlp_bench.nn.generation import CAPTION_PROMPT
 from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.trackers import TrackersConfig
@@ -92,6 +92,8 @@ class SearchConfig:
     def validate(self) -> None:
         if self.metric:
             split_metric(self.metric)
+        if self.metric == VAL_LOSS:
+            raise ValueError(f"search.metric is maximised: {VAL_LOSS} (a loss) cannot be it; name a task metric")
         if self.trials < 1:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
         for name, spec in self.space.items():
@@ -161,11 +163,11 @@ def load_config_dict(data: dict) -> BenchConfig:
     cfg.methods = _resolve_plugins(cfg.methods, METHODS, "methods", [*exp.methods, *searched])
     cfg.tasks = _resolve_plugins(cfg.tasks, TASKS, "tasks")
     _check_data_kinds(cfg)
+    headline = next((f"{n}.{TASKS.get(n).primary}" for n in exp.tasks if TASKS.get(n).primary), "")
     if not cfg.target.metric:  # stays "" when no task has one (an experiment that only trains)
-        headline = [f"{n}.{TASKS.get(n).primary}" for n in exp.tasks if TASKS.get(n).primary]
-        cfg.target.metric = headline[0] if headline else ""
-    if not cfg.search.metric:
-        cfg.search.metric = cfg.target.metric
+        cfg.target.metric = headline
+    if not cfg.search.metric:  # the search maximises: never the loss
+        cfg.search.metric = headline if cfg.target.metric == VAL_LOSS else cfg.target.metric
     if cfg.target.reference and cfg.target.reference not in exp.methods:
         raise UserError(f"target.reference '{cfg.target.reference}' is not one of experiment.methods {exp.methods}")
     return cfg
