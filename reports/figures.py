@@ -124,29 +124,29 @@ def _curve_series(runs: list[Run], metric: str | None, axis: str, scale: float):
 
 def _curve_text(what: str | None, metric: str, target: float | None) -> tuple[str, str, str]:
     """(title, y label, caption) of one learning-curve figure."""
-    if what == DECODER_LOSS:
-        return ("Loss after the decoder phase", "loss after the decoder phase",
-                "The caption (AR) loss at the end of the decoder phase that precedes each evaluation (mean over "
-                "its last tenth of steps), against the pre-training clock: the same fine-tuning for every method "
-                "of the text-side family, so unlike their training losses these are comparable across methods; "
-                "lower is better.")
-    if what is None:
-        return ("Loss curves", "training loss",
-                "Training loss (log scale) against wall-clock and FLOPs. Line styles mark training stages: losses "
-                "of different stages (e.g. BLIP-2's stage 1) are different objectives and are not comparable "
-                "across them, nor are FLM's, MLM's and AR's.")
     where = "; the dotted line is the target" if target is not None else ""
+    if what == DECODER_LOSS:
+        caption = ("The caption (AR) loss at the end of the decoder phase that precedes each evaluation (mean "
+                   "over its last tenth of steps), against the pre-training clock: the same fine-tuning for every "
+                   "method of the text-side family, so unlike their training losses these are comparable across "
+                   "methods; lower is better.")
+        return "Loss after the decoder phase", "loss after the decoder phase", caption
+    if what is None:
+        caption = ("Training loss (log scale) against wall-clock and FLOPs. Line styles mark training stages: "
+                   "losses of different stages (e.g. BLIP-2's stage 1) are different objectives and are not "
+                   "comparable across them, nor are FLM's, MLM's and AR's.")
+        return "Loss curves", "training loss", caption
     if what == VAL_LOSS:
-        return ("Validation loss curves", "validation loss",
-                "Teacher-forced caption loss on held-out validation captions, read at the training log rows, "
-                "against wall-clock (left) and training FLOPs (right); lower is better, and the same objective "
-                "for every method. Stages that train no caption loss log none (BLIP-2's stage 1): their curve "
-                "starts later or has fewer points. With several seeds the line is their mean and the band their "
-                f"range{where}.")
-    return (f"{metric} learning curves", f"{metric} (validation)",
-            f"Validation {metric} during training, against wall-clock (left) and training FLOPs (right): a line "
-            f"further left reaches a quality sooner. Dots are the evaluations; with several seeds the line is their "
-            f"mean and the band their range{where}.")
+        caption = ("Teacher-forced caption loss on held-out validation captions, read at the training log rows, "
+                   "against wall-clock (left) and training FLOPs (right); lower is better, and the same objective "
+                   "for every method. Stages that train no caption loss log none (BLIP-2's stage 1): their curve "
+                   "starts later or has fewer points. With several seeds the line is their mean and the band "
+                   f"their range{where}.")
+        return "Validation loss curves", "validation loss", caption
+    caption = (f"Validation {metric} during training, against wall-clock (left) and training FLOPs (right): a "
+               f"line further left reaches a quality sooner. Dots are the evaluations; with several seeds the line "
+               f"is their mean and the band their range{where}.")
+    return f"{metric} learning curves", f"{metric} (validation)", caption
 
 
 def curve_figures(runs: list[Run], metric: str, target: float | None, colors: dict,
@@ -223,7 +223,7 @@ def speedup_figure(sp: dict, colors: dict, quality: str) -> dict | None:
     grid, methods = sp["curve"]["targets"], sp["curve"]["methods"]
     if not grid or not methods:
         return None
-    sns = _setup_plots()
+    _setup_plots()
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter

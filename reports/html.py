@@ -264,6 +264,14 @@ def search_section(path: Path, uid: str = "search") -> dict:
 # ----------------------------------------------------------------------------- the page
 
 
+def quality_metric(runs: list[Run], metric: str) -> str:
+    """The metric of the quality columns and plots: the target metric, or, when the target is the
+    validation loss (no final test value), the task metric the runs' search maximises."""
+    if metric != VAL_LOSS:
+        return metric
+    return next((m for r in runs if (m := r.rec.get("config", {}).get("search", {}).get("metric"))), "caption.CIDEr")
+
+
 def render(dirs: list[Path], metric: str = "", target: float | None = None,
            reference: str | None = None, flops_files: list[Path] = (), strict: bool = False,
            searches: list[Path] = ()) -> str:
@@ -280,23 +288,25 @@ def render(dirs: list[Path], metric: str = "", target: float | None = None,
         if strict:
             raise
         sp, sp_error = None, str(e)
-    lsp = (loss_speedups([r.dir for r in runs], [r.rec for r in runs], sp["reference"] if sp else reference)
-           if runs and metric != VAL_LOSS else None)  # the same on the validation loss, when logged
-    methods = list(by_method(runs))
-    colors = palette(methods)
-    head = headline(runs, sp, metric, lsp)
-    speedup_figures = [f for f in (sp and speedup_figure(sp, colors, f"validation {metric}"),
+    quality = quality_metric(runs, metric)
+    qsp = None if metric == VAL_LOSS else sp  # the speed-ups on the quality metric
+    lsp = sp if metric == VAL_LOSS else (  # and on the validation loss, when logged
+        loss_speedups([r.dir for r in runs], [r.rec for r in runs], sp["reference"] if sp else reference)
+        if runs else None)
+    colors = palette(list(by_method(runs)))
+    head = headline(runs, sp, quality, None if lsp is sp else lsp)
+    speedup_figures = [f for f in (qsp and speedup_figure(qsp, colors, f"validation {quality}"),
                                    lsp and speedup_figure(lsp, colors, "validation loss (lower is better)")) if f]
     paper = [paper_section(path, f"paper{k}") for k, path in enumerate(flops_files)]
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.get_template("report.html.j2").render(
         title="vlp-bench report", generated=time.strftime("%Y-%m-%d %H:%M %Z"), head=head, sp=sp,
-        sp_error=sp_error, metric=metric, floors=floors(runs), flops_units=flops_units([r.rec for r in runs]),
-        speedups=styled(method_table(runs, sp, metric), "speedups"), speedup_figures=speedup_figures,
-        subsets=None if (subsets := subset_table(runs, metric)) is None else styled(subsets, "subsets"),
-        curves=curve_figures(runs, metric, sp["target"] if sp else None, colors, lsp and lsp["target"]),
-        pareto=pareto_figure(runs, metric, colors), merges=merge_pictures(runs), paper=paper,
+        sp_error=sp_error, metric=quality, floors=floors(runs), flops_units=flops_units([r.rec for r in runs]),
+        speedups=styled(method_table(runs, sp, quality), "speedups"), speedup_figures=speedup_figures,
+        subsets=None if (subsets := subset_table(runs, quality)) is None else styled(subsets, "subsets"),
+        curves=curve_figures(runs, quality, qsp and qsp["target"], colors, lsp and lsp["target"]),
+        pareto=pareto_figure(runs, quality, colors), merges=merge_pictures(runs), paper=paper,
         searches=[search_section(p, f"search{k}") for k, p in enumerate(searches)],
         failed=[{"run": r.dir.name, "status": r.rec.get("status"), "error": r.rec.get("error", "")}
                 for r in runs if not r.finished],

@@ -360,7 +360,8 @@ def test_the_speedup_against_target_quality_and_the_validation_loss_are_drawn(wr
 def test_no_speedup_curve_when_the_reference_never_leaves_its_floor(tmp_path):
     dirs = []
     for seed in range(2):
-        dirs += [fake_run(tmp_path, "baseline", seed, 0.1, 10.0, 1e12), fake_run(tmp_path, "fast", seed, 0.1, 5.0, 1e12)]
+        dirs += [fake_run(tmp_path, "baseline", seed, 0.1, 10.0, 1e12),
+                 fake_run(tmp_path, "fast", seed, 0.1, 5.0, 1e12)]
     for d in dirs:  # no validation loss either
         rows = [{k: v for k, v in r.items() if k != "val_loss"} for r in read_jsonl(d / "metrics.jsonl")]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -368,3 +369,14 @@ def test_no_speedup_curve_when_the_reference_never_leaves_its_floor(tmp_path):
     assert "Speed-up against target quality" not in page and "Validation loss curves" not in page
     assert "no range of targets to compare the methods over" in page
     assert "no targets (the reference never left its floor)" in _cards(page)["fast"]
+
+
+def test_the_validation_loss_as_the_target_metric(tmp_path):
+    """Lower is better; the quality columns and curves stay on the task metric (the loss has no final
+    test value), and its speed-up against target quality is drawn once."""
+    page = report.render(fake_experiment(tmp_path, 2), metric="val_loss")
+    assert "target: validation val_loss ≤" in page and "Best final caption.CIDEr (test)" in page
+    assert "val_loss: faster" in _cards(page)["fast"]
+    titles = re.findall(r"<h2>([^<]*)</h2>\s*<figure><img src=\"data:image/svg", page)
+    assert titles == ["caption.CIDEr learning curves", "Validation loss curves", "Loss curves",
+                      "Speed-up against target quality: validation loss (lower is better)", "Quality against cost"]
