@@ -287,3 +287,17 @@ def test_a_floor_the_reference_never_beat_gives_way_to_its_start():
     assert report["floor"] == pytest.approx(0.1)
     assert report["target"] == pytest.approx(0.1 + TARGET_LEVEL * 0.2)
     assert report["methods"]["base"]["reached"] == 1
+
+
+def test_one_rule_for_reference_and_method_swapping_them_mirrors_the_verdict():
+    rows_by_run = {}
+    for s in (0, 1, 2):
+        rows_by_run[f"a-s{s}"] = _ramp(0.9, 6, 10.0 + s)
+        rows_by_run[f"b-s{s}"] = _ramp(0.9, 6, 6.0 + s + 0.5 * (s == 2))
+    records = [record(m, s) for m in ("a", "b") for s in (0, 1, 2)]
+    ab = speedups(records, rows_by_run, "caption.CIDEr", target=0.6, reference="a")["methods"]
+    ba = speedups(records, rows_by_run, "caption.CIDEr", target=0.6, reference="b")["methods"]
+    assert ab["a"]["time_to_target_s"] == ba["a"]["time_to_target_s"]  # a run's cost ignores who judges it
+    assert ab["b"]["time_speedup"]["value"] == pytest.approx(1 / ba["a"]["time_speedup"]["value"])
+    assert ab["b"]["time_speedup"]["ci_low"] == pytest.approx(1 / ba["a"]["time_speedup"]["ci_high"])
+    assert (ab["b"]["time_speedup"]["verdict"], ba["a"]["time_speedup"]["verdict"]) == ("faster", "slower")
