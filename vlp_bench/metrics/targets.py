@@ -233,7 +233,8 @@ def _compare(ref: dict[int, float | None], other: dict[int, float | None], level
     return {**out, **paired_speedup([ref[s] for s in pairs], [other[s] for s in pairs], level)}
 
 
-def _costs(curves: dict[int, list[Point]], targets: dict[int, float], axis: str, sign: float) -> dict[int, float | None]:
+def _costs(curves: dict[int, list[Point]], targets: dict[int, float], axis: str,
+           sign: float) -> dict[int, float | None]:
     return {s: first_reach(p, targets[s], axis, sign) for s, p in curves.items()}
 
 

@@ -71,7 +71,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if min(self.warmup_steps, self.eval_every, self.checkpoint_every, self.val_loss_images) < 0 or self.eval_images < 1:
+        counts = (self.warmup_steps, self.eval_every, self.checkpoint_every, self.val_loss_images)
+        if min(counts) < 0 or self.eval_images < 1:
             raise ValueError("warmup_steps, eval_every, checkpoint_every and val_loss_images must be >= 0, "
                              "eval_images >= 1")
         if self.peak_tflops < 0:
