@@ -14,6 +14,9 @@ docs/costs.md). Reads a finished experiment's files; trains nothing.
    eval_every steps on eval_images images) and the validation loss (every log_every steps on a
    fixed caption set).
 3. The signal: the spread of the methods' final fitted values (max - min of the method means).
+4. With --time METHOD: the wall-clock of one reading of each signal for that method as bench.toml
+   builds it (untrained weights; the cost hardly depends on them): the validation loss on
+   train.val_loss_images captions, and the evaluation of every task on train.eval_images images.
 """
 
 from __future__ import annotations
@@ -100,13 +103,47 @@ def summarise(per_run: dict) -> dict:
             "method_finals": finals, "method_spread": spread}
 
 
+def time_readings(method_name: str, repeats: int = 3) -> dict:
+    import time
+
+    import torch
+
+    from vlp_bench.experiment import load_config, prepare
+    from vlp_bench.registry import METHODS
+    from vlp_bench.train.validation import ValidationLoss
+
+    cfg = load_config(None)
+    exp = prepare(cfg)
+    torch.manual_seed(0)
+    method = METHODS.get(method_name)(cfg.methods[method_name], exp.backbones).to(exp.device)
+    stage = method.stages(cfg.train.steps)[-1]
+    loss = ValidationLoss(exp.validation_batches, exp.device, torch.autocast("cpu", enabled=False))
+
+    def best_of(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    method.eval()
+    return {"method": method_name, "val_loss_captions": cfg.train.val_loss_images,
+            "val_loss_s": best_of(lambda: loss(method, stage)), "eval_images": cfg.train.eval_images,
+            "evaluation_s": best_of(lambda: [t.evaluate(method, "val", cfg.train.eval_images)
+                                             for t in exp.tasks.values()])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", type=Path)
     parser.add_argument("--draws", type=int, default=40)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--time", metavar="METHOD", help="also time one reading of each signal for METHOD")
     args = parser.parse_args()
     result = measure(args.experiment, args.draws)
+    if args.time:
+        result["summary"]["reading_cost"] = time_readings(args.time)
     print(json.dumps(result["summary"], indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -69,7 +69,9 @@ def test_tensorboard_holds_the_loss_and_cider_curves(stride_run):
     loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     cider = [(r["step"], r["eval"]["caption"]["CIDEr"]) for r in rows if r.get("split") == "val"]
     assert len(loss) == 3 and len(cider) == 3  # steps 2, 4, 6; evaluations at 0, 4, 6
-    for tag, curve in (("train/loss", loss), ("val/caption/CIDEr", cider)):
+    val_loss = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    assert [s for s, _ in val_loss] == [0, 2, 4, 6]  # step 0's evaluation, then every log row, once each
+    for tag, curve in (("train/loss", loss), ("val/caption/CIDEr", cider), ("val/loss", val_loss)):
         got = [(e.step, e.value) for e in events.Scalars(tag)]
         assert got == [(s, pytest.approx(v, rel=1e-6)) for s, v in curve]  # float32 in the event file
     (final,) = events.Scalars("test/caption/CIDEr")

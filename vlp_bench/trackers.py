@@ -7,7 +7,8 @@ during a run is switched off with a warning: it never fails the run.
 
 Every row becomes scalars at its training step: "train/loss", "train/lr", "train/tokens_to_llm",
 "train/flops", "train/wall_s" for training rows; "val/caption/CIDEr", "val/vqa/overall", ... for
-validation rows; "test/..." for the final row (the floors, constant, are left out).
+validation rows, and "val/loss" where a row has the validation loss; "test/..." for the final row
+(the floors, constant, are left out).
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ class TrackersConfig:
 
 
 def scalars(row: dict) -> dict[str, float]:
-    """A metrics.jsonl row -> {tag: value}."""
+    """A metrics.jsonl row -> {tag: value}; its validation loss, where read, as "val/loss"."""
+    loss = {"val/loss": float(row["val_loss"])} if isinstance(row.get("val_loss"), (int, float)) else {}
     if "eval" in row:
         prefix = row.get("split", "val")
-        return {f"{prefix}/{tag}": v for tag, v in _leaves(row["eval"])}
+        return {**{f"{prefix}/{tag}": v for tag, v in _leaves(row["eval"])}, **loss}
     keys = ("loss", "lr", "tokens_to_llm", "flops", "wall_s")
-    return {f"train/{k}": float(row[k]) for k in keys if isinstance(row.get(k), (int, float))}
+    return {**{f"train/{k}": float(row[k]) for k in keys if isinstance(row.get(k), (int, float))}, **loss}
 
 
 def _leaves(tree: dict, prefix: str = ""):

@@ -162,7 +162,8 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
         st = TrainState(**saved)
     decoder = lambda: decoder_finetune(method, decoder_batches, cfg, device)  # noqa: E731 (before each evaluation)
     validation = ValidationLoss(list(validation_batches), device, autocast)
-    read_loss = validation if validation and method.decoder_stage() is None else None  # at log rows
+    # at log rows; at evaluations only where no log row reads it (step 0, a method with a decoder stage)
+    read_loss = validation if validation and method.decoder_stage() is None else None
     if evaluate is not None and cfg.eval_every and st.step == 0:  # the learning curve starts untrained
         _evaluate(method, evaluate, log, st, decoder, group, (validation, schedule[0][0]) if schedule else None)
     run = _Run(method, batches, cfg, device, group, autocast, [*method.flop_parts()[0], method.flop_parts()[1]])
@@ -181,7 +182,7 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
         if st.step % cfg.log_every == 0 or st.step == total:
             _log_row(log, st, stage, step_flops, lr, read_loss(method, stage) if read_loss and group.is_main else None)
         if evaluate is not None and cfg.eval_every and (st.step % cfg.eval_every == 0 or st.step == total):
-            _evaluate(method, evaluate, log, st, decoder, group, (validation, stage))
+            _evaluate(method, evaluate, log, st, decoder, group, None if read_loss else (validation, stage))
         if checkpoint is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total:
             _save(run, checkpoint, opt, stage, log, st)
     method.eval()
