@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from vlp_bench.data.images import CaptionSplit
 from vlp_bench.experiment import load_config, prepare, run
 from vlp_bench.log import set_progress
 from vlp_bench.search import run_search
@@ -71,6 +72,12 @@ def test_prepare_gives_what_every_run_shares(tiny_overrides):
     batch = next(experiment.batches(seed=0))
     assert batch["images"].shape[0] == experiment.cfg.train.batch_size
     assert next(experiment.batches(seed=0))["captions"] == batch["captions"]  # seed i: the same data order
+    val = experiment.validation_batches  # the validation loss's captions: fixed, the same for every run
+    split = CaptionSplit(experiment.root, "val")
+    ids = split.image_ids[:experiment.cfg.train.val_loss_images]
+    assert [i for b in val for i in b["image_ids"]] == ids
+    assert [c for b in val for c in b["captions"]] == [split.refs[i][0] for i in ids]
+    assert all(b["images"].shape[0] == len(b["captions"]) <= experiment.cfg.train.batch_size for b in val)
 
 
 def test_the_tiny_bert_is_built_only_for_methods_that_start_from_it():
