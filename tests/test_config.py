@@ -89,3 +89,15 @@ def test_every_recipe_is_a_valid_config_that_says_where_it_comes_from(recipe):
     assert cfg.recipe.source and cfg.recipe.differences
     assert cfg.vision.name in timm.list_models(cfg.vision.name)  # a real timm architecture
     assert cfg.train.steps >= 10_000 and cfg.data.shards  # paper-length training on streamed data
+
+
+def test_the_default_experiments_budget_changes_only_on_purpose():
+    """The default run's training and evaluation budget, as configured (not timed). Changing one
+    changes what a first `vlp-bench run` costs and how much signal its verdicts rest on: re-measure
+    (docs/costs.md, "The evaluation budget"; docs/results.md) and update this test with it."""
+    cfg = load_config(None)
+    train = cfg.train
+    assert (train.steps, train.batch_size, train.grad_accum) == (1000, 32, 1)
+    assert (train.log_every, train.eval_every, train.eval_images, train.val_loss_images) == (25, 250, 100, 64)
+    assert cfg.experiment.seeds == [0] and cfg.experiment.methods == ["baseline", "simvlg", "blip2"]
+    assert cfg.experiment.tasks == ["caption", "vqa"]
