@@ -137,8 +137,9 @@ def _curve_text(what: str | None, metric: str, target: float | None) -> tuple[st
                    "comparable across them, nor are FLM's, MLM's and AR's.")
         return "Loss curves", "training loss", caption
     if what == VAL_LOSS:
-        caption = ("Teacher-forced caption loss on held-out validation captions, read at the training log rows, "
-                   "against wall-clock (left) and training FLOPs (right); lower is better, and the same objective "
+        caption = ("Teacher-forced caption loss on held-out validation captions, read at the training log rows "
+                   "(the text-side family: at the evaluations, after its decoder phase), against wall-clock "
+                   "(left) and training FLOPs (right); lower is better, and the same objective "
                    "for every method. Stages that train no caption loss log none (BLIP-2's stage 1): their curve "
                    "starts later or has fewer points. With several seeds the line is their mean and the band "
                    f"their range{where}.")
