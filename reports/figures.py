@@ -19,7 +19,7 @@ import pandas as pd
 
 from vlp_bench.errors import UserError
 from vlp_bench.files import read_jsonl
-from vlp_bench.metrics.targets import AXES, GRID_START, VAL_LOSS, curve
+from vlp_bench.metrics.targets import AXES, GRID_END, GRID_START, VAL_LOSS, curve
 from vlp_bench.metrics.verdicts import FASTER, SLOWER
 from vlp_bench.reports.summary import Run, flop_scale, metric_value
 
@@ -251,8 +251,9 @@ def speedup_figure(sp: dict, colors: dict, quality: str) -> dict | None:
     axes[-1].legend([Line2D([], [], color=colors.get(m)) for m in methods], list(methods), loc="upper left",
                     bbox_to_anchor=(1.01, 1), frameon=False)
     caption = (f"Speed-up over {ref} (its time, or FLOPs, to reach the target over the method's, paired by "
-               f"seed) at {len(grid)} targets from the floor plus {GRID_START:.0%} of the gap up to the lowest "
-               f"best fitted value among {ref}'s seeds, which every {ref} seed reaches. Bands: paired t intervals "
+               f"seed) at {len(grid)} targets from {GRID_START:.0%} to {GRID_END:.0%} of the way from the floor to "
+               f"{ref}'s best fitted value, each seed's set by {ref}'s other seeds (the x axis: their mean over "
+               f"seeds). Bands: paired t intervals "
                f"at {sp['pair_level'] * 100:.4g}% per comparison, Bonferroni-corrected over the {len(methods)} "
                f"method(s) compared so that at each target their verdicts hold jointly at {sp['level']:.0%}; "
                f"pointwise over targets (neighbouring targets are read off the same curves), not one band for "

@@ -27,7 +27,8 @@ from vlp_bench.metrics.targets import VAL_LOSS
 from vlp_bench.metrics.verdicts import FASTER, POINT, SLOWER
 from vlp_bench.reports.figures import (curve_figures, merge_pictures, palette, pareto_figure, search_figure,
                                        speedup_figure)
-from vlp_bench.reports.summary import (Run, by_method, captioning, compute_speedups, describe_curve, flops_units,
+from vlp_bench.reports.summary import (Run, by_method, captioning, compute_speedups, cost_text, describe_curve,
+                                       flops_units,
                                        format_mean_sd, format_ratio, load_runs, loss_speedups, mean_sd,
                                        metric_value, run_metric, verdict)
 
@@ -68,6 +69,8 @@ def headline(runs: list[Run], sp: dict | None, metric: str, lsp: dict | None = N
 def no_ratio(sp: dict, method: str, cost: str = "time_to_target_s") -> str:
     """Why a method has no speed-up at the headline target (`cost`: the per-seed costs to look at)."""
     m, ref = sp["methods"][method], sp["methods"][sp["reference"]]
+    if m[cost] is None:
+        return "FLOPs not counted (train.count_flops off)"
     if m["reached"] == 0:
         return "not reached"
     if m["reached"] < m["seeds"]:
@@ -143,8 +146,6 @@ def method_table(runs: list[Run], sp: dict | None, metric: str) -> pd.DataFrame:
         done = [r for r in all_runs if r.finished]
         cost = [r.rec.get("cost", {}) for r in done]
         s = (sp or {}).get("methods", {}).get(method)
-        t = s and s["time_to_target_s"]["mean"]
-        f = s and s["flops_to_target"]["mean"]
         peak = mean_sd([c.get("peak_memory_bytes") for c in cost])[0]
         per_sample = mean_sd([c.get("train_flops_per_sample") for c in cost])[0]
         tokens = sorted({c.get("tokens_to_llm") for c in cost} - {None})
@@ -154,10 +155,10 @@ def method_table(runs: list[Run], sp: dict | None, metric: str) -> pd.DataFrame:
             f"{key} ({task}, test)": format_mean_sd([metric_value(r.rec, metric) for r in done], ".3f"),
             "VQA acc. % (test)": format_mean_sd([metric_value(r.rec, "vqa.overall") for r in done], ".2f"),
             "reached target": "-" if s is None else f"{s['reached']}/{s['seeds']}",
-            "time to target (s)": "-" if s is None else ("not reached" if t is None else f"{t:.1f}"),
+            "time to target (s)": "-" if s is None else cost_text(s["time_to_target_s"], 1, ".1f"),
             f"time speed-up [{ci}]": "-" if s is None else format_ratio(s["time_speedup"]),
             "time verdict": "-" if s is None else verdict_text(sp, method),
-            "FLOPs to target (TFLOP)": "-" if s is None else ("not reached" if f is None else f"{f / 1e12:.3f}"),
+            "FLOPs to target (TFLOP)": "-" if s is None else cost_text(s["flops_to_target"], 1e12, ".3f"),
             f"FLOPs speed-up [{ci}]": "-" if s is None else format_ratio(s["flops_speedup"]),
             "FLOPs verdict": "-" if s is None else verdict_text(sp, method, "flops_speedup"),
             "tokens to LLM": "/".join(map(str, tokens)) or "-",

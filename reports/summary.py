@@ -255,16 +255,25 @@ def speedup_table(sp: dict) -> str:
               "FLOPs speed-up", "verdict"]
     rows = []
     for name, m in sp["methods"].items():
-        t, f = m["time_to_target_s"]["mean"], m["flops_to_target"]["mean"]
-        rows.append([name, f"{m['reached']}/{m['seeds']}", "not reached" if t is None else f"{t:.1f}",
+        rows.append([name, f"{m['reached']}/{m['seeds']}", cost_text(m["time_to_target_s"], 1, ".1f"),
                      format_ratio(m["time_speedup"]), verdict(m["time_speedup"], name == sp["reference"]),
-                     "not reached" if f is None else f"{f / 1e12:.3f}", format_ratio(m["flops_speedup"]),
+                     cost_text(m["flops_to_target"], 1e12, ".3f"), format_ratio(m["flops_speedup"]),
                      verdict(m["flops_speedup"], name == sp["reference"])])
     out = "\n".join(lines) + "\n" + _table(header, rows)
+    if sp.get("no_points"):
+        out += f"\nno validation points of {sp['metric']} (not judged): {', '.join(sp['no_points'])}"
     for name, axes in sp["curve"]["methods"].items():
         for axis, entries in axes.items():
             out += f"\n{name} vs {sp['reference']}, {axis} to target, {describe_curve(entries, sp['metric'])}"
     return out
+
+
+def cost_text(cost: dict | None, scale: float, spec: str) -> str:
+    """A method's mean cost to target in `scale` units, "not reached" (some seed did not), or "not
+    counted" (None: FLOPs with train.count_flops off)."""
+    if cost is None:
+        return "not counted"
+    return "not reached" if cost["mean"] is None else format(cost["mean"] / scale, spec)
 
 
 def verdict(s: dict | None, reference: bool = False) -> str:

@@ -217,7 +217,7 @@ def test_summary_recomputes_time_to_target_from_the_files(experiment):
     assert res.returncode == 0, res.stderr[-2000:]
     sp = json.loads(res.stdout)["speedups"]
     curve = [r for r in read_jsonl(out / "baseline-seed0" / "metrics.jsonl") if r.get("split") == "val"]
-    # one reference seed: the target comes from its own run, 0.9 of the way from the floor to its best
+    # one reference seed: the target comes from its own run, TARGET_LEVEL of the way from the floor to its best
     fit = monotone([r["eval"]["caption"]["CIDEr"] for r in curve])
     floor = json.loads((out / "baseline-seed0" / "results.json").read_text())["metrics"]["caption"]["floor"]["CIDEr"]
     floor, best = (floor if floor < fit[-1] else fit[0]), fit[-1]  # a floor it never beat: its start

@@ -352,8 +352,8 @@ def test_the_speedup_against_target_quality_and_the_validation_loss_are_drawn(wr
                           "Speed-up against target quality: validation caption.CIDEr",
                           "Speed-up against target quality: validation loss (lower is better)",
                           "Quality against cost"]
-        assert "Bonferroni" in page and f"{len(sp['curve']['targets'])} targets from the floor plus 10%" in page
-        assert "lowest best fitted value among baseline&#39;s seeds" in page
+        assert "Bonferroni" in page and f"{len(sp['curve']['targets'])} targets from 10% to 90% of the way" in page
+        assert "each seed&#39;s set by baseline&#39;s other seeds" in page
         assert "BLIP-2&#39;s stage 1" in page  # the validation-loss caption: stages that log none
 
 

@@ -16,10 +16,11 @@ from vlp_bench.metrics.verdicts import (FASTER, POINT, SLOWER, TIE, corrected_le
 
 @pytest.mark.parametrize("df, p, expected", [(1, 0.975, 12.7062), (2, 0.975, 4.3027), (3, 0.975, 3.1824),
                                              (9, 0.975, 2.2622), (30, 0.975, 2.0423), (2, 0.8, 1.0607),
-                                             (4, 0.025, -2.7764), (7, 0.5, 0.0)])
+                                             (4, 0.025, -2.7764), (7, 0.5, 0.0), (31, 0.975, 2.0395),
+                                             (100, 0.975, 1.9840), (100, 0.8, 0.8452)])
 def test_t_quantiles_match_the_tables(df, p, expected):
     assert t_quantile(p, df) == pytest.approx(expected, abs=1e-3)
-    assert t_cdf(t_quantile(p, df), df) == pytest.approx(p, abs=1e-9)
+    assert t_cdf(t_quantile(p, df), df) == pytest.approx(p, abs=1e-6)
 
 
 def _cost_to_target(tau: float, rng: np.random.Generator, target: float = 0.6) -> float:
@@ -30,10 +31,12 @@ def _cost_to_target(tau: float, rng: np.random.Generator, target: float = 0.6) -
     return first_reach([(float(a), float(a), float(v)) for a, v in zip(t, values)], target, "wall_s")
 
 
-@pytest.mark.parametrize("seeds", [3, 10])
-def test_paired_intervals_cover_the_true_speed_up(seeds):
+@pytest.mark.parametrize("seeds, at_least", [(3, 0.90), (10, 0.93)])
+def test_paired_intervals_cover_the_true_speed_up(seeds, at_least):
     """Seed i of both methods shares a data-order effect; each run adds its own. The method's curve
-    runs `true` times faster in expectation: its 95% interval must hold `true` >= 90% of the time."""
+    runs `true` times faster in expectation: its 95% interval must hold `true` >= 90% of the time,
+    and at 10 seeds >= 93% (a normal interval, 91% there, would fail), yet not always (<= 99%: an
+    interval too wide to decide anything)."""
     rng = np.random.default_rng(seeds)
     true, trials, covered = 2.0, 300, 0
     for _ in range(trials):
@@ -42,7 +45,7 @@ def test_paired_intervals_cover_the_true_speed_up(seeds):
         other = [_cost_to_target(math.exp(s + rng.normal(0, 0.15)) / true, rng) for s in shared]
         result = paired_speedup(ref, other)
         covered += result["ci_low"] <= true <= result["ci_high"]
-    assert covered / trials >= 0.90
+    assert at_least <= covered / trials <= 0.99
 
 
 def test_pairing_is_what_narrows_the_interval():

@@ -83,6 +83,7 @@ def _print_summary(dirs, target, as_json: bool = False, strict: bool = False) ->
     """The per-run table, then time- and FLOPs-to-target per method with verdicts and speed-up
     curves, on the target metric and on the validation loss. After a run (not strict), a target
     that cannot be computed (e.g. no learning curve) is a note, never a failure."""
+    from vlp_bench.metrics.targets import VAL_LOSS
     from vlp_bench.reports.summary import (compute_speedups, load_results, loss_speedups, speedup_table,
                                            summary_table)
 
@@ -93,7 +94,8 @@ def _print_summary(dirs, target, as_json: bool = False, strict: bool = False) ->
         if strict:
             raise
         sp, why = None, str(e)
-    loss = loss_speedups(dirs, results, sp["reference"] if sp else target.reference or None)
+    loss = None if sp and sp["metric"] == VAL_LOSS else loss_speedups(
+        dirs, results, sp["reference"] if sp else target.reference or None)  # the loss, unless it is the target
     if as_json:
         typer.echo(json.dumps({"runs": [{"dir": str(d), "results": r} for d, r in zip(dirs, results)],
                                "speedups": sp, "loss_speedups": loss}, indent=2))
@@ -110,7 +112,7 @@ def _print_summary(dirs, target, as_json: bool = False, strict: bool = False) ->
 def summary(
     runs: list[Path] = typer.Argument(..., help="Run directories, or experiment directories holding them."),
     metric: Optional[str] = typer.Option(None, help="task.key of the learning curve (default: target.metric)."),
-    target: Optional[float] = typer.Option(None, help="Target value (default: 0.9 of the way from the floor to "
+    target: Optional[float] = typer.Option(None, help="Target value (default: 0.8 of the way from the floor to "
                                            "the other reference seeds' best, docs/costs.md)."),
     reference: Optional[str] = typer.Option(None, help="Reference method (default: baseline if it ran, else the first)."),
     as_json: bool = typer.Option(False, "--json", help="Print the runs and speed-ups as JSON."),
@@ -169,7 +171,7 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: EXPERIMENT/report.html for "
                                                                "one experiment directory, else ./report.html)."),
     metric: Optional[str] = typer.Option(None, help="task.key of the learning curve (default: target.metric)."),
-    target: Optional[float] = typer.Option(None, help="Target value (default: 0.9 of the way from the floor to "
+    target: Optional[float] = typer.Option(None, help="Target value (default: 0.8 of the way from the floor to "
                                            "the other reference seeds' best, docs/costs.md)."),
     reference: Optional[str] = typer.Option(None, help="Reference method (default: baseline if it ran, else the first)."),
     flops_: Optional[list[Path]] = typer.Option(None, "--flops", help="A `vlp-bench flops --json` table to show "

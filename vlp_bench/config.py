@@ -47,7 +47,7 @@ class TargetConfig:
     # task.key of the curve; "" = the first task's headline metric (`Task.primary`): caption.CIDEr
     # (what the papers report) by default, video_caption.CIDEr for a video experiment
     metric: str = ""
-    # 0 = each seed's target cross-fitted: 0.9 of the way from the floor to the best (monotone-fitted)
+    # 0 = each seed's target cross-fitted: 0.8 of the way from the floor to the best (monotone-fitted)
     # validation value of the *other* reference seeds, so no run sets the number it is judged by
     value: float = 0.0
     # the method speed-ups (and the cost model's ratios) are measured against; "" = the application's
