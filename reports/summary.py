@@ -180,8 +180,13 @@ def format_ratio(s: dict | None) -> str:
     """A speed-up as 1.98x [1.06, 5.16] (its interval when there are seeds to have one)."""
     if s is None:
         return "-"
-    ci = "" if s["ci_low"] is None else f" [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
-    return f"{s['value']:.2f}x{ci}"
+    ci = "" if s["ci_low"] is None else f" [{ratio(s['ci_low'])}, {ratio(s['ci_high'])}]"
+    return f"{ratio(s['value'])}x{ci}"
+
+
+def ratio(value: float) -> str:
+    """A speed-up's number: 2 decimals, or 2 significant digits below 0.1 (0.017, never 0.00)."""
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
 
 
 def verdict_ranges(entries: list[dict]) -> list[dict]:
@@ -207,8 +212,8 @@ def describe_curve(entries: list[dict], metric: str) -> str:
     parts = []
     for r in verdict_ranges(entries):
         span = f"{r['from']:.4g}" if r["from"] == r["to"] else f"{r['from']:.4g}-{r['to']:.4g}"
-        values = "" if r["low"] is None else (f" ({r['low']:.2f}x)" if f"{r['low']:.2f}" == f"{r['high']:.2f}"
-                                               else f" ({r['low']:.2f}x-{r['high']:.2f}x)")
+        low, high = (None, None) if r["low"] is None else (ratio(r["low"]), ratio(r["high"]))
+        values = "" if low is None else (f" ({low}x)" if low == high else f" ({low}x-{high}x)")
         parts.append(f"{r['verdict']}{values} at {span}")
     return f"{metric}: " + "; ".join(parts) if parts else f"{metric}: no targets (the reference never left its floor)"
 
@@ -248,9 +253,11 @@ def summary_table(results: list[dict]) -> str:
 def speedup_table(sp: dict) -> str:
     """The headline target's table, then each method's speed-up curve over the target grid in words."""
     compare = ">=" if sp["higher_is_better"] else "<="
+    one_seed = all(m["seeds"] <= 1 for m in sp["methods"].values())
+    how = ("one seed: point estimates, no intervals or verdicts (--seeds 3 gives them)" if one_seed else
+           f"paired over seeds, {sp['pair_level']:.1%} t intervals ({sp['level']:.0%} jointly over the methods)")
     lines = [f"target: {sp['metric']} {compare} {sp['target']:.4g} on the validation curve's monotone fit "
-             f"({sp['target_source']}); speed-ups vs {sp['reference']}: paired over seeds, "
-             f"{sp['pair_level']:.1%} t intervals ({sp['level']:.0%} jointly over the methods)"]
+             f"({sp['target_source']}); speed-ups vs {sp['reference']}: {how}"]
     header = ["method", "reached", "time to target s", "time speed-up", "verdict", "TFLOP to target",
               "FLOPs speed-up", "verdict"]
     rows = []
