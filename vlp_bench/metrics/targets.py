@@ -268,17 +268,14 @@ def speedup_curve(curves: dict[str, dict[int, list[Point]]], reference: str, lev
                   fractions: list[float], sign: float, level: float, axes: tuple[str, ...]) -> dict:
     """{method: {"time": [...], "flops": [...]}}: the paired comparison at each grid fraction, each
     seed at its own cross-fitted target there."""
-    out = {}
-    for method, method_curves in curves.items():
-        if method == reference:
-            continue
-        out[method] = {name: [] for name in ("time", "flops")}
-        for axis in axes:
-            for f in fractions:
-                targets = at_fraction(levels, f, sign)
-                ref = _costs(curves[reference], targets, axis, sign)
-                entry = _compare(ref, _costs(method_curves, targets, axis, sign), level)
-                out[method][AXIS_NAMES[axis]].append({"target": _mean_target(targets), "fraction": f, **entry})
+    out = {method: {"time": [], "flops": []} for method in curves if method != reference}
+    for axis in axes:
+        for f in fractions:
+            targets = at_fraction(levels, f, sign)
+            ref = _costs(curves[reference], targets, axis, sign)  # once per target, for every method
+            for method, entries in out.items():
+                entry = _compare(ref, _costs(curves[method], targets, axis, sign), level)
+                entries[AXIS_NAMES[axis]].append({"target": _mean_target(targets), "fraction": f, **entry})
     return out
 
 
