@@ -114,6 +114,12 @@ class Method(nn.Module):
     def trainable_parameters(self, stage: Stage) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def lr_scale(self, name: str) -> float:
+        """The learning-rate multiplier of parameter `name` (as named_parameters() names it): 1
+        unless the method's reference trains some parts faster (the text-side family: new layers
+        and heads at 5x). The trainer gives each multiplier its own optimizer parameter group."""
+        return 1.0
+
     def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
         raise NotImplementedError
 

@@ -189,12 +189,19 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     return _cost_summary(run, st, memory_kind)
 
 
-def param_groups(params: list, weight_decay: float) -> list[dict]:
+def param_groups(params: list, weight_decay: float, scales: list[float] | None = None) -> list[dict]:
     """Weight decay on matrices (and embeddings, queries) only: biases, LayerNorm gains and scalars
     (a temperature, a gate) are not decayed, as the reference trainers do (LAVIS's
-    get_optimizer_params: ndim < 2, or a bias or LayerNorm name; BERT and ViLT likewise)."""
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    get_optimizer_params: ndim < 2, or a bias or LayerNorm name; BERT and ViLT likewise). `scales`
+    (one per parameter, Method.lr_scale) split the groups further, each with its `lr_scale`."""
+    scales = scales or [1.0] * len(params)
+    groups = []
+    for scale in sorted(set(scales)):
+        mine = [p for p, s in zip(params, scales) if s == scale]
+        for decay, keep in ((weight_decay, lambda p: p.ndim >= 2), (0.0, lambda p: p.ndim < 2)):
+            group = {"params": [p for p in mine if keep(p)], "weight_decay": decay}
+            groups.append(group if scale == 1.0 else {**group, "lr_scale": scale})
+    return groups
 
 
 def _start_stage(run: _Run, st: TrainState, stage: Stage, opt_state: dict | None) -> tuple[list, torch.optim.AdamW]:
@@ -204,7 +211,9 @@ def _start_stage(run: _Run, st: TrainState, stage: Stage, opt_state: dict | None
     if not st.per_stage or st.per_stage[-1]["name"] != stage.name:
         st.per_stage.append({"name": stage.name, "steps": 0, "samples": 0, "train_wall_s": 0.0, "flops": {}})
     params = run.method.trainable_parameters(stage)
-    opt = torch.optim.AdamW(param_groups(params, run.cfg.weight_decay), lr=run.cfg.lr)
+    names = {id(p): n for n, p in run.method.named_parameters()}
+    scales = [run.method.lr_scale(names[id(p)]) for p in params]
+    opt = torch.optim.AdamW(param_groups(params, run.cfg.weight_decay, scales), lr=run.cfg.lr)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     run.method.train()
@@ -217,7 +226,7 @@ def _optimizer_step(run: _Run, st: TrainState, stage: Stage, params: list, opt: 
     mean), its FLOPs (the job's) and its seconds on the clock, the FLOP replay left out."""
     cfg, group = run.cfg, run.group
     for param_group in opt.param_groups:
-        param_group["lr"] = lr
+        param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
     sync(run.device)
     t0 = time.perf_counter()
     loss_sum, paused, step_flops = 0.0, 0.0, FlopCount()
