@@ -15,6 +15,8 @@ class AR(TextSideMethod):
     """Causal language modeling on a trainable text side cross-attending to the image (FLM's AR baseline)."""
 
     Config = TextSideConfig
+    # the FLM paper's text side: RoBERTa-base's first 6 layers and 6 new cross-modal layers, 12 heads
+    paper_config = TextSideConfig(text_layers=6, fusion_depth=6, heads=12)
 
     def predictions(self, text, visual):
         L = text.ids.shape[1]

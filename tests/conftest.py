@@ -59,17 +59,43 @@ def shared_experiment(tmp_path_factory, tiny_overrides):
     return out, proc
 
 
-def random_backbones(vision_dim: int = 32, llm_dim: int = 32) -> Backbones:
-    """Untrained tiny backbones: enough to test shapes, gradients and generation of any method."""
+def random_backbones(vision_dim: int = 32, llm_dim: int = 32, bert: bool = False) -> Backbones:
+    """Untrained tiny backbones: enough to test shapes, gradients and generation of any method;
+    `bert`: with an untrained BERT-style checkpoint of the LM's width (random_bert), as [bert] gives."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    texts = ["a red circle left of a blue square", "two green stars", "Question: what color? Short answer: red"]
-    tokenizer = train_tokenizer(texts * 10, 300)
+    tokenizer = train_tokenizer(TEXTS * 10, 300)
     vit = tiny_vit(VisionConfig(width=vision_dim, depth=1, heads=2), 0)
     llm = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=llm_dim, intermediate_size=2 * llm_dim, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=2, initializer_range=0.3,  # large enough that a soft prompt can steer it
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    return Backbones(freeze(VisionEncoder(vit, 64, (0.5,) * 3, (0.5,) * 3)), freeze(llm), tokenizer)
+    return Backbones(freeze(VisionEncoder(vit, 64, (0.5,) * 3, (0.5,) * 3)), freeze(llm), tokenizer,
+                     random_bert(llm_dim) if bert else "")
+
+
+TEXTS = ["a red circle left of a blue square", "two green stars", "Question: what color? Short answer: red"]
+_BERT: dict[int, str] = {}
+
+
+def random_bert(dim: int = 32, layers: int = 4) -> str:
+    """A directory holding an untrained BERT (2 heads) with the random LM's tokenizer plus [CLS],
+    [SEP] and [MASK], as the tiny world's BERT is saved; built once per session and width."""
+    import copy
+    import tempfile
+
+    from transformers import BertConfig, BertModel
+
+    if dim not in _BERT:
+        torch.manual_seed(0)
+        tokenizer = copy.deepcopy(train_tokenizer(TEXTS * 10, 300))
+        tokenizer.add_special_tokens({"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"})
+        out = Path(tempfile.mkdtemp(prefix="random-bert-"))
+        BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=dim, num_hidden_layers=layers, num_attention_heads=2,
+                             intermediate_size=4 * dim, pad_token_id=tokenizer.pad_token_id),
+                  add_pooling_layer=False).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        _BERT[dim] = str(out)
+    return _BERT[dim]

@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from vlp_bench.method import Method
+
 from test_config import REPO
 from vlp_bench.registry import METHODS
 
@@ -33,16 +35,19 @@ def test_the_reference_table_names_a_reference_for_every_method():
     assert not missing, f"the reference table at the top of docs/fidelity.md does not list {sorted(missing)}"
 
 
-def test_known_text_side_deviations_are_the_listed_ones():
-    """The text-side family's deviations from TencentARC/FLM that docs/fidelity.md lists as not yet aligned."""
-    from vlp_bench.methods.flm import FLMConfig
-    from vlp_bench.methods.mlm import MLM
-    from vlp_bench.textside import TextSideConfig
+def test_the_text_side_familys_remaining_deviations():
+    """The text-side family as docs/fidelity.md lists it: FLM's reference shape (the first layers of
+    a masked-LM encoder, a reconstructor layer beside each text layer, new parts at 5x the rate), a
+    frozen ViT, and no image-side cross-modal layers."""
+    from vlp_bench.methods.flm import FLM, FLMConfig
+    from vlp_bench.textside import FusionBlock, TextSideConfig, TextSideMethod
 
-    assert FLMConfig().reconstructor_depth == 1  # the reference stacks 12 layer-wise reconstructor layers
-    assert "mask_embedding" in MLM.__init__.__code__.co_names  # every masked token -> [MASK], no 80/10/10
-    assert not hasattr(TextSideConfig(), "lr_mult_cross_modal")  # one learning rate for new and copied layers
-    assert "Known deviations from TencentARC/FLM, **not yet aligned**" in PAGE
+    cfg = TextSideConfig()
+    assert (cfg.init, cfg.lr_scale) == ("bert", 5.0) and FLMConfig().reconstructor_layers == -1
+    assert FLM.paper_config.text_layers == FLM.paper_config.fusion_depth == 6
+    assert not any("image" in n for n, _ in FusionBlock(8, 8, 2).named_modules())  # only the text reads the image
+    assert TextSideMethod.encode is Method.encode  # the frozen ViT of every method
+    assert "## FLM, MLM and AR" in PAGE and "not yet aligned" not in PAGE.split("## FLM, MLM and AR")[1]
 
 
 def test_every_test_the_page_names_exists():

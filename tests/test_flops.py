@@ -181,7 +181,7 @@ def test_merging_counts_follow_the_real_token_counts(variant):
 def method(request):
     torch.manual_seed(0)
     cls = METHODS.get(request.param)
-    return cls(_small(cls.Config()), random_backbones())
+    return cls(_small(cls.Config()), random_backbones(bert=True))
 
 
 def test_every_method_counts_frozen_vision_forward_only_and_the_bridge_backward(method):

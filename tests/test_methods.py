@@ -26,7 +26,7 @@ def _small(cfg):
 def method(request) -> Method:
     torch.manual_seed(0)
     cls = METHODS.get(request.param)
-    return cls(_small(cls.Config()), random_backbones())
+    return cls(_small(cls.Config()), random_backbones(bert=True))
 
 
 def _batch(n=3):

@@ -1,12 +1,17 @@
 """The text-side family (docs/methods.md, FLM): FLM and its MLM and AR baselines, three objectives
 over one shared model, so they differ only in what they predict from what.
 
-The model: a *trainable copy* of the backbone LM (the tiny world's, or any Hugging Face causal LM)
-runs over [anchor] prompt caption [EOS] under one of three attention patterns on the same weights:
-left-to-right (causal), right-to-left (the mirrored causal mask) and bidirectional. Above it,
-`fusion_depth` new blocks add cross-attention to the frozen ViT's tokens under the same pattern;
-their output projections start at zero, so before training the left-to-right stream *is* the
-pre-trained LM. The LM's own head predicts tokens for every objective.
+The model, as FLM's reference builds it: the *first `text_layers` layers* of a pre-trained text
+model, then `fusion_depth` new cross-modal layers (self-attention, cross-attention to the frozen
+ViT's tokens, MLP), all trainable; the new layers and any new head train at `lr_scale` times the
+learning rate. The text model is the experiment's masked-LM encoder (`init = "bert"`: the tiny
+world's BERT, pre-trained with MLM on the world's text as RoBERTa was on real text; any local
+BERT/RoBERTa directory at real scale) or a copy of the frozen causal LM (`init = "llm"`). It runs
+over [anchor] prompt caption [EOS] under one of three attention patterns on the same weights:
+left-to-right (causal), right-to-left (the mirrored causal mask) and bidirectional. The new
+layers' output projections start at zero, so before training the text side *is* its pre-trained
+body. Tokens are predicted by the causal LM's own head (`llm`) or by a new BERT-style prediction
+head (an encoder: FLM's heads are new).
 
 Evaluation decodes captions (and VQA answers) left to right from that stream by beam search, so the
 family is scored by the same tasks as the frozen-LLM methods. MLM's pre-training leaves no decoder,
@@ -24,24 +29,36 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vlp_bench.errors import UserError
+from vlp_bench.nn.bert import EXPERIMENT_BERT, bert_config, init_source
 from vlp_bench.nn.layers import Attention, CrossAttention, mlp
 from vlp_bench.method import Method, Stage, StepOutput
-from vlp_bench.nn.generation import DecodingConfig, beam_search, lm_rows, pad_rows
+from vlp_bench.nn.generation import DecodingConfig, beam_search, pad_rows
 
 MODES = ("l2r", "r2l", "bi")
+LLM = "llm"  # init: a copy of the frozen causal LM
 
 
 @dataclass
 class TextSideConfig:
-    fusion_depth: int = 2  # cross-modal layers over the LM copy (FLM/METER use 6 over RoBERTa; 2 fits the tiny LM)
-    heads: int = 4  # of the fusion layers; the LM copy keeps its own
+    # the text model: "bert" = the experiment's masked-LM encoder ([bert]), as FLM starts from RoBERTa;
+    # "llm" = a copy of the frozen causal LM; else a local Hugging Face BERT/RoBERTa directory
+    init: str = EXPERIMENT_BERT
+    text_layers: int = 2  # its first layers kept (FLM: 6 of RoBERTa-base's 12; here 2 of the tiny BERT's 4)
+    fusion_depth: int = 2  # new cross-modal layers above them (FLM: 6, as many as it keeps; so here)
+    heads: int = 4  # of the new layers; the text model keeps its own
+    lr_scale: float = 5.0  # learning-rate multiplier of the new layers and heads (FLM's lr_mult_cross_modal, lr_mult_head)
     decoder_steps: int = 100  # AR fine-tuning before every evaluation (0 = none): the tiny LM re-learns to caption in ~100
 
     def validate(self) -> None:
+        if self.text_layers < 1:
+            raise ValueError(f"text_layers must be >= 1, got {self.text_layers}")
         if self.fusion_depth < 0 or self.decoder_steps < 0:
             raise ValueError("fusion_depth and decoder_steps must be >= 0")
         if self.heads < 1:
             raise ValueError(f"heads must be >= 1, got {self.heads}")
+        if self.lr_scale <= 0:
+            raise ValueError(f"lr_scale must be > 0, got {self.lr_scale}")
 
 
 def allowed(mode: str, valid: torch.Tensor) -> torch.Tensor:
@@ -74,59 +91,168 @@ class FusionBlock(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
-class TextSide(nn.Module):
-    """A trainable copy of the LM plus fusion layers: features(ids, valid, visual, mode) -> (B, L, D)."""
+class PredictionHead(nn.Module):
+    """A new BERT-style head (dense, GELU, LayerNorm, decoder to the vocabulary), as FLM's MLMHead."""
 
-    def __init__(self, llm: nn.Module, vision_dim: int, fusion_depth: int, heads: int):
+    def __init__(self, dim: int, vocab: int, eps: float = 1e-12):
         super().__init__()
-        # trainable, so fp32 master weights even where the frozen LM is bf16 (GPU); tied embeddings stay tied
-        self.lm = copy.deepcopy(llm).float().requires_grad_(True)
-        self.dim = self.lm.get_input_embeddings().embedding_dim
+        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim, eps=eps))
+        self.decoder = nn.Linear(dim, vocab)
+        for m in (self.transform[0], self.decoder):  # BERT's initialisation
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(x))
+
+
+def layer_list(body: nn.Module) -> nn.ModuleList:
+    """The stack of transformer layers of a Hugging Face body (BERT's encoder.layer, Llama's layers,
+    GPT-2's h): its ModuleList of config.num_hidden_layers modules."""
+    n = body.config.num_hidden_layers
+    found = [(name, m) for name, m in body.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not found:
+        raise ValueError(f"cannot find the {n} layers of {type(body).__name__}")
+    return min(found, key=lambda nm: nm[0].count("."))[1]
+
+
+def keep_first_layers(body: nn.Module, n: int) -> None:
+    """Cut a Hugging Face body to its first n layers, as FLM keeps RoBERTa's first 6."""
+    layers = layer_list(body)
+    if n > len(layers):
+        raise UserError(f"text_layers = {n}, but the text model has {len(layers)} layers")
+    del layers[n:]
+    body.config.num_hidden_layers = n
+
+
+def load_text_model(init: str, backbones) -> tuple[nn.Module, nn.Module, object]:
+    """(body, head, tokenizer) of the family's text model, trainable and in fp32 (master weights
+    even where the frozen LM is bf16): the causal LM's copy with its own (tied) head, or a
+    BERT/RoBERTa encoder from a directory with a new prediction head."""
+    if init == LLM:
+        lm = copy.deepcopy(backbones.llm).float().requires_grad_(True)  # tied embeddings stay tied
+        return lm.base_model, lm.get_output_embeddings(), backbones.tokenizer
+    if init == EXPERIMENT_BERT and backbones.text is not None:  # shapes only (vlp-bench flops)
+        body, tokenizer = copy.deepcopy(backbones.text[0]), backbones.text[1]
+        return body, PredictionHead(body.config.hidden_size, len(tokenizer), body.config.layer_norm_eps), tokenizer
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = text_model_path(init, backbones)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the pooler it does not load: noise here
+    try:
+        body = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    body = body.float().requires_grad_(True)
+    return body, PredictionHead(body.config.hidden_size, len(tokenizer), body.config.layer_norm_eps), tokenizer
+
+
+def text_model_path(init: str, backbones) -> str:
+    path = init_source(init, backbones.bert)
+    if not path:
+        raise UserError(f"init = {init!r}: the experiment loads no BERT-style text model ([bert] name is \"\"); "
+                        f"set bert.name, or init = \"llm\" for a copy of the causal LM")
+    return path
+
+
+class TextSide(nn.Module):
+    """The kept layers of the text model plus the new cross-modal layers:
+    features(embeds, valid, visual, mode) -> (B, L, D), or every layer's output (per_layer)."""
+
+    def __init__(self, body: nn.Module, head: nn.Module, vision_dim: int, text_layers: int, fusion_depth: int,
+                 heads: int):
+        super().__init__()
+        keep_first_layers(body, text_layers)
+        body.config.use_cache = False
+        self.body, self.head = body, head
+        self.dim = body.get_input_embeddings().embedding_dim
         self.fusion = nn.ModuleList(FusionBlock(self.dim, vision_dim, heads) for _ in range(fusion_depth))
+        # RoBERTa counts positions from padding_idx + 1
+        self.position_offset = body.config.pad_token_id + 1 if body.config.model_type == "roberta" else 0
+
+    @property
+    def depth(self) -> int:
+        return self.body.config.num_hidden_layers + len(self.fusion)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_input_embeddings()(ids)
+        return self.body.get_input_embeddings()(ids)
 
-    def features(self, embeds: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor, mode: str) -> torch.Tensor:
+    def positions(self, valid: torch.Tensor) -> torch.Tensor:
+        """Position ids (B, L): left padding does not move them."""
+        return (valid.long().cumsum(1) - 1).clamp(min=0) + self.position_offset
+
+    def features(self, embeds: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor, mode: str,
+                 per_layer: bool = False):
         """embeds (B, L, D) on the model's device; valid (B, L) on the CPU (masks are built there, so
-        the meta device of `vlp-bench flops` runs this too)."""
+        the meta device of `vlp-bench flops` runs this too). per_layer: the output of every kept
+        layer and every cross-modal layer, in order (FLM's reconstructor reads each)."""
         mask = allowed(mode, valid.cpu())
         bias = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(embeds.dtype).min)  # 4D: used as given
-        positions = (valid.cpu().long().cumsum(1) - 1).clamp(min=0)  # left padding does not move positions
-        mask, bias, positions = (t.to(embeds.device) for t in (mask, bias.to(embeds.dtype), positions))
-        x = self.lm.base_model(inputs_embeds=embeds, attention_mask=bias, position_ids=positions,
-                               use_cache=False).last_hidden_state
+        mask, bias, positions = (t.to(embeds.device) for t in (mask, bias.to(embeds.dtype), self.positions(valid.cpu())))
+        out = self.body(inputs_embeds=embeds, attention_mask=bias, position_ids=positions,
+                        output_hidden_states=per_layer)
+        layers = list(out.hidden_states[1:]) if per_layer else []
+        x = out.last_hidden_state
         for block in self.fusion:
             x = block(x, visual, mask)
-        return x
+            layers.append(x)
+        return layers if per_layer else x
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_output_embeddings()(features)
+        return self.head(features)
 
 
-def text_rows(tokenizer, prompt: str, captions: list[str]) -> tuple[int, list[list[int]]]:
-    """(index of the first caption token, rows of [anchor] prompt caption [EOS]): the frozen-LLM
-    methods' rows (lm_rows) behind an anchor (BOS, else EOS) that is never predicted nor hidden,
-    so every prediction sees at least one token."""
-    prefix = _prefix(tokenizer, prompt)
-    return len(prefix), [prefix + row for row in lm_rows(tokenizer, "", captions)[1]]
+def anchor_id(tokenizer) -> int:
+    """The token every row starts with, never predicted nor hidden (so every prediction sees one):
+    an encoder's [CLS] (<s>), else BOS, else EOS."""
+    for tid in (getattr(tokenizer, "cls_token_id", None), tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    raise ValueError("the text model's tokenizer has no CLS, BOS or EOS token to start rows with")
 
 
-def _prefix(tokenizer, prompt: str) -> list[int]:
-    """The prompt's ids as lm_rows makes them, starting with the anchor."""
-    anchor = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    ids = lm_rows(tokenizer, prompt, [])[0]
-    return ids if ids[:1] == [anchor] else [anchor] + ids
+def end_id(tokenizer) -> int:
+    """The token that ends a caption (predicted, and where decoding stops): EOS, else BERT's [SEP]."""
+    tid = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(tokenizer, "sep_token_id", None)
+    if tid is None:
+        raise ValueError("the text model's tokenizer has no EOS or SEP token to end captions with")
+    return tid
+
+
+def prefix_ids(tokenizer, prompt: str) -> list[int]:
+    """[anchor] + the prompt's tokens."""
+    return [anchor_id(tokenizer)] + (tokenizer(prompt, add_special_tokens=False).input_ids if prompt else [])
+
+
+def text_rows(tokenizer, prompt: str | list[str], captions: list[str]) -> tuple[list[int], list[list[int]]]:
+    """(index of each row's first caption token, rows of [anchor] prompt caption [end]); `prompt` is
+    one for all rows or one per row (VQA fine-tuning: a question each)."""
+    prompts = [prompt] * len(captions) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(captions):
+        raise ValueError(f"{len(prompts)} prompts for {len(captions)} captions")
+    prefixes = [prefix_ids(tokenizer, p) for p in prompts]
+    rows = [pre + tokenizer(" " + c, add_special_tokens=False).input_ids + [end_id(tokenizer)]
+            for pre, c in zip(prefixes, captions)]
+    return [len(pre) for pre in prefixes], rows
 
 
 @dataclass
 class Text:
     """A batch of token rows, on the CPU (masks are drawn there): ids and valid (B, L); targets
-    (B, L): the caption tokens and EOS, the tokens an objective may predict (never the prompt)."""
+    (B, L): the caption tokens and the end token, the tokens an objective may predict (never the
+    anchor or the prompt); first (B, 1): each row's first target."""
     ids: torch.Tensor
     valid: torch.Tensor
     targets: torch.Tensor
-    first: int  # index of the first target (all rows share the prompt)
+    first: torch.Tensor
+
+    @property
+    def last(self) -> torch.Tensor:
+        """(B, 1): each row's last target (its end token)."""
+        return self.valid.sum(1, keepdim=True) - 1
 
 
 @dataclass
@@ -148,21 +274,34 @@ class TextSideMethod(Method):
     Config = TextSideConfig
 
     def __init__(self, cfg: TextSideConfig, backbones):
-        super().__init__(cfg, backbones)  # self.llm stays the frozen original, unused: the copy trains
-        self.text = TextSide(backbones.llm, backbones.vision.dim, cfg.fusion_depth, cfg.heads)
+        super().__init__(cfg, backbones)  # self.llm stays the frozen original, unused: the text side trains
+        body, head, self.tokenizer = load_text_model(cfg.init, backbones)
+        self.text = TextSide(body, head, backbones.vision.dim, cfg.text_layers, cfg.fusion_depth, cfg.heads)
         self.counts = {"targets": 0, "predicted": 0, "rows": 0, "hidden_share": 0.0}  # behind info()'s rates
 
     @classmethod
     def check(cls, cfg, backbones) -> None:
-        base = getattr(backbones.llm, "base_model", None)
-        if base is None or base is backbones.llm:
-            raise ValueError("the text side needs a Hugging Face causal LM with a base model (e.g. Llama, OPT)")
-        width = backbones.llm.get_input_embeddings().embedding_dim
-        if width % cfg.heads:
-            raise ValueError(f"the LM's width {width} is not divisible by heads {cfg.heads}")
+        if cfg.init == LLM:
+            base = getattr(backbones.llm, "base_model", None)
+            if base is None or base is backbones.llm:
+                raise ValueError("init = \"llm\" needs a Hugging Face causal LM with a base model (e.g. Llama, OPT)")
+            model = backbones.llm.config
+        elif cfg.init == EXPERIMENT_BERT and backbones.text is not None:
+            model = backbones.text[0].config
+        else:
+            model = bert_config(text_model_path(cfg.init, backbones))
+        if cfg.text_layers > model.num_hidden_layers:
+            raise UserError(f"text_layers = {cfg.text_layers}, but the text model has {model.num_hidden_layers} layers")
+        if model.hidden_size % cfg.heads:
+            raise ValueError(f"the text model's width {model.hidden_size} is not divisible by heads {cfg.heads}")
+
+    def lr_scale(self, name: str) -> float:
+        """The pre-trained layers (and a causal LM's tied head) at the learning rate; the new
+        cross-modal layers, heads and objective parts at lr_scale times it, as FLM trains them."""
+        return 1.0 if name.startswith("text.body.") else self.cfg.lr_scale
 
     def train(self, mode: bool = True):
-        nn.Module.train(self, mode)  # the LM copy trains; the frozen originals stay in eval mode
+        nn.Module.train(self, mode)  # the text side trains; the frozen originals stay in eval mode
         self.vision.eval()
         self.llm.eval()
         return self
@@ -176,15 +315,14 @@ class TextSideMethod(Method):
         return super().trainable_parameters(stage)
 
     def flop_parts(self) -> tuple[dict[str, nn.Module], str]:
-        lm = self.text.lm  # the LM copy's body and head (they are called apart); fusion and heads are the rest
-        return {"vision": self.vision, "llm": [lm.base_model, lm.get_output_embeddings()]}, "bridge"
+        # the text model's kept layers and its head (called apart) are "llm"; the new layers the rest
+        return {"vision": self.vision, "llm": [self.text.body, self.text.head]}, "bridge"
 
-    def batch_text(self, prompt: str, captions: list[str]) -> Text:
+    def batch_text(self, prompt: str | list[str], captions: list[str]) -> Text:
         first, rows = text_rows(self.tokenizer, prompt, captions)
         ids, valid = pad_rows(rows, self.tokenizer.pad_token_id)
-        targets = valid.clone()
-        targets[:, :first] = False
-        return Text(ids, valid, targets, first)
+        first = torch.tensor(first)[:, None]
+        return Text(ids, valid, valid & (torch.arange(ids.shape[1])[None, :] >= first), first)
 
     def shape_key(self, batch: dict, stage: Stage):
         return max(map(len, text_rows(self.tokenizer, batch["prompt"], batch["captions"])[1]))
@@ -247,7 +385,7 @@ class TextSideMethod(Method):
         predictions (itself included), averaged over a caption's predictions (0 when it has none:
         MLM masked nothing there), then over captions; its expectation is the configured rate."""
         c = self.counts
-        out = {"text_lm_params": sum(p.numel() for p in self.text.lm.parameters())}
+        out = {"text_model_params": sum(p.numel() for p in self.text.body.parameters())}
         if c["targets"]:
             out["prediction_rate"] = c["predicted"] / c["targets"]
         if c["rows"]:
@@ -257,15 +395,14 @@ class TextSideMethod(Method):
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompts: list[str], dec: DecodingConfig) -> list[str]:
         visual = self.encode(images)
-        rows = [_prefix(self.tokenizer, p) for p in prompts]
+        rows = [prefix_ids(self.tokenizer, p) for p in prompts]
         ids, valid = pad_rows(rows, self.tokenizer.pad_token_id, left=True)
 
         def next_logprobs(ids: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             feats = self.text.features(self.text.embed(ids.to(visual.device)), valid, visual[rows], "l2r")
             return F.log_softmax(self.text.logits(feats[:, -1]).float(), dim=-1)
 
-        out = beam_search(next_logprobs, ids, valid, dec,
-                          self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        out = beam_search(next_logprobs, ids, valid, dec, end_id(self.tokenizer), self.tokenizer.pad_token_id)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
 
 

@@ -148,6 +148,9 @@ class Backbones:
     llm: nn.Module  # a Hugging Face causal LM
     tokenizer: object  # its (fast) tokenizer
     bert: str = ""  # the BERT-style checkpoint directory bridges start from ("" = none: random init)
+    # an in-memory BERT-style text model (body, tokenizer) in place of `bert`'s directory for the
+    # text-side family (init "bert"): the cost model's shapes on the meta device
+    text: tuple | None = None
 
     @property
     def llm_dim(self) -> int:
