@@ -1,6 +1,9 @@
 """`vlp-bench bench`: what one training step of each method costs on this device at a named scale
 (vlp_bench.costmodel: tiny, vitl-1b, paper), so a user can size a job before paying for it.
 
+Each method runs on its own backbones at the scale (paper: the text-side family on the FLM paper's
+CLIP ViT-B/32 and RoBERTa-base, the others on EVA ViT-g and OPT-2.7B; costmodel.Scale.setting), built
+only when a method needs them; each row names them (`backbones`).
 No data and no downloads: the backbones get random weights (frozen; bf16 on a GPU, as in a run),
 the images are one random tensor already on the device and the captions have the scale's length,
 so the figures are the model's alone. Each stage of each method is trained by the run's own
@@ -66,22 +69,24 @@ def bench(cfg, preset: str, names: list[str], device: torch.device, batch_size: 
                                checkpoint_every=0, warmup_exclude=warmup, count_flops=True, log_every=10**9)
     rows = []
     for name in names:
-        cls = METHODS.get(name)
-        mcfg = scale.method_configs[name]
+        cls, s = METHODS.get(name), scale.setting(name)  # the method's own backbones at this scale
+        mcfg = s.method_configs[name]
         try:
-            cls.check(mcfg, scale.backbones)
+            cls.check(mcfg, s.backbones)
         except ValueError as e:
             raise UserError(f"methods.{name} at {preset} scale: {e}") from None
         torch.manual_seed(0)
-        method = cls(mcfg, scale.backbones).to(device)
-        batches = SyntheticBatches(batch_size, scale.image_size, scale.caption_words, scale.prompt, device, scale.frames)
+        method = cls(mcfg, s.backbones).to(device)
+        batches = SyntheticBatches(batch_size, s.image_size, s.caption_words, s.prompt, device, s.frames)
         for stage in method.stages(warmup + steps):  # each stage on its own, for as many steps
             say(f"{name}: stage {stage.name}, {warmup} + {steps} steps of {batch_size}")
             memory_kind = reset_peak_memory(device)
             cost = train(method, batches, tcfg, device, MetricsLog(None),
                          stages=[Stage(stage.name, warmup + steps)])
             achieved = cost["achieved_flops_per_s"]
-            rows.append({"method": name, "stage": stage.name, "tokens_to_llm": cost["tokens_to_llm"],
+            rows.append({"method": name, "stage": stage.name, "backbones": scale.label(name),
+                         "image_size": s.image_size, "vision_tokens": s.backbones.vision.num_tokens,
+                         "caption_tokens": s.caption_words + 1, "tokens_to_llm": cost["tokens_to_llm"],
                          "median_step_s": cost["median_step_s"], "samples_per_s": cost["samples_per_s"],
                          "flops_per_sample": cost["train_flops_per_sample"], "achieved_flops_per_s": achieved,
                          "mfu": cost["mfu"], "peak_memory_bytes": peak_memory_bytes(device),
@@ -89,9 +94,11 @@ def bench(cfg, preset: str, names: list[str], device: torch.device, batch_size: 
         del method
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    first = scale.setting(names[0]) if names else scale  # top-level sizes: the first method's (rows: each one's)
     return {"preset": preset, "unit": UNIT, "batch_size": batch_size, "steps": steps,
-            "warmup": warmup, "image_size": scale.image_size, "vision_tokens": scale.backbones.vision.num_tokens,
-            "caption_tokens": scale.caption_words + 1, "device": _device_name(device),
+            "warmup": warmup, "image_size": first.image_size, "vision_tokens": first.backbones.vision.num_tokens,
+            "caption_tokens": first.caption_words + 1, "backbones_differ": len({r["backbones"] for r in rows}) > 1,
+            "device": _device_name(device),
             "torch": torch.__version__, "peak_flops_per_s": peak_flops_per_s(device, tcfg), "compile": tcfg.compile,
             "rows": rows}
 
@@ -103,17 +110,21 @@ def _device_name(device: torch.device) -> str:
 
 
 def format_table(table: dict) -> str:
-    header = ["method", "stage", "tokens->LLM", "step ms", "samples/s", "GFLOP/sample", "TFLOP/s", "MFU",
-              "peak mem GiB"]
+    mixed = table.get("backbones_differ")
+    header = ["method", "stage", *(["backbones"] if mixed else []), "tokens->LLM", "step ms", "samples/s",
+              "GFLOP/sample", "TFLOP/s", "MFU", "peak mem GiB"]
     rows = []
     for r in table["rows"]:
         tflops = r["achieved_flops_per_s"]
-        rows.append([r["method"], r["stage"], str(r["tokens_to_llm"]), f"{r['median_step_s'] * 1e3:.1f}",
-                     f"{r['samples_per_s']:.1f}", f"{r['flops_per_sample'] / 1e9:.4g}",
+        rows.append([r["method"], r["stage"], *([r["backbones"]] if mixed else []), str(r["tokens_to_llm"]),
+                     f"{r['median_step_s'] * 1e3:.1f}", f"{r['samples_per_s']:.1f}",
+                     f"{r['flops_per_sample'] / 1e9:.4g}",
                      "-" if tflops is None else f"{tflops / 1e12:.2f}",
                      "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", f"{r['peak_memory_bytes'] / 2**30:.2f}"])
+    inputs = ("backbones, vision tokens and captions per method (JSON: each row's)" if mixed else
+              f"{table['rows'][0]['backbones'] + ', ' if table['rows'] else ''}{table['vision_tokens']} vision "
+              f"tokens, captions of {table['caption_tokens']} tokens")
     title = (f"{table['preset']} scale on {table['device']} (torch {table['torch']}): batch {table['batch_size']}, "
-             f"median of {table['steps']} steps after {table['warmup']} warm-up; {table['vision_tokens']} vision "
-             f"tokens, captions of {table['caption_tokens']} tokens; FLOPs: {table['unit']}"
+             f"median of {table['steps']} steps after {table['warmup']} warm-up; {inputs}; FLOPs: {table['unit']}"
              f"{'; blocks compiled (' + table['compile'] + ')' if table.get('compile') else ''}")
     return "\n".join([title, text_table(header, rows, left=2)])

@@ -208,8 +208,9 @@ def report(
 @app.command()
 def flops(
     preset: str = typer.Option("tiny", help="Scale: tiny (the tiny world and methods as configured: bench.toml, "
-                                            "--set), vitl-1b (ViT-L/14, a 1.2B Llama) or paper (ViT-g/14, "
-                                            "OPT-2.7B); the larger two use each method's paper config."),
+                                            "--set), vitl-1b (ViT-L/14, a 1.2B Llama) or paper (each method's "
+                                            "paper backbones: ViT-g/14 + OPT-2.7B; FLM, MLM, AR: CLIP ViT-B/32 at "
+                                            "288 px + RoBERTa-base); the larger two use each method's paper config."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: experiment.methods)."),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
@@ -228,7 +229,8 @@ def flops(
 @app.command()
 def bench(
     preset: str = typer.Option("tiny", help="Scale: tiny (as configured), vitl-1b (ViT-L/14 + a 1.2B Llama) or "
-                                            "paper (ViT-g/14 + OPT-2.7B), with random weights."),
+                                            "paper (ViT-g/14 + OPT-2.7B; FLM, MLM, AR: CLIP ViT-B/32 at 288 px + "
+                                            "RoBERTa-base), with random weights."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: experiment.methods)."),
     batch_size: Optional[int] = typer.Option(None, help="Samples per step (default: train.batch_size)."),
     steps: int = typer.Option(20, help="Timed steps per method and stage (the median is reported)."),
