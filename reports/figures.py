@@ -21,7 +21,7 @@ from vlp_bench.errors import UserError
 from vlp_bench.files import read_jsonl
 from vlp_bench.metrics.targets import AXES, GRID_END, GRID_START, VAL_LOSS, curve
 from vlp_bench.metrics.verdicts import FASTER, SLOWER
-from vlp_bench.reports.summary import Run, flop_scale, metric_value
+from vlp_bench.reports.summary import Run, flop_scale, metric_label, metric_value
 
 CURVE_POINTS = 60  # the common grid that seeds are interpolated onto, to draw their mean and band
 DECODER_LOSS = "decoder.final_loss"  # the text-side family's loss after its shared decoder phase
@@ -161,10 +161,11 @@ def curve_figures(runs: list[Run], metric: str, target: float | None, colors: di
     max_flops = max((r.rec.get("cost", {}).get("train_flops") or 0 for r in done), default=0)
     fscale, funit = flop_scale(max_flops or 1)
     axes_spec = [("wall_s", 1.0, "training wall-clock (s)"), ("flops", fscale, f"training compute ({funit})")]
+    label = metric_label([r.rec for r in done], metric)
     figures = []
     for what in dict.fromkeys((metric, VAL_LOSS, None, DECODER_LOSS)):  # drawn where the runs logged them
         line = target if what == metric else loss_target if what == VAL_LOSS else None
-        title, ylabel, caption = _curve_text(what, metric, line)
+        title, ylabel, caption = _curve_text(what, label, line)
         fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4), sharey=True)
         drawn = False
         for ax, (axis, scale, label) in zip(axes, axes_spec):
@@ -281,6 +282,7 @@ def pareto_figure(runs: list[Run], metric: str, colors: dict) -> dict | None:
         return None
     frame = pd.DataFrame(pts)
     fscale, funit = flop_scale(frame["flops"].max())
+    label = metric_label([r.rec for r in runs if r.finished], metric)
     frame["flops"] /= fscale
     means = frame.groupby("method", sort=False).mean(numeric_only=True).reset_index()
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4), sharey=True)
@@ -301,11 +303,11 @@ def pareto_figure(runs: list[Run], metric: str, colors: dict) -> dict | None:
         for _, row in means.iterrows():
             ax.annotate(row["method"], (row[axis], row["q"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_xlabel(label)
-        ax.set_ylabel(f"{metric} (test)")
+        ax.set_ylabel(f"{label} (test)")
     if axes[-1].get_legend():
         sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     return {"title": "Quality against cost", "uri": _data_uri(fig),
-            "caption": f"Final test {metric} against the training cost of each run (small dots: seeds; diamonds: "
+            "caption": f"Final test {label} against the training cost of each run (small dots: seeds; diamonds: "
                        f"method means). Up and to the left is better; the grey steps join the methods that no "
                        f"cheaper method beats."}
 

@@ -30,7 +30,7 @@ from vlp_bench.reports.figures import (curve_figures, merge_pictures, palette, p
 from vlp_bench.reports.summary import (Run, by_method, captioning, compute_speedups, cost_text, describe_curve,
                                        flops_units,
                                        format_mean_sd, format_ratio, load_runs, loss_speedups, mean_sd,
-                                       metric_value, run_metric, verdict)
+                                       metric_label, metric_value, protocol, run_metric, verdict)
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -154,6 +154,7 @@ def method_table(runs: list[Run], sp: dict | None, metric: str) -> pd.DataFrame:
             "runs finished": f"{len(done)}/{len(all_runs)}",
             f"{key} ({task}, test)": format_mean_sd([metric_value(r.rec, metric) for r in done], ".3f"),
             "VQA acc. % (test)": format_mean_sd([metric_value(r.rec, "vqa.overall") for r in done], ".2f"),
+            "VQA protocol": " / ".join(sorted({p for r in done if (p := protocol(r.rec))})) or "-",
             "reached target": "-" if s is None else f"{s['reached']}/{s['seeds']}",
             "time to target (s)": "-" if s is None else cost_text(s["time_to_target_s"], 1, ".1f"),
             f"time speed-up [{ci}]": "-" if s is None else format_ratio(s["time_speedup"]),
@@ -296,14 +297,15 @@ def render(dirs: list[Path], metric: str = "", target: float | None = None,
         if runs else None)
     colors = palette(list(by_method(runs)))
     head = headline(runs, sp, quality, None if lsp is sp else lsp)
-    speedup_figures = [f for f in (qsp and speedup_figure(qsp, colors, f"validation {quality}"),
+    label = metric_label([r.rec for r in runs], quality)  # a VQA metric says zero-shot or fine-tuned
+    speedup_figures = [f for f in (qsp and speedup_figure(qsp, colors, f"validation {label}"),
                                    lsp and speedup_figure(lsp, colors, "validation loss (lower is better)")) if f]
     paper = [paper_section(path, f"paper{k}") for k, path in enumerate(flops_files)]
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.get_template("report.html.j2").render(
         title="vlp-bench report", generated=time.strftime("%Y-%m-%d %H:%M %Z"), head=head, sp=sp,
-        sp_error=sp_error, metric=quality, floors=floors(runs), flops_units=flops_units([r.rec for r in runs]),
+        sp_error=sp_error, metric=label, floors=floors(runs), flops_units=flops_units([r.rec for r in runs]),
         speedups=styled(method_table(runs, sp, quality), "speedups"), speedup_figures=speedup_figures,
         subsets=None if (subsets := subset_table(runs, quality)) is None else styled(subsets, "subsets"),
         curves=curve_figures(runs, quality, qsp and qsp["target"], colors, lsp and lsp["target"]),

@@ -104,6 +104,22 @@ def metric_value(rec: dict, metric: str, floor: bool = False):
     return value if isinstance(value, (int, float)) else None
 
 
+def protocol(rec: dict, task: str = "vqa") -> str | None:
+    """How a run met `task`: its metrics' "protocol", "zero-shot" or "fine-tuned (N steps)" (VQA
+    records from before the label were zero-shot); None where the task has none."""
+    values = rec.get("metrics", {}).get(task)
+    if not isinstance(values, dict):
+        return None
+    return values.get("protocol", "zero-shot" if task == "vqa" else None)
+
+
+def metric_label(recs: list[dict], metric: str) -> str:
+    """`metric` as figures name it: with the protocols its runs met its task by, where it has them,
+    e.g. "vqa.overall (fine-tuned (200 steps))"."""
+    found = sorted({p for rec in recs if (p := protocol(rec, metric.partition(".")[0]))})
+    return f"{metric} ({' / '.join(found)})" if found else metric
+
+
 def mean_sd(values: list) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation over seeds, missing values left out; sd is None with one
     value (no spread to report) and both are None with none."""
@@ -228,7 +244,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def summary_table(results: list[dict]) -> str:
-    header = ["run", "status", "CIDEr", "floor", "x floor", "BLEU-4", "VQA %", "VQA floor", "tokens->LLM",
+    header = ["run", "status", "CIDEr", "floor", "x floor", "BLEU-4", "VQA %", "VQA as", "VQA floor", "tokens->LLM",
               "train s", "samples/s", "GFLOP/sample"]
     rows = []
     for r in results:
@@ -241,7 +257,7 @@ def summary_table(results: list[dict]) -> str:
         rows.append([
             r["run_id"], r["status"], _fmt(cider, ".3f"), _fmt(floor, ".3f"),
             _fmt(cider / floor if cider is not None and floor else None, ".2f"), _fmt(cap.get("Bleu_4"), ".3f"),
-            _fmt(vqa.get("overall"), ".2f"), _fmt(vqa.get("floor", {}).get("overall"), ".2f"),
+            _fmt(vqa.get("overall"), ".2f"), protocol(r) or "-", _fmt(vqa.get("floor", {}).get("overall"), ".2f"),
             _fmt(cost.get("tokens_to_llm"), "d"), _fmt(cost.get("train_wall_s"), ".1f"),
             _fmt(cost.get("samples_per_s"), ".1f"), _fmt(per_sample / 1e9 if per_sample else None, ".3f"),
         ])

@@ -1,11 +1,14 @@
-"""Zero-shot VQA: each method answers "Question: {} Short answer:" through its generation path;
-scored with the official VQAv2 accuracy (vlp_bench.metrics.vqa), plus the answer-type floor."""
+"""VQA: each method answers "Question: {} Short answer:" through its generation path, zero-shot or
+after fine-tuning on the training questions (`finetune_steps`); scored with the official VQAv2
+accuracy (vlp_bench.metrics.vqa), plus the answer-type floor."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Iterator
 
-from vlp_bench.data.images import CaptionSplit
+from vlp_bench.data.images import CaptionSplit, TrainBatches
 from vlp_bench.errors import UserError
 from vlp_bench.method import DecodingConfig, Method
 from vlp_bench.registry import TASKS
@@ -20,10 +23,16 @@ class VQAConfig(DecodingConfig):
     max_new_tokens: int = 10
     min_new_tokens: int = 1
     split: str = "test"
+    # steps of fine-tuning on the training questions before each evaluation, on a copy of the weights
+    # (cost recorded apart); 0 = zero-shot; -1 = the method's default (Method.task_finetune_steps): 0
+    # for the frozen-LLM methods, which their papers evaluate zero-shot; FLM's paper fine-tunes
+    finetune_steps: int = -1
 
     def validate(self) -> None:
         if "{}" not in self.prompt:
             raise ValueError(f"prompt must contain {{}} where the question goes, got {self.prompt!r}")
+        if self.finetune_steps < -1:
+            raise ValueError(f"finetune_steps must be >= 0, or -1 for the method's default, got {self.finetune_steps}")
 
 
 def _paths(root, split: str):
@@ -35,9 +44,37 @@ def _paths(root, split: str):
     return q, a
 
 
+class QuestionSplit:
+    """A split's questions as training samples, read by TrainBatches as it reads a caption split:
+    one sample per question (its id in `image_ids`) with its image, and one target (`refs`): its
+    `multiple_choice_answer`, VQAv2's most common of the ten human answers (the floor's answer)."""
+
+    source = "vqa"
+
+    def __init__(self, root, split: str):
+        q, self.ann_path = _paths(root, split)
+        questions, annotations = load_questions(q), load_annotations(self.ann_path)
+        self.images, self.split = CaptionSplit(root, split), split
+        self.questions = {k: v for k, v in questions.items() if v.get("image_id") in self.images.files}
+        self.image_ids = sorted(self.questions)
+        if not self.image_ids:
+            raise UserError(f"{q}: no question on an image of {self.images.ann_path}")
+        missing = [k for k in self.image_ids if not isinstance(annotations.get(k, {}).get("multiple_choice_answer"), str)]
+        if missing:
+            raise UserError(f"{self.ann_path}: question {missing[0]} has no annotation with a 'multiple_choice_answer' "
+                            f"(the answer VQA fine-tuning trains on)")
+        self.refs = {k: [annotations[k]["multiple_choice_answer"]] for k in self.image_ids}
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, question_id: int):
+        return self.images.image_path(self.questions[question_id]["image_id"])
+
+
 @TASKS.register("vqa")
 class VQA(Task):
-    """Zero-shot VQA, official VQAv2 accuracy and answer-type floor."""
+    """VQA (zero-shot or fine-tuned), official VQAv2 accuracy and answer-type floor."""
 
     Config = VQAConfig
     primary = "overall"
@@ -54,6 +91,19 @@ class VQA(Task):
     def _files(self, split: str):
         q, a = _paths(self.root, split)
         return load_questions(q), load_annotations(a)
+
+    @functools.cached_property
+    def train_questions(self) -> QuestionSplit:
+        return QuestionSplit(self.root, "train")
+
+    def finetune_batches(self, batch_size: int, seed: int, workers: int = 0) -> Iterator[dict]:
+        """The training questions in seeded batches: each row its question's image, the prompt with
+        the question and its answer as the target."""
+        split = self.train_questions
+        for batch in TrainBatches(split, self.images, batch_size, seed, workers=workers):
+            qids = batch["image_ids"]
+            yield {**batch, "question_ids": qids, "image_ids": [split.questions[q]["image_id"] for q in qids],
+                   "prompt": [self.cfg.prompt.format(split.questions[q]["question"]) for q in qids]}
 
     def evaluate(self, method: Method, split: str, limit: int | None = None) -> tuple[dict, list[dict]]:
         questions, annotations = self._files(split)

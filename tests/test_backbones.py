@@ -89,8 +89,8 @@ def test_bf16_frozen_backbones_meet_fp32_trainable_parts():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert bb.vision(images).dtype == torch.bfloat16
     cls = METHODS.get("flm")
-    method = cls(cls.Config(heads=2), bb)
-    assert {p.dtype for p in method.text.lm.parameters()} == {torch.float32}
+    method = cls(cls.Config(heads=2, init="llm", text_layers=1), bb)
+    assert {p.dtype for p in method.text.body.parameters()} == {torch.float32}
     assert {p.dtype for p in bb.llm.parameters()} == {torch.bfloat16}  # the frozen original is untouched
 
 

@@ -84,5 +84,6 @@ def test_the_tiny_bert_is_built_only_for_methods_that_start_from_it():
     from vlp_bench.experiment import _needs_bert
 
     assert _needs_bert(load_config(None))  # the default bridges start from [bert]
-    assert not _needs_bert(load_config(None, ["experiment.methods=['flm', 'mlp']"]))  # text side, projector
+    assert _needs_bert(load_config(None, ["experiment.methods=['flm']"]))  # the text side's masked-LM encoder
+    assert not _needs_bert(load_config(None, ["experiment.methods=['flm', 'mlp']", "methods.flm.init='llm'"]))
     assert not _needs_bert(load_config(None, ["methods.simvlg.init=''", "experiment.methods=['simvlg']"]))

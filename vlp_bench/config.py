@@ -24,7 +24,7 @@ from vlp_bench.metrics.targets import VAL_LOSS, split_metric
 from vlp_bench.nn.generation import CAPTION_PROMPT
 from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.trackers import TrackersConfig
-from vlp_bench.train.trainer import TrainConfig
+from vlp_bench.train.state import TrainConfig
 from vlp_bench.typed import apply_overrides, from_dict, load_toml
 
 

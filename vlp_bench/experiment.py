@@ -41,7 +41,7 @@ from vlp_bench.results import SCHEMA_VERSION, MetricsLog, env_info
 from vlp_bench.trackers import Trackers
 from vlp_bench.train import dist
 from vlp_bench.train.compile import eager
-from vlp_bench.train.trainer import NonFiniteLoss, decoder_finetune, train
+from vlp_bench.train.trainer import Evaluation, NonFiniteLoss, Phase, train
 from vlp_bench.typed import to_dict
 
 __all__ = ["DEFAULTS", "Experiment", "StopRun", "finish", "load_config", "load_config_dict", "prepare",
@@ -74,7 +74,9 @@ class StopRun(Exception):
 
 
 FINAL = ("finished", "failed", "pruned")  # a run in one of these states is done; "running"/"interrupted" can resume
-DECODER_SEED = 1_000_003  # offsets the run seed for the decoder phase's batches: a stream training never draws
+# offsets the run seed for the batches of the phases before each evaluation (the decoder phase's, a task's
+# fine-tuning): a stream training never draws
+DECODER_SEED = 1_000_003
 RANK_SEED = 1_000_033  # rank r > 0 of a torchrun job draws its random numbers from seed + r * RANK_SEED
 
 
@@ -205,24 +207,20 @@ class _Run:
             torch.manual_seed(seed + group.rank * RANK_SEED)
         batches = exp.batches(seed, group.rank, group.world)
 
-        def decoder_batches():  # the same batches before every evaluation, none of training's (rank zero's)
-            return exp.batches(seed + DECODER_SEED)
+        def evaluate(step: int, names: list[str]) -> dict:  # on the first validation images
+            return {name: self.labelled(name, method, exp.tasks[name].evaluate(method, "val", cfg.train.eval_images)[0])
+                    for name in names}
 
-        def evaluate(step: int) -> dict:
-            metrics = {name: task.evaluate(method, "val", cfg.train.eval_images)[0] for name, task in exp.tasks.items()}
-            if self.on_eval is not None:
-                self.on_eval(step, metrics)
-            return metrics
-
+        phases = self.phases(method)
         t0 = time.perf_counter()
         if self.checkpoint.is_file():
             say(f"resuming {self.dir.name} from its checkpoint")
-        cost = self.record["cost"] = train(method, batches, cfg.train, exp.device, log, evaluate,
-                                           checkpoint=self.checkpoint, decoder_batches=decoder_batches,
-                                           validation_batches=exp.validation_batches)
+        cost = self.record["cost"] = train(method, batches, cfg.train, exp.device, log,
+                                           Evaluation(evaluate, phases, self.on_eval),
+                                           checkpoint=self.checkpoint, validation_batches=exp.validation_batches)
         self.record["data"] = _job_report(group, batches.report())
         if self.main:
-            self.final_evaluation(method, decoder_batches)
+            self.final_evaluation(method, phases)
         log.append({"step": cost["steps"], "samples": cost["samples_seen"], "wall_s": round(cost["train_wall_s"], 4),
                     "flops": cost.get("train_flops"), "split": "test", "eval": self.record["metrics"], "final": True})
         cost["total_wall_s"] = time.perf_counter() - t0
@@ -231,17 +229,45 @@ class _Run:
         if pictured and self.main:  # the report's picture of what merging does, beside the samples
             save_token_groups(method, pictured[0], self.dir)
 
-    def final_evaluation(self, method, decoder_batches) -> None:
-        """Every task on its test split (after the method's decoder phase, if it has one), with
-        collectives off: rank zero's alone."""
-        with dist.local(), eager(), decoder_finetune(method, decoder_batches, self.cfg.train, self.exp.device) as dec:
-            if dec:  # a cost of evaluating this family, not of pre-training it
-                self.record["cost"]["decoder_finetune"] = dec
-            for name, task in self.exp.tasks.items():
+    def phases(self, method) -> list[Phase]:
+        """What every evaluation runs before its tasks, each phase on a copy of the weights: the
+        method's decoder phase (if any; the same batches each time, none of training's) before the
+        tasks evaluated as pre-trained; and before each task that fine-tunes (Task.finetune_steps),
+        instead, its own fine-tuning on its training split (Method.task_stage)."""
+        cfg, exp, seed = self.cfg, self.exp, self.seed + DECODER_SEED
+        steps = {name: task.finetune_steps(method) for name, task in exp.tasks.items()}
+
+        def task_batches(task):
+            return lambda: task.finetune_batches(cfg.train.batch_size, seed, cfg.data.workers)
+
+        return [Phase([n for n, k in steps.items() if not k], method.decoder_stage(), lambda: exp.batches(seed)),
+                *(Phase([n], method.task_stage(k, cfg.train.steps), task_batches(exp.tasks[n]), task=n)
+                  for n, k in steps.items() if k)]
+
+    def labelled(self, name: str, method, metrics: dict) -> dict:
+        """A task's metrics with how the method met it (Task.protocol), where the task can fine-tune."""
+        protocol = self.exp.tasks[name].protocol(method)
+        return metrics if protocol is None else {**metrics, "protocol": protocol}
+
+    def final_evaluation(self, method, phases: list[Phase]) -> None:
+        """Every task on its test split, after its phase (Experiment.phases), with collectives off:
+        rank zero's alone. Each fine-tuning's cost goes to results.json, apart from the training cost."""
+        def evaluate(step: int, names: list[str]) -> dict:
+            metrics = {}
+            for name in names:
+                task = self.exp.tasks[name]
                 say(f"evaluate {name} on {task.cfg.split}")
-                metrics, samples = task.evaluate(method, task.cfg.split)
-                self.record["metrics"][name] = metrics
+                scores, samples = task.evaluate(method, task.cfg.split)
+                metrics[name] = self.labelled(name, method, scores)
                 write_jsonl(self.dir / f"samples_{name}.jsonl", samples)
+            return metrics
+
+        with dist.local(), eager():
+            row = Evaluation(evaluate, phases)(method, self.cfg.train, self.exp.device, self.record["cost"]["steps"])
+        self.record["metrics"] = {name: row["eval"][name] for name in self.exp.tasks}
+        for key, field in (("decoder", "decoder_finetune"), ("task_finetune", "task_finetune")):
+            if key in row:  # a cost of evaluating, not of pre-training
+                self.record["cost"][field] = row[key]
 
 
 def _job_report(group: dist.Group, report: dict) -> dict:
@@ -291,8 +317,8 @@ def image_loader(cfg: BenchConfig, backbones: Backbones):
 
 
 def _needs_bert(cfg: BenchConfig) -> bool:
-    """Whether a method of the experiment starts from its BERT backbone (init = "bert"): only then is
-    the tiny BERT pre-trained (the text-side family and the projectors have none)."""
+    """Whether a method of the experiment starts from its BERT backbone (init = "bert": the bridges,
+    and the text-side family's text model): only then is the tiny BERT pre-trained."""
     return any(getattr(cfg.methods.get(m), "init", "") == EXPERIMENT_BERT for m in cfg.experiment.methods)
 
 

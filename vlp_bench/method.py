@@ -10,8 +10,12 @@ takes both (the default `encode` averages the frozen encoder's tokens over the f
     set_progress(fraction), info()  -> optional: step curricula; facts for results.json
     decoder_stage()                 -> optional: a short stage trained on a copy of the weights
                                        before each evaluation (the text-side family's AR fine-tuning)
+    task_stage(steps, total_steps)  -> what a task's fine-tuning trains (tasks.NAME.finetune_steps)
     generation_loss(batch, stage)   -> optional: the teacher-forced loss of the batch's captions
                                        through the generation path (the validation loss)
+A batch is {"images", "prompt", "captions", ...}: "prompt" is one string for every row, or a list
+of one per row (a task's fine-tuning: a question each); the loss is on the captions (the targets)
+and their EOS only, never on a prompt.
 A method is a small file in methods/ with a `Config` dataclass and, for the frozen-LLM family, a
 `bridge(visual_tokens) -> soft prompt` (its output length may be anything: merging shrinks it).
 """
@@ -65,6 +69,9 @@ class Method(nn.Module):
     needs_patch_grid: ClassVar[bool] = False
     # a composition "bridge+side" (compose()): its parts' names; None for a method of its own
     parts: ClassVar[tuple[str, str] | None] = None
+    # the fine-tuning steps on a task's training split before it is evaluated, where the task's
+    # `finetune_steps` is -1 (its default): 0 = zero-shot, as the frozen-LLM papers evaluate VQA
+    task_finetune_steps: ClassVar[int] = 0
 
     @classmethod
     def configured_from(cls, configs: dict) -> dict:
@@ -127,6 +134,14 @@ class Method(nn.Module):
         """A stage trained before every evaluation on a copy of the weights, which are put back
         afterwards (vlp_bench.train.trainer.decoder_finetune); its cost is recorded apart. None = none."""
         return None
+
+    def task_stage(self, steps: int, total_steps: int) -> Stage:
+        """The stage a task's fine-tuning trains for `steps` steps, on a copy of the weights
+        (vlp_bench.train.trainer.finetune): the decoder stage where the method has one (the stream
+        that decodes), else the last stage of its `total_steps` pre-training (frozen-LLM methods:
+        the bridge, with the LLM frozen), each with its own parameters and training_loss."""
+        stage = self.decoder_stage() or self.stages(total_steps)[-1]
+        return Stage(stage.name, steps)
 
     def generation_loss(self, batch: dict, stage: Stage) -> StepOutput | None:
         """The teacher-forced loss of batch["captions"] after batch["prompt"] through the model that

@@ -7,7 +7,7 @@ OUT/<run-id>/
     results.json           the summary below: written first with status "running", rewritten as
                            the run ends ("finished", "failed", "pruned" or "interrupted")
 
-results.json, schema_version 4 (docs/results-schema.md describes every field):
+results.json, schema_version 5 (docs/results-schema.md describes every field):
     {schema_version, run_id, method, seed, status, config, metrics: {caption: {...}},
      cost: {...}, data: {...}, env: {...}}
 """
@@ -24,9 +24,10 @@ from vlp_bench.files import write_jsonl
 
 # 2: FLOPs and the validation learning curve (step 0 .. last); 3: `data` (the training data's source and
 # skipped samples) and `distributed`; 4: `env.plugins` (the plug-in package of each method and task that
-# did not come with vlp-bench); see docs/results-schema.md
-SCHEMA_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)  # older records read fine: the fields they lack are just absent
+# did not come with vlp-bench); 5: `metrics.vqa.protocol` (zero-shot or fine-tuned) and `cost.task_finetune`;
+# see docs/results-schema.md
+SCHEMA_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # older records read fine: the fields they lack are just absent
 
 
 class MetricsLog:

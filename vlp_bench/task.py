@@ -1,9 +1,10 @@
-"""The interface every task implements: evaluate a trained method on a split of the data."""
+"""The interface every task implements: evaluate a trained method on a split of the data, and, for
+a task with a training split to learn from (VQA), the batches of its fine-tuning."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 from vlp_bench.data.images import ImageLoader
 from vlp_bench.method import Method
@@ -33,3 +34,23 @@ class Task:
     def evaluate(self, method: Method, split: str, limit: int | None = None) -> tuple[dict, list[dict]]:
         """-> (metrics for results.json, per-sample rows for samples_<task>.jsonl)."""
         raise NotImplementedError
+
+    def finetune_steps(self, method: Method) -> int:
+        """The steps `method` is fine-tuned on this task's training split before each evaluation of
+        it (0: evaluated as pre-trained): the task's `finetune_steps` setting, where -1 (its default)
+        is the method's own (Method.task_finetune_steps); 0 for a task without that setting."""
+        steps = getattr(self.cfg, "finetune_steps", 0)
+        return method.task_finetune_steps if steps < 0 else steps
+
+    def protocol(self, method: Method) -> str | None:
+        """How `method` meets this task, the label of its figures: "zero-shot" or "fine-tuned (N
+        steps)"; None for a task that cannot fine-tune (no `finetune_steps` setting)."""
+        if not hasattr(self.cfg, "finetune_steps"):
+            return None
+        steps = self.finetune_steps(method)
+        return f"fine-tuned ({steps} steps)" if steps else "zero-shot"
+
+    def finetune_batches(self, batch_size: int, seed: int, workers: int = 0) -> Iterator[dict]:
+        """Endless seeded training batches of this task (a task with a `finetune_steps` setting):
+        {"images", "prompt": one per row, "captions": each row's target, ...}."""
+        raise NotImplementedError(f"task '{self.name}' has no training split to fine-tune on")

@@ -42,21 +42,34 @@ def pad_rows(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[to
     return ids, valid
 
 
-def lm_rows(tokenizer, prompt: str, targets: list[str]) -> tuple[list[int], list[list[int]]]:
-    """(prompt ids, one row per target: prompt ids + target ids + EOS)."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids if prompt else []
-    return prompt_ids, [prompt_ids + tokenizer(" " + t, add_special_tokens=False).input_ids
-                        + [tokenizer.eos_token_id] for t in targets]
+def lm_rows(tokenizer, prompt: str | list[str], targets: list[str]) -> tuple[list, list[list[int]]]:
+    """(prompt ids, one row per target: its prompt's ids + target ids + EOS). `prompt` is one for
+    every row (its ids are returned once) or a list of one per row (each row's ids are returned, in a
+    list: VQA fine-tuning, a question each)."""
+    if isinstance(prompt, str):
+        prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids if prompt else []
+        return prompt_ids, [prompt_ids + _target_ids(tokenizer, t) for t in targets]
+    if len(prompt) != len(targets):
+        raise ValueError(f"{len(prompt)} prompts for {len(targets)} targets: give one prompt, or one per target")
+    prompt_ids = [lm_rows(tokenizer, p, [])[0] for p in prompt]
+    return prompt_ids, [p + _target_ids(tokenizer, t) for p, t in zip(prompt_ids, targets)]
 
 
-def prefix_lm_loss(llm, tokenizer, prefix: torch.Tensor, prompt: str, targets: list[str]) -> tuple[torch.Tensor, int]:
+def _target_ids(tokenizer, target: str) -> list[int]:
+    return tokenizer(" " + target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
+def prefix_lm_loss(llm, tokenizer, prefix: torch.Tensor, prompt: str | list[str],
+                   targets: list[str]) -> tuple[torch.Tensor, int]:
     """Causal LM loss of `targets` (+ EOS) after [soft prefix][prompt] (prefix and prompt get no
-    loss), and the number of target tokens it is the mean over."""
+    loss; `prompt`: one for all rows or one per row, as lm_rows), and the number of target tokens
+    it is the mean over."""
     device = prefix.device
     prompt_ids, rows = lm_rows(tokenizer, prompt, targets)
     ids, valid = pad_rows(rows, tokenizer.pad_token_id)  # right padding: pads come last and get no loss
-    labels = ids.masked_fill(~valid, -100)
-    labels[:, : len(prompt_ids)] = -100  # nor does the prompt
+    starts = [len(prompt_ids)] * len(rows) if isinstance(prompt, str) else [len(p) for p in prompt_ids]
+    in_prompt = torch.arange(ids.shape[1])[None, :] < torch.tensor(starts, dtype=torch.long)[:, None]
+    labels = ids.masked_fill(~valid | in_prompt, -100)  # nor does the prompt
     n_targets = int((labels != -100).sum())  # counted on the CPU (the device may be meta)
     ids, labels, mask = ids.to(device), labels.to(device), valid.long().to(device)
     B, P, _ = prefix.shape

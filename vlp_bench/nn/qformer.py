@@ -23,7 +23,6 @@ EOS ends the text) or, when the Q-Former starts from a BERT checkpoint, that che
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -37,82 +38,8 @@ from vlp_bench.train.checkpoint import load_checkpoint, rng_state, save_checkpoi
 from vlp_bench.train.compile import compile_blocks, eager
 from vlp_bench.train.flops import PASSES, FlopCount, count_step, flop_summary, stage_summary
 from vlp_bench.train.measure import peak_flops_per_s, peak_memory_bytes, reset_peak_memory, sync
+from vlp_bench.train.state import NonFiniteLoss, TrainConfig, TrainState, lr_at
 from vlp_bench.train.validation import ValidationLoss
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 1000  # optimizer steps over all stages; the tiny baseline's loss flattens after a few hundred
-    batch_size: int = 32  # samples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
-    lr: float = 1e-3  # a small bridge from scratch tolerates a high rate; paper-scale recipes use 1e-4
-    weight_decay: float = 0.05  # BLIP-2's value
-    warmup_steps: int = 100  # linear warm-up, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    log_every: int = 25  # steps between metrics.jsonl rows
-    eval_every: int = 250  # steps between validation evaluations (0 = final only): a learning curve of a few points
-    eval_images: int = 100  # validation images per periodic evaluation (the final one uses the whole test split)
-    # validation captions whose teacher-forced loss is read at every log row (0 = none): the cheap,
-    # frequent signal of docs/costs.md; the first N validation images, one caption each
-    val_loss_images: int = 64
-    warmup_exclude: int = 5  # first steps of each stage left out of the median step time
-    checkpoint_every: int = 250  # steps between checkpoints (0 = none): a killed run loses at most this many
-    count_flops: bool = True  # count each step's FLOPs (once per new shape, outside the clock); false = no FLOPs
-    peak_tflops: float = 0.0  # device peak for MFU; 0 = look the CUDA device up (bf16 dense), none on CPU
-    # torch.compile backend for the backbones' transformer blocks in training ("inductor": fused kernels on
-    # a GPU); "" = eager: compiling costs a minute or so per run and pays only at GPU scale. Evaluation
-    # and FLOP counting stay eager.
-    compile: str = ""
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        counts = (self.warmup_steps, self.eval_every, self.checkpoint_every, self.val_loss_images)
-        if min(counts) < 0 or self.eval_images < 1:
-            raise ValueError("warmup_steps, eval_every, checkpoint_every and val_loss_images must be >= 0, "
-                             "eval_images >= 1")
-        if self.peak_tflops < 0:
-            raise ValueError(f"peak_tflops must be >= 0, got {self.peak_tflops}")
-        if self.compile and self.compile not in torch.compiler.list_backends(exclude_tags=()):
-            raise ValueError(f"compile: unknown torch.compile backend '{self.compile}' "
-                             f"(use one of {', '.join(torch.compiler.list_backends())}, or \"\" for eager)")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    warm = min(cfg.warmup_steps, max(total - 1, 0))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-@dataclass
-class TrainState:
-    """The trainer's running counters: what a checkpoint carries besides the weights, optimizer,
-    data position and RNG, so that a resumed run ends exactly as an uninterrupted one, counting
-    each step once. Stored in the checkpoint as a plain dict (dataclasses.asdict, and
-    TrainState(**d) back): plain containers load with torch.load(weights_only=True)."""
-
-    step: int = 0  # optimizer steps done, over all stages
-    samples: int = 0  # samples trained on (the job's: all ranks)
-    wall: float = 0.0  # seconds of training on the clock (FLOP replay, evaluation, checkpoints excluded)
-    step_times: list[float] = field(default_factory=list)  # seconds of each step past its stage's warm-up
-    window: list[float] = field(default_factory=list)  # losses since the last metrics row (its mean)
-    # one dict per stage so far: name, steps, samples, train_wall_s and flops (by part and pass); a
-    # plain dict updated in place, which is also what results.json's cost.stages is built from
-    per_stage: list[dict] = field(default_factory=list)
-    tokens_to_llm: int | None = None  # visual tokens per sample the LLM received, last micro-batch
-    flops: dict = field(default_factory=dict)  # FLOPs so far, by part and pass (a FlopCount's by_part)
-    timed_flops: int = 0  # FLOPs of the steps in step_times: achieved FLOP/s = timed_flops / sum(step_times)
-    flop_counts: int = 0  # step replays under the FLOP counter (one per new shape key)
 
 
 @dataclass
@@ -131,7 +58,7 @@ class _Run:
 
 
 def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch.device, log: MetricsLog,
-          evaluate: Callable[[int], dict] | None = None, progress: bool = True,
+          evaluate: Evaluation | Callable[[int], dict] | None = None, progress: bool = True,
           checkpoint: Path | None = None, stages: list[Stage] | None = None,
           decoder_batches: Callable[[], TrainBatches] | None = None, validation_batches: list[dict] = ()) -> dict:
     """Train `method` for cfg.steps optimizer steps; returns the cost summary for results.json.
@@ -140,8 +67,9 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     metrics rows) is saved there every cfg.checkpoint_every steps, and training resumes from it when
     the file exists: the resumed run ends exactly as an uninterrupted one, counting each step once.
     With `stages`, those are trained instead of method.stages(cfg.steps): a phase inside another
-    run (decoder_finetune), which leaves that run's peak-memory window alone. With
-    `decoder_batches`, each evaluation is preceded by the method's decoder stage (decoder_finetune).
+    run (finetune), which leaves that run's peak-memory window alone. `evaluate`: an Evaluation
+    (its phases, each fine-tuning on a copy of the weights before its tasks), or `evaluate(step)` ->
+    {task: metrics}, run after the method's decoder stage on `decoder_batches` (decoder_finetune).
     With `validation_batches`, their validation loss joins the log rows (or, for a method with a decoder
     stage, the evaluation rows: vlp_bench.train.validation).
 
@@ -160,12 +88,13 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     if checkpoint is not None and checkpoint.is_file():
         saved, opt_state, opt_stage = load_checkpoint(checkpoint, method, batches, log, device, group.rank)
         st = TrainState(**saved)
-    decoder = lambda: decoder_finetune(method, decoder_batches, cfg, device)  # noqa: E731 (before each evaluation)
+    evaluation = None if evaluate is None else functools.partial(  # (step, read_loss) -> an evaluation row's fields
+        _as_evaluation(evaluate, method, decoder_batches), method, cfg, device)
     validation = ValidationLoss(list(validation_batches), device, autocast)
     # at log rows; at evaluations only where no log row reads it (step 0, a method with a decoder stage)
     read_loss = validation if validation and method.decoder_stage() is None else None
     if evaluate is not None and cfg.eval_every and st.step == 0:  # the learning curve starts untrained
-        _evaluate(method, evaluate, log, st, decoder, group, (validation, schedule[0][0]) if schedule else None)
+        _evaluate(method, evaluation, log, st, group, (validation, schedule[0][0]) if schedule else None)
     run = _Run(method, batches, cfg, device, group, autocast, [*method.flop_parts()[0], method.flop_parts()[1]])
     current = None
     for i, (stage, s) in enumerate(progress_bar(schedule, f"train {method.name}", progress and group.is_main)):
@@ -175,14 +104,15 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
             current = stage
             params, opt = _start_stage(run, st, stage, opt_state if opt_stage == stage.name else None)
             opt_state = None
-        method.set_progress(st.step / total)
+        if not nested:  # a phase inside a run (finetune) trains the model at the run's point of its curricula
+            method.set_progress(st.step / total)
         lr = lr_at(s, stage.steps, cfg)
         loss, step_flops, dt = _optimizer_step(run, st, stage, params, opt, lr)
         _record_step(st, loss, step_flops, dt, timed=s >= cfg.warmup_exclude)
         if st.step % cfg.log_every == 0 or st.step == total:
             _log_row(log, st, stage, step_flops, lr, read_loss(method, stage) if read_loss and group.is_main else None)
         if evaluate is not None and cfg.eval_every and (st.step % cfg.eval_every == 0 or st.step == total):
-            _evaluate(method, evaluate, log, st, decoder, group, None if read_loss else (validation, stage))
+            _evaluate(method, evaluation, log, st, group, None if read_loss else (validation, stage))
         if checkpoint is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total:
             _save(run, checkpoint, opt, stage, log, st)
     method.eval()
@@ -348,14 +278,15 @@ def _cost_summary(run: _Run, st: TrainState, memory_kind: str) -> dict:
 
 
 @contextlib.contextmanager
-def decoder_finetune(method: Method, make_batches: Callable[[], TrainBatches] | None, cfg: TrainConfig,
-                     device: torch.device):
-    """Train method.decoder_stage() (if any) on the current weights, yield its cost summary, then
-    put the weights back: evaluation sees the fine-tuned model, training goes on from where it
-    was. The same batches every time (make_batches) and its own RNG stream, so the phase neither
-    changes the run nor differs between evaluations except by the weights it starts from."""
-    stage = method.decoder_stage()
-    if stage is None or make_batches is None:
+def finetune(method: Method, stage: Stage | None, make_batches: Callable[[], Iterator[dict]] | None,
+             cfg: TrainConfig, device: torch.device):
+    """Train `stage` on make_batches() from the current weights, yield its cost summary, then put
+    the weights back: evaluation sees the fine-tuned model, training goes on from where it was. The
+    same batches every time (make_batches) and its own RNG stream, so the phase neither changes the
+    run nor differs between evaluations except by the weights it starts from. The run's lr with a
+    warm-up of a tenth of the steps (at most cfg.warmup_steps), and the method's lr_scale. Yields
+    None, training nothing, without a stage, batches or steps."""
+    if stage is None or make_batches is None or stage.steps < 1:
         yield None
         return
     saved = {n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad}
@@ -377,6 +308,66 @@ def decoder_finetune(method: Method, make_batches: Callable[[], TrainBatches] | 
                     p.copy_(saved[name])
 
 
+def decoder_finetune(method: Method, make_batches: Callable[[], Iterator[dict]] | None, cfg: TrainConfig,
+                     device: torch.device):
+    """finetune() of method.decoder_stage(), if it has one: the text-side family's AR phase."""
+    return finetune(method, method.decoder_stage(), make_batches, cfg, device)
+
+
+@dataclass
+class Phase:
+    """One part of an evaluation: `stage` trained on `batches()` on a copy of the weights (finetune;
+    nothing trained when either is None), `tasks` evaluated on the result, the weights put back.
+    `task`: the task whose fine-tuning it is (its cost: task_finetune[task]); None for the decoder
+    phase (its cost: decoder), after whose tasks the validation loss is read."""
+
+    tasks: list[str] | None = None  # None: whatever the evaluation's callback evaluates
+    stage: Stage | None = None
+    batches: Callable[[], Iterator[dict]] | None = None
+    task: str | None = None
+
+
+@dataclass
+class Evaluation:
+    """What each evaluation runs, during training (train's `evaluate`) and at the end: the phases in
+    turn, each from the same weights, with evaluate(step, tasks) -> {task: metrics} after each;
+    on_eval(step, metrics) then sees them all (and may raise to stop the run)."""
+
+    evaluate: Callable[[int, list[str] | None], dict]
+    phases: list[Phase]
+    on_eval: Callable[[int, dict], None] | None = None
+
+    def __call__(self, method: Method, cfg: TrainConfig, device: torch.device, step: int,
+                 read_loss: Callable[[], float | None] | None = None) -> dict:
+        """An evaluation row's fields: eval ({task: metrics}); val_loss (read_loss(), in the decoder
+        phase); decoder and task_finetune ({task: cost}): what the fine-tunings that ran cost,
+        apart from the training cost. A phase with no tasks runs only to read the loss."""
+        row: dict = {"eval": {}}
+        for phase in self.phases:
+            reads = read_loss is not None and phase.task is None
+            if phase.tasks == [] and not reads:
+                continue  # nothing to evaluate after it, so nothing to fine-tune
+            with finetune(method, phase.stage, phase.batches, cfg, device) as cost:
+                row["eval"].update(self.evaluate(step, phase.tasks))
+                if reads and (loss := read_loss()) is not None:
+                    row["val_loss"] = loss
+            if cost and phase.task is None:
+                row["decoder"] = cost
+            elif cost:
+                row.setdefault("task_finetune", {})[phase.task] = cost
+        if self.on_eval is not None:
+            self.on_eval(step, row["eval"])
+        return row
+
+
+def _as_evaluation(evaluate: Evaluation | Callable[[int], dict], method: Method,
+                   decoder_batches: Callable[[], Iterator[dict]] | None) -> Evaluation:
+    """A plain evaluate(step) callable as an Evaluation: one phase, the method's decoder stage."""
+    if isinstance(evaluate, Evaluation):
+        return evaluate
+    return Evaluation(lambda step, tasks: evaluate(step), [Phase(None, method.decoder_stage(), decoder_batches)])
+
+
 def _reduce_step(group: dist.Group, loss: float, flops: FlopCount, parts: list[str]) -> tuple[float, FlopCount]:
     """One all-reduce for a step's figures: the mean of the ranks' (weighted) losses, which is the
     one-process loss of the whole batch, and the sum of their FLOPs."""
@@ -389,20 +380,20 @@ def _reduce_step(group: dist.Group, loss: float, flops: FlopCount, parts: list[s
     return summed[0] / group.world, job
 
 
-def _evaluate(method: Method, evaluate: Callable[[int], dict], log: MetricsLog, st: TrainState, decoder,
+def _evaluate(method: Method, evaluation: Callable[[int, Callable | None], dict], log: MetricsLog, st: TrainState,
               group: dist.Group, validation: tuple[ValidationLoss | None, Stage] | None) -> None:
-    """One point of the learning curve (validation subset), at the training cost spent so far; a
-    decoder phase before it (if the method has one) is recorded in the row, apart from that cost,
-    and so is the validation loss read after it (`validation`: the reader and the current stage).
-    Rank zero's alone, with collectives off; the other ranks wait for it."""
+    """One point of the learning curve (validation subset), at the training cost spent so far; the
+    fine-tuning phases before its tasks (a decoder phase, a task's fine-tuning) are recorded in the
+    row, apart from that cost, and so is the validation loss read after the decoder phase
+    (`validation`: the reader and the current stage). Rank zero's alone, with collectives off; the
+    other ranks wait for it."""
     if group.is_main:
         method.eval()
         row = {"step": st.step, "samples": st.samples, "wall_s": round(st.wall, 4),
                "flops": FlopCount(st.flops).total, "split": "val"}
-        with dist.local(), eager(), decoder() as cost:
-            row["eval"] = evaluate(st.step)
-            if validation and validation[0] and (loss := validation[0](method, validation[1])) is not None:
-                row["val_loss"] = loss
-        log.append({**row, **({"decoder": cost} if cost else {})})
+        read_loss = (lambda: validation[0](method, validation[1])) if validation and validation[0] else None
+        with dist.local(), eager():
+            row.update(evaluation(st.step, read_loss))
+        log.append(row)
         method.train()
     group.barrier()
