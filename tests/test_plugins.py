@@ -197,8 +197,9 @@ def test_a_tracker_without_its_package_is_a_clear_error(monkeypatch):
 def test_validate_finds_no_problem_in_any_registered_method(tiny_overrides):
     """No false alarms: every method (built-in, composed, installed plug-in) passes every check."""
     names = METHODS.names()
+    family = [f"methods.{m}.{k}" for m in ("flm", "mlm", "ar") for k in ("init='llm'", "text_layers=1")]  # TINY: no [bert]
     found = validate(lambda: load_config(None, [*tiny_overrides, f"experiment.methods={names}",
-                                                "experiment.tasks=['vqa']"]))
+                                                "experiment.tasks=['vqa']", *family]))
     assert not found.problems, [(f.subject, f.check, f.detail) for f in found.problems]
     assert {f.subject for f in found} >= {f"method {n}" for n in names}
 
