@@ -386,7 +386,7 @@ def test_every_method_that_takes_clips_trains_and_generates_on_them(name):
 
     cls = METHODS.get(name)
     torch.manual_seed(0)
-    method = cls(_small(cls.Config()), random_backbones())
+    method = cls(_small(cls.Config()), random_backbones(bert=True))
     method.train()
     batch = {"images": CLIP, "prompt": "a photo of", "captions": ["a red circle moves left", "a star appears"]}
     for stage in method.stages(4):
