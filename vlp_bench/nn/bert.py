@@ -15,6 +15,8 @@ output (after its LayerNorm), before the FFN. Attention goes through `scaled_dot
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import torch
@@ -211,6 +213,20 @@ def check_bert(path: str, width: int, heads: int, depth: int) -> None:
         raise UserError(f"init: '{path}' has {cfg.num_hidden_layers} layers, the bridge {depth}")
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Hugging Face's loading at error level only: its load report lists the pooler a bare encoder
+    lacks, noise here."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_bert(module: nn.Module, path: str, rename=lambda name: name) -> list[str]:
     """Initialise `module` from a local BERT-style Hugging Face checkpoint (a directory that
     `transformers.AutoModel.from_pretrained` reads), as the papers start from bert-base-uncased.
@@ -222,18 +238,14 @@ def load_bert(module: nn.Module, path: str, rename=lambda name: name) -> list[st
     FFN from BERT's FFN). Returns the names left at their random initialisation (cross-attention,
     new heads). A shape mismatch is a UserError: the bridge's width and heads must be the checkpoint's."""
     from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
 
     if not Path(path).exists():
         raise UserError(f"init: no checkpoint directory '{path}'")
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report lists the pooler a bare encoder lacks: noise here
-    try:
-        weights = AutoModel.from_pretrained(path, local_files_only=True).state_dict()
-    except (OSError, ValueError) as e:
-        raise UserError(f"init: cannot read a BERT-style checkpoint from '{path}': {str(e).splitlines()[0]}") from None
-    finally:
-        hf_logging.set_verbosity(level)
+    with quiet_loading():
+        try:
+            weights = AutoModel.from_pretrained(path, local_files_only=True).state_dict()
+        except (OSError, ValueError) as e:
+            raise UserError(f"init: cannot read a BERT-style checkpoint from '{path}': {str(e).splitlines()[0]}") from None
     weights = {k.removeprefix("bert."): v for k, v in weights.items()}
     fresh = []
     with torch.no_grad():

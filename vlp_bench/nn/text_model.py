@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from vlp_bench.errors import UserError
-from vlp_bench.nn.bert import EXPERIMENT_BERT, init_source
+from vlp_bench.nn.bert import EXPERIMENT_BERT, init_source, quiet_loading
 
 LLM = "llm"  # init: a copy of the frozen causal LM
 
@@ -59,19 +59,18 @@ def load_text_model(init: str, backbones) -> tuple[nn.Module, nn.Module, object]
         return lm.base_model, lm.get_output_embeddings(), backbones.tokenizer
     if init == EXPERIMENT_BERT and backbones.text is not None:  # shapes only (vlp-bench flops)
         body, tokenizer = copy.deepcopy(backbones.text[0]), backbones.text[1]
-        return body, PredictionHead(body.config.hidden_size, len(tokenizer), body.config.layer_norm_eps), tokenizer
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    else:
+        from transformers import AutoModel, AutoTokenizer
 
-    path = text_model_path(init, backbones)
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report lists the pooler it does not load: noise here
-    try:
-        body = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    finally:
-        hf_logging.set_verbosity(level)
-    body = body.float().requires_grad_(True)
+        path = text_model_path(init, backbones)
+        with quiet_loading():
+            try:
+                body = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise UserError(f"init: cannot read a BERT-style text model from '{path}': "
+                                f"{str(e).splitlines()[0]}") from None
+        body = body.float().requires_grad_(True)
     return body, PredictionHead(body.config.hidden_size, len(tokenizer), body.config.layer_norm_eps), tokenizer
 
 
