@@ -28,9 +28,9 @@ from vlp_bench.metrics.verdicts import FASTER, POINT, SLOWER
 from vlp_bench.reports.figures import (curve_figures, merge_pictures, palette, pareto_figure, search_figure,
                                        speedup_figure)
 from vlp_bench.reports.summary import (Run, by_method, captioning, compute_speedups, cost_text, describe_curve,
-                                       flops_units,
-                                       format_mean_sd, format_ratio, load_runs, loss_speedups, mean_sd,
-                                       metric_label, metric_value, protocol, run_metric, verdict)
+                                       extra_evaluations, flops_units, format_mean_sd, format_ratio, load_runs,
+                                       loss_speedups, mean_sd, metric_label, metric_text, metric_value, protocol,
+                                       run_metric, verdict)
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -311,6 +311,8 @@ def render(dirs: list[Path], metric: str = "", target: float | None = None,
         curves=curve_figures(runs, quality, qsp and qsp["target"], colors, lsp and lsp["target"]),
         pareto=pareto_figure(runs, quality, colors), merges=merge_pictures(runs), paper=paper,
         searches=[search_section(p, f"search{k}") for k, p in enumerate(searches)],
+        extra=[{**e, "settings": " ".join(e["overrides"]) or "as run", "values": metric_text(e["metrics"])}
+               for e in extra_evaluations([r.dir for r in runs])],
         failed=[{"run": r.dir.name, "status": r.rec.get("status"), "error": r.rec.get("error", "")}
                 for r in runs if not r.finished],
         env=environment(runs),

@@ -81,6 +81,36 @@ class Run:
         return path if path.is_file() else None
 
 
+def extra_evaluations(run_dirs) -> list[dict]:
+    """The evaluations made after the runs from their kept weights (`vlp-bench evaluate run`,
+    RUN/evals/NAME/results.json), one entry per (evaluation, task): run, name, task, split, the
+    settings it changed (`overrides`), its metrics."""
+    out = []
+    for d in map(Path, run_dirs):
+        evals = d / "evals"
+        for path in sorted(evals.glob("*/results.json")) if evals.is_dir() else []:
+            rec = load_results([path.parent])[0]
+            for task, metrics in rec.get("metrics", {}).items():
+                out.append({"run": d.name, "dir": str(path.parent), "name": rec.get("name", path.parent.name),
+                            "method": rec.get("method"), "seed": rec.get("seed"), "task": task,
+                            "split": rec.get("splits", {}).get(task, metrics.get("split")),
+                            "overrides": rec.get("overrides", []), "metrics": metrics})
+    return out
+
+
+def metric_text(metrics: dict) -> str:
+    """A task's numeric metrics in one line ("CIDEr 0.8123, Bleu_4 0.2101, ..."), counts as integers."""
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def extra_table(extra: list[dict]) -> str:
+    """The extra evaluations as a plain-text table."""
+    rows = [[e["run"], e["name"], e["task"], e["split"] or "", " ".join(e["overrides"]) or "as run",
+             metric_text(e["metrics"])] for e in extra]
+    return text_table(["run", "evaluation", "task", "split", "settings", "metrics"], rows, left=6)
+
+
 def load_runs(dirs: list[Path]) -> list[Run]:
     return [Run(Path(d), rec, metrics_rows(d)) for d, rec in zip(dirs, load_results(dirs))]
 

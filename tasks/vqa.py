@@ -96,6 +96,11 @@ class VQA(Task):
     def train_questions(self) -> QuestionSplit:
         return QuestionSplit(self.root, "train")
 
+    def prompt(self, question: str | None = None) -> str:
+        if not question:
+            raise UserError("task 'vqa' answers a question: give one (--question \"...\")")
+        return self.cfg.prompt.format(question)
+
     def finetune_batches(self, batch_size: int, seed: int, workers: int = 0) -> Iterator[dict]:
         """The training questions in seeded batches: each row its question's image, the prompt with
         the question and its answer as the target."""
@@ -103,7 +108,7 @@ class VQA(Task):
         for batch in TrainBatches(split, self.images, batch_size, seed, workers=workers):
             qids = batch["image_ids"]
             yield {**batch, "question_ids": qids, "image_ids": [split.questions[q]["image_id"] for q in qids],
-                   "prompt": [self.cfg.prompt.format(split.questions[q]["question"]) for q in qids]}
+                   "prompt": [self.prompt(split.questions[q]["question"]) for q in qids]}
 
     def evaluate(self, method: Method, split: str, limit: int | None = None) -> tuple[dict, list[dict]]:
         questions, annotations = self._files(split)
@@ -118,7 +123,7 @@ class VQA(Task):
         for start in range(0, len(qids), bs):
             chunk = qids[start : start + bs]
             pixels = self.images.batch([images.image_path(questions[q]["image_id"]) for q in chunk]).to(device)
-            prompts = [self.cfg.prompt.format(questions[q]["question"]) for q in chunk]
+            prompts = [self.prompt(questions[q]["question"]) for q in chunk]
             answers.update(zip(chunk, method.generate(pixels, prompts, self.cfg)))
         metrics = vqa_accuracy(questions, annotations, answers)
         key = (split, tuple(qids))

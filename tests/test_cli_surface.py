@@ -27,6 +27,8 @@ SURFACE: dict[str, set[str]] = {
     "evaluate": set(),
     "evaluate caption": {"--annotations", "--predictions", "--spice", "--no-spice"},
     "evaluate vqa": {"--questions", "--annotations", "--predictions"},
+    "evaluate run": {"RUN_DIR", "--task", "--tasks", "--split", "--set", "-s", "--name"},
+    "predict": {"RUN_DIR", "INPUTS", "--question", "--task", "--set", "-s", "--json"},
 }
 
 

@@ -18,7 +18,7 @@ from vlp_bench.registry import METHODS
 from vlp_bench.results import MetricsLog
 from vlp_bench.nn.generation import beam_search
 from vlp_bench.textside import TextSideMethod, allowed
-from vlp_bench.train.trainer import TrainConfig, decoder_finetune, train
+from vlp_bench.train.trainer import TrainConfig, finetune, train
 
 TEXT_SIDE = [n for n in METHODS.names() if issubclass(METHODS.get(n), TextSideMethod)]
 CAPTIONS = ["two green stars left of a blue square", "a red circle", "three small yellow crosses above a star"]
@@ -165,7 +165,7 @@ def test_decoder_phase_trains_the_decoding_stream_only_and_gives_the_weights_bac
     cfg = TrainConfig(steps=1, batch_size=4, warmup_steps=0, log_every=1)
     method.cfg = dataclasses.replace(method.cfg, decoder_steps=3)
     seen = {}
-    with decoder_finetune(method, lambda: batches(n=4), cfg, torch.device("cpu")) as cost:
+    with finetune(method, method.decoder_stage(), lambda: batches(n=4), cfg, torch.device("cpu")) as cost:
         seen = {n: p.detach().clone() for n, p in method.named_parameters()}
     assert cost["steps"] == 3 and cost["train_flops"] > 0 and cost["final_loss"] > 0
     changed = {n for n in seen if not torch.equal(seen[n], before[n])}

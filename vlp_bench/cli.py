@@ -15,7 +15,8 @@ from vlp_bench.errors import UserError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Benchmark vision-language pre-training acceleration methods side by side.")
-evaluate_app = typer.Typer(no_args_is_help=True, help="Score prediction files with the official metrics.")
+evaluate_app = typer.Typer(no_args_is_help=True, help="Score prediction files with the official metrics, or "
+                           "evaluate a finished run again from its kept weights.")
 app.add_typer(evaluate_app, name="evaluate")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment file (default: ./bench.toml if present).")
@@ -84,8 +85,8 @@ def _print_summary(dirs, target, as_json: bool = False, strict: bool = False) ->
     curves, on the target metric and on the validation loss. After a run (not strict), a target
     that cannot be computed (e.g. no learning curve) is a note, never a failure."""
     from vlp_bench.metrics.targets import VAL_LOSS
-    from vlp_bench.reports.summary import (compute_speedups, load_results, loss_speedups, speedup_table,
-                                           summary_table)
+    from vlp_bench.reports.summary import (compute_speedups, extra_evaluations, extra_table, load_results,
+                                           loss_speedups, speedup_table, summary_table)
 
     results = load_results(dirs)
     try:
@@ -94,11 +95,12 @@ def _print_summary(dirs, target, as_json: bool = False, strict: bool = False) ->
         if strict:
             raise
         sp, why = None, str(e)
+    extra = extra_evaluations(dirs)
     loss = None if sp and sp["metric"] == VAL_LOSS else loss_speedups(
         dirs, results, sp["reference"] if sp else target.reference or None)  # the loss, unless it is the target
     if as_json:
         typer.echo(json.dumps({"runs": [{"dir": str(d), "results": r} for d, r in zip(dirs, results)],
-                               "speedups": sp, "loss_speedups": loss}, indent=2))
+                               "speedups": sp, "loss_speedups": loss, "extra_evaluations": extra}, indent=2))
         return
     typer.echo(summary_table(results))
     typer.echo("")
@@ -106,6 +108,9 @@ def _print_summary(dirs, target, as_json: bool = False, strict: bool = False) ->
     if loss:
         typer.echo("")
         typer.echo(speedup_table(loss))
+    if extra:
+        typer.echo("\nevaluations after the runs, from their kept weights (vlp-bench evaluate run):")
+        typer.echo(extra_table(extra))
 
 
 @app.command()
@@ -363,6 +368,58 @@ def evaluate_vqa(
     from vlp_bench.metrics.vqa import evaluate_files
 
     typer.echo(json.dumps(evaluate_files(questions, annotations, predictions), indent=2))
+
+
+@evaluate_app.command("run")
+def evaluate_run(
+    run_dir: Path = typer.Argument(..., help="A finished run's directory (it kept weights.safetensors)."),
+    task: Optional[str] = typer.Option(None, "--task", "--tasks", help="Comma-separated tasks (default: the run's own); "
+                                       "any registered task, e.g. vqa after a captioning-only run."),
+    split: Optional[str] = typer.Option(None, help="Split to evaluate on (default: each task's configured split)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", "-s", help="Change a task's setting (tasks.T.key=value), "
+                                             "or experiment.device / threads / cache, data.root / workers."),
+    name: Optional[str] = typer.Option(None, help="Folder under RUN_DIR/evals/ (default: from the tasks, split "
+                                       "and settings; never over an earlier one)."),
+):
+    """Evaluate a finished run again from its kept weights, beside its own results (RUN_DIR/evals/NAME)."""
+    from vlp_bench.evaluate import evaluate_run as run_evaluation
+
+    tasks = [t.strip() for t in task.split(",") if t.strip()] if task else None
+    out = run_evaluation(run_dir, tasks, split, list(set_ or []), name)
+    from vlp_bench.log import text_table
+
+    record = json.loads((out / "results.json").read_text())
+    own = json.loads((run_dir / "results.json").read_text()).get("metrics", {})
+    rows = []
+    for t, metrics in record["metrics"].items():
+        recorded = own.get(t, {}) if own.get(t, {}).get("split") == metrics.get("split") else {}
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                rows.append([t, metrics.get("split", ""), k, f"{v:.4f}",
+                             f"{recorded[k]:.4f}" if isinstance(recorded.get(k), (int, float)) else "-"])
+    typer.echo(text_table(["task", "split", "metric", "value", "the run's own"], rows, left=3))
+    typer.echo(f"results in {out}")
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="A finished run's directory (it kept weights.safetensors)."),
+    inputs: list[Path] = typer.Argument(..., help="Image files or folders of images (clips, for a run on clips)."),
+    question: Optional[str] = typer.Option(None, help="Answer this question about each image (the vqa task)."),
+    task: Optional[str] = typer.Option(None, help="Task whose prompt and decoding to use (default: vqa with "
+                                       "--question, else caption / video_caption)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", "-s", help="Change a task's setting (tasks.T.key=value)."),
+    as_json: bool = typer.Option(False, "--json", help="Print [{input, text}] as JSON."),
+):
+    """Caption your own images (or answer a question about them) with a finished run's model."""
+    from vlp_bench.evaluate import predict as run_predict
+
+    rows = run_predict(run_dir, inputs, question, task, list(set_ or []))
+    if as_json:
+        typer.echo(json.dumps([{"input": str(p), "text": t} for p, t in rows], indent=2))
+        return
+    for path, text in rows:
+        typer.echo(f"{path}\t{text}")
 
 
 @app.callback()

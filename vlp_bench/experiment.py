@@ -42,6 +42,7 @@ from vlp_bench.trackers import Trackers
 from vlp_bench.train import dist
 from vlp_bench.train.compile import eager
 from vlp_bench.train.trainer import Evaluation, NonFiniteLoss, Phase, train
+from vlp_bench.train.weights import save_weights
 from vlp_bench.typed import to_dict
 
 __all__ = ["DEFAULTS", "Experiment", "StopRun", "finish", "load_config", "load_config_dict", "prepare",
@@ -77,6 +78,7 @@ FINAL = ("finished", "failed", "pruned")  # a run in one of these states is done
 # offsets the run seed for the batches of the phases before each evaluation (the decoder phase's, a task's
 # fine-tuning): a stream training never draws
 DECODER_SEED = 1_000_003
+WEIGHTS = "weights.safetensors"  # a finished run's trained weights (train.keep_weights)
 RANK_SEED = 1_000_033  # rank r > 0 of a torchrun job draws its random numbers from seed + r * RANK_SEED
 
 
@@ -132,6 +134,55 @@ class Experiment:
         return [{"prompt": cfg.experiment.prompt, "image_ids": chunk, "captions": [split.refs[i][0] for i in chunk],
                  "images": self.images.batch([split.image_path(i) for i in chunk])}
                 for chunk in (ids[k:k + size] for k in range(0, len(ids), size))]
+
+    def phases(self, method, seed: int) -> list[Phase]:
+        """What every evaluation of a run with `seed` runs before its tasks, each phase on a copy of
+        the weights: the method's decoder phase (if any; the same batches each time, none of
+        training's) before the tasks evaluated as pre-trained; and before each task that fine-tunes
+        (Task.finetune_steps), instead, its own fine-tuning on its training split (Method.task_stage).
+        Each phase draws its batches and random numbers from the seed alone, so an evaluation from
+        saved weights repeats them exactly."""
+        cfg, seed = self.cfg, seed + DECODER_SEED
+        steps = {name: task.finetune_steps(method) for name, task in self.tasks.items()}
+
+        def task_batches(task):
+            return lambda: task.finetune_batches(cfg.train.batch_size, seed, cfg.data.workers)
+
+        return [Phase([n for n, k in steps.items() if not k], method.decoder_stage(), lambda: self.batches(seed),
+                      seed=seed),
+                *(Phase([n], method.task_stage(k, cfg.train.steps), task_batches(self.tasks[n]), task=n, seed=seed)
+                  for n, k in steps.items() if k)]
+
+    def labelled(self, name: str, method, metrics: dict) -> dict:
+        """A task's metrics with how the method met it (Task.protocol), where the task can fine-tune."""
+        protocol = self.tasks[name].protocol(method)
+        return metrics if protocol is None else {**metrics, "protocol": protocol}
+
+    def test_evaluation(self, method, seed: int, out: Path, keep: bool = False) -> dict:
+        """Every task on its configured split (task.cfg.split), each after its phase (phases()),
+        rank zero's alone with collectives off: samples_<task>.jsonl in `out`, and with `keep` the
+        weights each phase that trained evaluated its task with (weights-<task>.safetensors). Returns
+        the evaluation row: eval {task: metrics}, the phases' costs, weights {task: file}."""
+        phases = self.phases(method, seed)
+        trained = {n for phase in phases if phase.trains for n in phase.tasks}
+        kept: dict = {}
+
+        def evaluate(step: int, names: list[str]) -> dict:
+            metrics = {}
+            for name in names:
+                task = self.tasks[name]
+                say(f"evaluate {name} on {task.cfg.split}")
+                scores, samples = task.evaluate(method, task.cfg.split)
+                metrics[name] = self.labelled(name, method, scores)
+                write_jsonl(out / f"samples_{name}.jsonl", samples)
+                if keep and name in trained:
+                    meta = {"method": method.name, "seed": seed, "phase": name}
+                    kept[name] = save_weights(out / f"weights-{name}.safetensors", method, meta)["file"]
+            return metrics
+
+        with dist.local(), eager():
+            row = Evaluation(evaluate, phases)(method, self.cfg.train, self.device, 0)
+        return {**row, "weights": kept} if kept else row
 
     def run_one(self, method_name: str, seed: int, run_dir: Path, method_cfg=None,
                 on_eval: Callable[[int, dict], None] | None = None) -> None:
@@ -208,10 +259,10 @@ class _Run:
         batches = exp.batches(seed, group.rank, group.world)
 
         def evaluate(step: int, names: list[str]) -> dict:  # on the first validation images
-            return {name: self.labelled(name, method, exp.tasks[name].evaluate(method, "val", cfg.train.eval_images)[0])
+            return {name: exp.labelled(name, method, exp.tasks[name].evaluate(method, "val", cfg.train.eval_images)[0])
                     for name in names}
 
-        phases = self.phases(method)
+        phases = exp.phases(method, seed)
         t0 = time.perf_counter()
         if self.checkpoint.is_file():
             say(f"resuming {self.dir.name} from its checkpoint")
@@ -219,8 +270,10 @@ class _Run:
                                            Evaluation(evaluate, phases, self.on_eval),
                                            checkpoint=self.checkpoint, validation_batches=exp.validation_batches)
         self.record["data"] = _job_report(group, batches.report())
+        if self.main and cfg.train.keep_weights:
+            self.keep_weights(method)
         if self.main:
-            self.final_evaluation(method, phases)
+            self.final_evaluation(method)
         log.append({"step": cost["steps"], "samples": cost["samples_seen"], "wall_s": round(cost["train_wall_s"], 4),
                     "flops": cost.get("train_flops"), "split": "test", "eval": self.record["metrics"], "final": True})
         cost["total_wall_s"] = time.perf_counter() - t0
@@ -229,45 +282,21 @@ class _Run:
         if pictured and self.main:  # the report's picture of what merging does, beside the samples
             save_token_groups(method, pictured[0], self.dir)
 
-    def phases(self, method) -> list[Phase]:
-        """What every evaluation runs before its tasks, each phase on a copy of the weights: the
-        method's decoder phase (if any; the same batches each time, none of training's) before the
-        tasks evaluated as pre-trained; and before each task that fine-tunes (Task.finetune_steps),
-        instead, its own fine-tuning on its training split (Method.task_stage)."""
-        cfg, exp, seed = self.cfg, self.exp, self.seed + DECODER_SEED
-        steps = {name: task.finetune_steps(method) for name, task in exp.tasks.items()}
-
-        def task_batches(task):
-            return lambda: task.finetune_batches(cfg.train.batch_size, seed, cfg.data.workers)
-
-        return [Phase([n for n, k in steps.items() if not k], method.decoder_stage(), lambda: exp.batches(seed)),
-                *(Phase([n], method.task_stage(k, cfg.train.steps), task_batches(exp.tasks[n]), task=n)
-                  for n, k in steps.items() if k)]
-
-    def labelled(self, name: str, method, metrics: dict) -> dict:
-        """A task's metrics with how the method met it (Task.protocol), where the task can fine-tune."""
-        protocol = self.exp.tasks[name].protocol(method)
-        return metrics if protocol is None else {**metrics, "protocol": protocol}
-
-    def final_evaluation(self, method, phases: list[Phase]) -> None:
-        """Every task on its test split, after its phase (Experiment.phases), with collectives off:
-        rank zero's alone. Each fine-tuning's cost goes to results.json, apart from the training cost."""
-        def evaluate(step: int, names: list[str]) -> dict:
-            metrics = {}
-            for name in names:
-                task = self.exp.tasks[name]
-                say(f"evaluate {name} on {task.cfg.split}")
-                scores, samples = task.evaluate(method, task.cfg.split)
-                metrics[name] = self.labelled(name, method, scores)
-                write_jsonl(self.dir / f"samples_{name}.jsonl", samples)
-            return metrics
-
-        with dist.local(), eager():
-            row = Evaluation(evaluate, phases)(method, self.cfg.train, self.exp.device, self.record["cost"]["steps"])
+    def final_evaluation(self, method) -> None:
+        """Every task on its test split after its phase (Experiment.test_evaluation), its samples and
+        (train.keep_weights) the weights a phase trained for it beside the run's records."""
+        row = self.exp.test_evaluation(method, self.seed, self.dir, keep=self.cfg.train.keep_weights)
         self.record["metrics"] = {name: row["eval"][name] for name in self.exp.tasks}
         for key, field in (("decoder", "decoder_finetune"), ("task_finetune", "task_finetune")):
             if key in row:  # a cost of evaluating, not of pre-training
                 self.record["cost"][field] = row[key]
+        if row.get("weights"):
+            self.record.setdefault("weights", {})["phases"] = row["weights"]
+
+    def keep_weights(self, method) -> None:
+        """The pre-trained weights (weights.safetensors), before any evaluation phase touches them."""
+        meta = {"method": self.name, "seed": self.seed, "step": self.record["cost"]["steps"]}
+        self.record["weights"] = save_weights(self.dir / WEIGHTS, method, meta)
 
 
 def _job_report(group: dist.Group, report: dict) -> dict:

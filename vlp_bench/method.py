@@ -132,7 +132,7 @@ class Method(nn.Module):
 
     def decoder_stage(self) -> Stage | None:
         """A stage trained before every evaluation on a copy of the weights, which are put back
-        afterwards (vlp_bench.train.trainer.decoder_finetune); its cost is recorded apart. None = none."""
+        afterwards (vlp_bench.train.trainer.finetune); its cost is recorded apart. None = none."""
         return None
 
     def task_stage(self, steps: int, total_steps: int) -> Stage:

@@ -4,10 +4,13 @@ OUT/<run-id>/
     config.json            the resolved experiment config this run used
     metrics.jsonl          one row per logged step, plus evaluation rows
     samples_caption.jsonl  per image: generated caption and references (re-scorable)
+    weights.safetensors    the trained weights (train.keep_weights), and weights-<task>.safetensors
+                           those a phase fine-tuned before evaluating <task>
+    evals/<name>/          `vlp-bench evaluate run`: results.json (kind "evaluation") and samples
     results.json           the summary below: written first with status "running", rewritten as
                            the run ends ("finished", "failed", "pruned" or "interrupted")
 
-results.json, schema_version 5 (docs/results-schema.md describes every field):
+results.json, schema_version 6 (docs/results-schema.md describes every field):
     {schema_version, run_id, method, seed, status, config, metrics: {caption: {...}},
      cost: {...}, data: {...}, env: {...}}
 """
@@ -25,9 +28,10 @@ from vlp_bench.files import write_jsonl
 # 2: FLOPs and the validation learning curve (step 0 .. last); 3: `data` (the training data's source and
 # skipped samples) and `distributed`; 4: `env.plugins` (the plug-in package of each method and task that
 # did not come with vlp-bench); 5: `metrics.vqa.protocol` (zero-shot or fine-tuned) and `cost.task_finetune`;
-# see docs/results-schema.md
-SCHEMA_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)  # older records read fine: the fields they lack are just absent
+# 6: `weights` (the kept weights.safetensors) and evals/<name>/results.json (kind "evaluation": `vlp-bench
+# evaluate run`); see docs/results-schema.md
+SCHEMA_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # older records read fine: the fields they lack are just absent
 
 
 class MetricsLog:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import ClassVar, Iterator
 
 from vlp_bench.data.images import ImageLoader
+from vlp_bench.errors import UserError
 from vlp_bench.method import Method
 
 
@@ -34,6 +35,16 @@ class Task:
     def evaluate(self, method: Method, split: str, limit: int | None = None) -> tuple[dict, list[dict]]:
         """-> (metrics for results.json, per-sample rows for samples_<task>.jsonl)."""
         raise NotImplementedError
+
+    def prompt(self, question: str | None = None) -> str:
+        """What the method generates after, for one input: the task's configured prompt (its
+        DecodingConfig's); a task that asks questions (VQA) puts `question` into it instead."""
+        if question is not None:
+            raise UserError(f"task '{self.name}' takes no question (a question is for a task like vqa)")
+        prompt = getattr(self.cfg, "prompt", None)
+        if not isinstance(prompt, str):
+            raise UserError(f"task '{self.name}' does not generate text after a prompt")
+        return prompt
 
     def finetune_steps(self, method: Method) -> int:
         """The steps `method` is fine-tuned on this task's training split before each evaluation of

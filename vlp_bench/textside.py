@@ -16,7 +16,7 @@ head (an encoder: FLM's heads are new).
 Evaluation decodes captions (and VQA answers) left to right from that stream by beam search, so the
 family is scored by the same tasks as the frozen-LLM methods. MLM's pre-training leaves no decoder,
 so every method of the family gets the same short AR fine-tuning (`decoder_steps`) on a copy of its
-weights before each evaluation (vlp_bench.train.trainer.decoder_finetune): its cost is recorded apart from
+weights before each evaluation (vlp_bench.train.trainer.finetune): its cost is recorded apart from
 the pre-training cost, and the weights go back afterwards.
 """
 

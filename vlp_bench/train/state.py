@@ -27,6 +27,10 @@ class TrainConfig:
     val_loss_images: int = 64
     warmup_exclude: int = 5  # first steps of each stage left out of the median step time
     checkpoint_every: int = 250  # steps between checkpoints (0 = none): a killed run loses at most this many
+    # keep the trained weights with the finished run (weights.safetensors, and weights-<task>.safetensors for a
+    # task a phase fine-tuned for): `vlp-bench evaluate run` and `predict` start from them; only what trained,
+    # so a few MB on the tiny world and a few hundred at paper scale
+    keep_weights: bool = True
     count_flops: bool = True  # count each step's FLOPs (once per new shape, outside the clock); false = no FLOPs
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look the CUDA device up (bf16 dense), none on CPU
     # torch.compile backend for the backbones' transformer blocks in training ("inductor": fused kernels on

@@ -69,7 +69,7 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     With `stages`, those are trained instead of method.stages(cfg.steps): a phase inside another
     run (finetune), which leaves that run's peak-memory window alone. `evaluate`: an Evaluation
     (its phases, each fine-tuning on a copy of the weights before its tasks), or `evaluate(step)` ->
-    {task: metrics}, run after the method's decoder stage on `decoder_batches` (decoder_finetune).
+    {task: metrics}, run after the method's decoder stage on `decoder_batches` (finetune).
     With `validation_batches`, their validation loss joins the log rows (or, for a method with a decoder
     stage, the evaluation rows: vlp_bench.train.validation).
 
@@ -259,15 +259,10 @@ def _cost_summary(run: _Run, st: TrainState, memory_kind: str) -> dict:
     peak = peak_flops_per_s(device, cfg)
     peak = peak * run.group.world if peak else peak  # the job's: its FLOPs are every rank's
     return {
-        "steps": st.step,
-        "samples_seen": st.samples,
-        "train_wall_s": st.wall,
-        "median_step_s": median,
-        "samples_per_s": batch_per_step / median if median > 0 else None,
-        "tokens_to_llm": st.tokens_to_llm,
+        "steps": st.step, "samples_seen": st.samples, "train_wall_s": st.wall, "median_step_s": median,
+        "samples_per_s": batch_per_step / median if median > 0 else None, "tokens_to_llm": st.tokens_to_llm,
         "trainable_params": sum(p.numel() for p in run.method.parameters() if p.requires_grad),
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "peak_memory_kind": memory_kind,
+        "peak_memory_bytes": peak_memory_bytes(device), "peak_memory_kind": memory_kind,
         **(flop_summary(st.flops, st.samples) if cfg.count_flops else {}),
         "flop_counts": st.flop_counts,
         "achieved_flops_per_s": achieved,
@@ -279,11 +274,12 @@ def _cost_summary(run: _Run, st: TrainState, memory_kind: str) -> dict:
 
 @contextlib.contextmanager
 def finetune(method: Method, stage: Stage | None, make_batches: Callable[[], Iterator[dict]] | None,
-             cfg: TrainConfig, device: torch.device):
+             cfg: TrainConfig, device: torch.device, seed: int | None = None):
     """Train `stage` on make_batches() from the current weights, yield its cost summary, then put
     the weights back: evaluation sees the fine-tuned model, training goes on from where it was. The
-    same batches every time (make_batches) and its own RNG stream, so the phase neither changes the
-    run nor differs between evaluations except by the weights it starts from. The run's lr with a
+    same batches every time (make_batches) and its own RNG stream (forked; from `seed` when given),
+    so the phase neither changes the run nor differs between evaluations except by the weights it
+    starts from, and a re-evaluation from saved weights repeats it exactly. The run's lr with a
     warm-up of a tenth of the steps (at most cfg.warmup_steps), and the method's lr_scale. Yields
     None, training nothing, without a stage, batches or steps."""
     if stage is None or make_batches is None or stage.steps < 1:
@@ -297,6 +293,8 @@ def finetune(method: Method, stage: Stage | None, make_batches: Callable[[], Ite
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
             cost = train(method, make_batches(), sub, device, log, progress=False, stages=[stage])
         keep = ("steps", "samples_seen", "train_wall_s", "median_step_s", "flops_unit", "train_flops",
                 "train_flops_per_sample")
@@ -308,23 +306,24 @@ def finetune(method: Method, stage: Stage | None, make_batches: Callable[[], Ite
                     p.copy_(saved[name])
 
 
-def decoder_finetune(method: Method, make_batches: Callable[[], Iterator[dict]] | None, cfg: TrainConfig,
-                     device: torch.device):
-    """finetune() of method.decoder_stage(), if it has one: the text-side family's AR phase."""
-    return finetune(method, method.decoder_stage(), make_batches, cfg, device)
-
-
 @dataclass
 class Phase:
     """One part of an evaluation: `stage` trained on `batches()` on a copy of the weights (finetune;
     nothing trained when either is None), `tasks` evaluated on the result, the weights put back.
     `task`: the task whose fine-tuning it is (its cost: task_finetune[task]); None for the decoder
-    phase (its cost: decoder), after whose tasks the validation loss is read."""
+    phase (its cost: decoder), after whose tasks the validation loss is read. `seed`: the phase's
+    random stream (dropout, masks); None: forked from the caller's."""
 
     tasks: list[str] | None = None  # None: whatever the evaluation's callback evaluates
     stage: Stage | None = None
     batches: Callable[[], Iterator[dict]] | None = None
     task: str | None = None
+    seed: int | None = None
+
+    @property
+    def trains(self) -> bool:
+        """Whether the phase trains anything (else its tasks see the weights as they are)."""
+        return self.stage is not None and self.batches is not None and self.stage.steps > 0
 
 
 @dataclass
@@ -347,7 +346,7 @@ class Evaluation:
             reads = read_loss is not None and phase.task is None
             if phase.tasks == [] and not reads:
                 continue  # nothing to evaluate after it, so nothing to fine-tune
-            with finetune(method, phase.stage, phase.batches, cfg, device) as cost:
+            with finetune(method, phase.stage, phase.batches, cfg, device, phase.seed) as cost:
                 row["eval"].update(self.evaluate(step, phase.tasks))
                 if reads and (loss := read_loss()) is not None:
                     row["val_loss"] = loss
