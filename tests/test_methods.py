@@ -104,3 +104,26 @@ def test_generation_loss_is_the_teacher_forced_loss_of_the_generation_path_or_no
             again = method.generation_loss(batch, stage)
             assert float(again.loss) == float(out.loss)  # eval mode: deterministic
     assert method.generation_loss(batch, method.stages(8)[-1]) is not None  # the last stage generates
+
+
+def test_kept_weights_reload_bit_exactly_onto_the_method_rebuilt_from_its_seed(method, tmp_path):
+    """What `vlp-bench evaluate run` relies on: the trainable tensors written and read back exactly,
+    every other tensor rebuilt identically from the run's seed, so the rebuilt method is the trained one."""
+    from vlp_bench.train.weights import load_weights, save_weights
+
+    cls, cfg = type(method), method.cfg
+    with torch.no_grad():  # "training": every trainable tensor moved off its initial value
+        for p in method.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
+    kept = save_weights(tmp_path / "w.safetensors", method, {"method": cls.name})
+    assert kept["parameters"] == sum(p.numel() for p in method.parameters() if p.requires_grad) > 0
+    torch.manual_seed(0)  # the seed the fixture built the method from
+    rebuilt = cls(cfg, random_backbones(bert=True))
+    assert load_weights(tmp_path / "w.safetensors", rebuilt)["method"] == cls.name
+    trained, again = dict(method.named_parameters()), dict(rebuilt.named_parameters())
+    assert trained.keys() == again.keys()
+    assert all(torch.equal(trained[n], again[n]) for n in trained), [n for n in trained if not torch.equal(trained[n], again[n])]
+    method.eval(), rebuilt.eval()
+    images = _batch()["images"]
+    assert rebuilt.generate(images, ["a photo of"] * 3, DEC) == method.generate(images, ["a photo of"] * 3, DEC)
