@@ -10,7 +10,7 @@
     predict(run_dir, inputs, ...)      `vlp-bench predict`: one caption (or answer) per image
 
 Re-evaluating a run's own tasks and split with its own settings is the run's final evaluation, the
-same code (Experiment.test_evaluation) on the same weights: its metrics are the recorded ones, to
+same code (Experiment.evaluate_tasks) on the same weights: its metrics are the recorded ones, to
 the last digit, on the same device type and thread count.
 """
 
@@ -26,7 +26,7 @@ import torch
 
 from vlp_bench.config import load_config_dict, on_clips
 from vlp_bench.errors import UserError
-from vlp_bench.experiment import WEIGHTS, Experiment, prepare
+from vlp_bench.experiment import WEIGHTS, Experiment, phase_costs, prepare
 from vlp_bench.files import atomic_dir, atomic_write_json
 from vlp_bench.log import say
 from vlp_bench.method import Method
@@ -40,7 +40,7 @@ from vlp_bench.typed import apply_overrides, parse_override, to_dict
 
 # what an evaluation may change: how the tasks decode and on what, and where the work runs. Anything
 # else (the method, the backbones, training) would describe another model than the one the weights are
-EDITABLE = ("tasks.", "experiment.device", "experiment.threads", "experiment.cache", "data.root", "data.workers")
+EDITABLE = ("tasks", "experiment.device", "experiment.threads", "experiment.cache", "data.root", "data.workers")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -54,13 +54,9 @@ class Reopened:
 
 def finished_run(run_dir: Path) -> dict:
     """The run's results.json, when the run finished and kept its weights; else a one-line refusal."""
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
+    if not (Path(run_dir) / "results.json").is_file():
         raise UserError(f"{run_dir}: not a run directory (no results.json)")
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: invalid JSON: {e}") from None
+    record = _json(Path(run_dir) / "results.json")
     if record.get("status") != "finished":
         raise UserError(f"{run_dir}: the run did not finish (status {record.get('status')!r}); only a finished run "
                         f"can be evaluated again")
@@ -72,15 +68,22 @@ def finished_run(run_dir: Path) -> dict:
     return record
 
 
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: invalid JSON: {e}") from None
+
+
 def run_config(run_dir: Path, record: dict, overrides: list[str], tasks: list[str] | None):
     """The run's config (config.json) for its one method and seed, `tasks` in place of its own, and
     `overrides` (only EDITABLE keys)."""
     for text in overrides:
         key = ".".join(parse_override(text)[0])
-        if not (key + ".").startswith(EDITABLE) and not key.startswith(EDITABLE):
+        if not any(key == e or key.startswith(e + ".") for e in EDITABLE):
             raise UserError(f"--set {key}: an evaluation may change only tasks.*, experiment.device, experiment.threads, "
                             f"experiment.cache, data.root and data.workers ({key} would describe another model)")
-    data = json.loads((Path(run_dir) / "config.json").read_text())
+    data = _json(Path(run_dir) / "config.json")
     exp = data.setdefault("experiment", {})
     exp.update(methods=[record["method"]], seeds=[record["seed"]], out="")
     if tasks:
@@ -109,7 +112,7 @@ def reopen(run_dir: Path, overrides: list[str] = (), tasks: list[str] | None = N
 
 def own_tasks(run_dir: Path) -> list[str]:
     """The tasks the run's experiment evaluated."""
-    return list(json.loads((Path(run_dir) / "config.json").read_text()).get("experiment", {}).get("tasks", []))
+    return list(_json(Path(run_dir) / "config.json").get("experiment", {}).get("tasks", []))
 
 
 def evaluate_run(run_dir: Path, tasks: list[str] | None = None, split: str | None = None,
@@ -125,11 +128,8 @@ def evaluate_run(run_dir: Path, tasks: list[str] | None = None, split: str | Non
     r = reopen(run_dir, overrides, tasks)
     cfg, t0 = r.exp.cfg, time.perf_counter()
     with atomic_dir(out) as tmp:
-        row = r.exp.test_evaluation(r.method, r.record["seed"], tmp)
-        cost = {"eval_wall_s": round(time.perf_counter() - t0, 3)}
-        for key, field in (("decoder", "decoder_finetune"), ("task_finetune", "task_finetune")):
-            if key in row:
-                cost[field] = row[key]
+        row = r.exp.evaluate_tasks(r.method, r.record["seed"], tmp)
+        cost = {"eval_wall_s": round(time.perf_counter() - t0, 3), **phase_costs(row)}
         atomic_write_json(tmp / "results.json", {
             "schema_version": SCHEMA_VERSION, "kind": "evaluation", "name": out.name, "run_id": r.record.get("run_id"),
             "method": r.record["method"], "seed": r.record["seed"], "status": "finished", "tasks": tasks,
@@ -203,9 +203,10 @@ def predict(run_dir: Path, paths: list[Path], question: str | None = None, task:
     r = reopen(run_dir, list(overrides), [task])
     t, method = r.exp.tasks[task], r.method
     prompt = t.prompt(question)
-    copy = run_dir / f"weights-{task}.safetensors"
-    phases = [] if copy.is_file() else [p for p in r.exp.phases(method, r.record["seed"]) if p.trains and task in p.tasks]
-    if copy.is_file():
+    copy = run_dir / f"weights-{task}.safetensors"  # unless the fine-tuning it came from is changed
+    kept = copy.is_file() and not any(parse_override(o)[0][:3] == ["tasks", task, "finetune_steps"] for o in overrides)
+    phases = [] if kept else [p for p in r.exp.phases(method, r.record["seed"]) if p.trains and task in p.tasks]
+    if kept:
         load_weights(copy, method)
     for phase in phases:
         say(f"fine-tuning as the run did before evaluating {task} ({phase.stage.steps} steps; no kept copy)")

@@ -158,7 +158,7 @@ class Experiment:
         protocol = self.tasks[name].protocol(method)
         return metrics if protocol is None else {**metrics, "protocol": protocol}
 
-    def test_evaluation(self, method, seed: int, out: Path, keep: bool = False) -> dict:
+    def evaluate_tasks(self, method, seed: int, out: Path, keep: bool = False) -> dict:
         """Every task on its configured split (task.cfg.split), each after its phase (phases()),
         rank zero's alone with collectives off: samples_<task>.jsonl in `out`, and with `keep` the
         weights each phase that trained evaluated its task with (weights-<task>.safetensors). Returns
@@ -283,13 +283,11 @@ class _Run:
             save_token_groups(method, pictured[0], self.dir)
 
     def final_evaluation(self, method) -> None:
-        """Every task on its test split after its phase (Experiment.test_evaluation), its samples and
+        """Every task on its test split after its phase (Experiment.evaluate_tasks), its samples and
         (train.keep_weights) the weights a phase trained for it beside the run's records."""
-        row = self.exp.test_evaluation(method, self.seed, self.dir, keep=self.cfg.train.keep_weights)
+        row = self.exp.evaluate_tasks(method, self.seed, self.dir, keep=self.cfg.train.keep_weights)
         self.record["metrics"] = {name: row["eval"][name] for name in self.exp.tasks}
-        for key, field in (("decoder", "decoder_finetune"), ("task_finetune", "task_finetune")):
-            if key in row:  # a cost of evaluating, not of pre-training
-                self.record["cost"][field] = row[key]
+        self.record["cost"].update(phase_costs(row))  # a cost of evaluating, not of pre-training
         if row.get("weights"):
             self.record.setdefault("weights", {})["phases"] = row["weights"]
 
@@ -297,6 +295,13 @@ class _Run:
         """The pre-trained weights (weights.safetensors), before any evaluation phase touches them."""
         meta = {"method": self.name, "seed": self.seed, "step": self.record["cost"]["steps"]}
         self.record["weights"] = save_weights(self.dir / WEIGHTS, method, meta)
+
+
+def phase_costs(row: dict) -> dict:
+    """An evaluation row's phase costs under their results.json names: decoder_finetune (the decoder
+    phase), task_finetune ({task: its fine-tuning}); only those that ran."""
+    names = {"decoder": "decoder_finetune", "task_finetune": "task_finetune"}
+    return {field: row[key] for key, field in names.items() if key in row}
 
 
 def _job_report(group: dist.Group, report: dict) -> dict:
