@@ -180,6 +180,13 @@ def test_refusals(runs, tmp_path):
         evaluate_run(moved)
     assert not (moved / "evals").exists()  # nothing half-written
 
+    gone = copy("backbone-gone")  # a checkpoint the run was trained on, no longer there
+    cfg = json.loads((gone / "config.json").read_text())
+    cfg["llm"]["name"] = str(tmp_path / "deleted-llm")
+    (gone / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="cannot rebuild backbone-gone as it ran: .*not available"):
+        predict(gone, images)
+
     for call, match in [(lambda: evaluate_run(base, overrides=["train.lr=0.1"]), "would describe another model"),
                         (lambda: predict(base, [tmp_path / "missing.png"]), "no such file"),
                         (lambda: predict(base, images, "why?", task="caption"), "takes no question"),

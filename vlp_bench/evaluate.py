@@ -99,7 +99,10 @@ def reopen(run_dir: Path, overrides: list[str] = (), tasks: list[str] | None = N
     run_dir = Path(run_dir)
     record = finished_run(run_dir)
     cfg = run_config(run_dir, record, list(overrides), tasks)
-    exp = prepare(cfg)
+    try:
+        exp = prepare(cfg)
+    except UserError as e:  # e.g. a backbone checkpoint gone, a data root moved
+        raise UserError(f"cannot rebuild {run_dir.name} as it ran: {e}") from None
     name, seed = record["method"], record["seed"]
     torch.manual_seed(seed)  # every tensor that did not train, drawn as the run drew it
     method = METHODS.get(name)(cfg.methods[name], exp.backbones).to(exp.device)
