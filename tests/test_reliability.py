@@ -140,3 +140,18 @@ def test_checkpoints_load_without_pickle(tmp_path):
     torch.save({"weights": {}, "evil": object()}, tmp_path / "c.pt")
     with pytest.raises(Exception, match="[Ww]eights only"):
         load_checkpoint(tmp_path / "c.pt", None, None, None, "cpu")
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_command_line_lets_idle_openmp_threads_sleep(preset, expected):
+    """OMP_WAIT_POLICY is read once, when torch loads: the CLI sets it (unless the user did) before
+    any command imports torch, so that a busy machine does not multiply step times (docs/decisions.md)."""
+    code = ("import os, sys\nimport vlp_bench.cli as cli\nassert 'torch' not in sys.modules\n"
+            "sys.argv = ['vlp-bench', 'list']\ntry:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "print('policy', os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == f"policy {expected} True"  # set first, torch loaded after

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import traceback
@@ -435,7 +436,15 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt  # a run killed politely writes status "interrupted" and keeps its checkpoint
 
 
+# OpenMP's worker threads sleep between parallel regions instead of spinning (read once, when torch
+# loads, so set before any command imports it; an OMP_WAIT_POLICY already set is kept). Measured with
+# `vlp-bench bench --preset tiny --methods baseline` on 2 cores (docs/decisions.md): spinning threads
+# beside one other CPU-bound process made each step 3.55x slower; sleeping ones 1.70x, for 7% quiet.
+WAIT_POLICY = "PASSIVE"
+
+
 def main() -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         app()
