@@ -60,3 +60,44 @@ def test_bench_errors_are_one_line(args, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vlp_bench", "bench", *args], capture_output=True, text=True,
                           cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_experiment(tiny_overrides):
+    from vlp_bench.experiment import prepare
+
+    return prepare(load_config(None, [*tiny_overrides, "experiment.methods=['simvlg']", "data.workers=0"]))
+
+
+def test_the_overheads_bare_loop_trains_exactly_as_the_trainer(tiny_experiment):
+    """`bench --overhead` compares like with like: from the same seed and batches, the bare loop and
+    the trainer (FLOPs counted, rows logged, a checkpoint written) end with the same weights."""
+    import dataclasses
+
+    from vlp_bench.overhead import bare_loop
+    from vlp_bench.results import MetricsLog
+    from vlp_bench.train.trainer import train
+
+    exp = tiny_experiment
+    cfg = dataclasses.replace(exp.cfg.train, steps=5, eval_every=0, val_loss_images=0, checkpoint_every=0)
+    weights = []
+    for harness in (True, False):
+        torch.manual_seed(0)
+        method = METHODS.get("simvlg")(exp.cfg.methods["simvlg"], exp.backbones)  # a curriculum: set_progress
+        if harness:
+            train(method, exp.batches(0), cfg, exp.device, MetricsLog(None), progress=False)
+        else:
+            bare_loop(method, iter(exp.batches(0)), cfg, exp.device)
+        weights.append({n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad})
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+
+
+def test_overhead_measures_interleaved_rounds(tiny_experiment):
+    from vlp_bench.overhead import format_table, measure
+
+    table = measure(tiny_experiment, ["simvlg"], steps=4, rounds=2)
+    row = table["rows"][0]
+    assert len(row["rounds"]) == 2 and table["checkpoint_every"] == 2
+    assert all(r["overhead"] == pytest.approx(r["trainer_s"] / r["bare_s"] - 1) for r in row["rounds"])
+    assert row["overhead_min"] <= row["overhead"] <= row["overhead_max"]
+    assert "simvlg" in format_table(table) and "interleaved rounds of 4 steps" in format_table(table)

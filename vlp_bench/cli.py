@@ -239,25 +239,42 @@ def bench(
                                             "RoBERTa-base), with random weights."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: experiment.methods)."),
     batch_size: Optional[int] = typer.Option(None, help="Samples per step (default: train.batch_size)."),
-    steps: int = typer.Option(20, help="Timed steps per method and stage (the median is reported)."),
+    steps: Optional[int] = typer.Option(None, help="Timed steps per method and stage (the median is reported; "
+                                        "default 20), or with --overhead steps per round (default 200)."),
     warmup: int = typer.Option(5, help="Untimed steps first (allocator, kernel selection)."),
+    overhead: bool = typer.Option(False, "--overhead", help="The trainer's mean step against a bare loop of the "
+                                  "same method, batches and optimizer, on the experiment's data (tiny world)."),
+    rounds: int = typer.Option(5, help="With --overhead: interleaved rounds (the median is reported)."),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
-    """Step time, samples/s, TFLOP/s, MFU and peak memory per method on this device, without data."""
+    """Step time, samples/s, TFLOP/s, MFU and peak memory per method on this device, without data;
+    or (--overhead) what the trainer costs over a bare loop."""
     from vlp_bench import bench as bench_mod
     from vlp_bench.experiment import resolve_device
     from vlp_bench.log import set_progress
 
     overrides = _overrides(set_, methods)
+    if overhead and batch_size:
+        overrides.append(f"train.batch_size={batch_size}")
     cfg = _config(config, overrides)
+    set_progress(not as_json)
+    if overhead:
+        from vlp_bench import overhead as overhead_mod
+        from vlp_bench.experiment import prepare
+
+        if preset != "tiny":
+            raise UserError("--overhead runs on the experiment's own data and backbones; leave --preset out")
+        table = overhead_mod.measure(prepare(cfg), cfg.experiment.methods, steps or 200, rounds)
+        typer.echo(json.dumps(table, indent=2) if as_json else overhead_mod.format_table(table))
+        return
+    steps = 20 if steps is None else steps
     device = resolve_device(cfg.experiment.device)
     if cfg.experiment.threads:
         import torch
 
         torch.set_num_threads(cfg.experiment.threads)
-    set_progress(not as_json)
     table = bench_mod.bench(cfg, preset, cfg.experiment.methods, device, batch_size or cfg.train.batch_size, steps,
                             warmup)
     typer.echo(json.dumps(table, indent=2) if as_json else bench_mod.format_table(table))
