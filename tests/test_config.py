@@ -101,3 +101,20 @@ def test_the_default_experiments_budget_changes_only_on_purpose():
     assert (train.log_every, train.eval_every, train.eval_images, train.val_loss_images) == (25, 250, 100, 64)
     assert cfg.experiment.seeds == [0] and cfg.experiment.methods == ["baseline", "simvlg", "blip2"]
     assert cfg.experiment.tasks == ["caption", "vqa"]
+
+
+def test_the_default_experiments_budget_is_pinned():
+    """What a newcomer's first `vlp-bench run` costs is decided here, on purpose: its training steps,
+    evaluations and images, not a timing. Change a number only with a measured reason (README: the
+    default run's wall-clock; the default budget is issue 28's to set)."""
+    cfg = load_config(REPO / "bench.toml")
+    exp, train, world = cfg.experiment, cfg.train, cfg.world
+    runs = len(exp.methods) * len(exp.seeds)
+    budget = {"runs": runs, "training steps": runs * train.steps, "batch": train.batch_size,
+              "validation evaluations per run": train.steps // train.eval_every + 1 if train.eval_every else 0,
+              "images per validation evaluation": train.eval_images, "validation-loss images": train.val_loss_images,
+              "log rows per run": train.steps // train.log_every, "tasks": exp.tasks,
+              "test images": world.n_test, "train images": world.n_train}
+    assert budget == {"runs": 3, "training steps": 3000, "batch": 32, "validation evaluations per run": 5,
+                      "images per validation evaluation": 100, "validation-loss images": 64, "log rows per run": 40,
+                      "tasks": ["caption", "vqa"], "test images": 300, "train images": 4000}
