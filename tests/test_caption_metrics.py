@@ -223,6 +223,21 @@ def test_only_predicted_images_are_scored(
 
 
 @pytest.mark.slow
+def test_during_a_run_the_tools_messages_go_to_its_log_file(
+    files: dict[str, Path], ours_all: dict, capfd: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from vlp_bench.log import run_log
+
+    capfd.readouterr()
+    with run_log(tmp_path / "run.log"):
+        again = evaluate_files(files["annotations"], files["all"])
+    out, err = capfd.readouterr()
+    assert again == ours_all and out == "" and "testlen" not in err and "PTBTokenizer" not in err
+    log = (tmp_path / "run.log").read_text()
+    assert "testlen" in log and "PTBTokenizer tokenized" in log  # BLEU's print and the Java tokenizer's
+
+
+@pytest.mark.slow
 def test_a_dead_or_failed_meteor_process_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
     gts = {1: ["a red circle", "one red disc"], 2: ["two blue squares"]}
     res = {1: ["a red circle"], 2: ["a blue square"]}

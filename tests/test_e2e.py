@@ -40,6 +40,8 @@ def test_run_writes_valid_records(experiment):
     assert res["method"] == "baseline" and res["seed"] == 0 and res["run_id"] == "baseline-seed0"
     assert res["config"] == json.loads((run / "config.json").read_text())
     assert res["config"]["train"]["steps"] == 6
+    log = (run / "run.log").read_text()  # the metrics tools' messages, out of the progress lines
+    assert "PTBTokenizer tokenized" in log and "PTBTokenizer" not in proc.stderr and "testlen" not in proc.stderr
     cap = res["metrics"]["caption"]
     for name in METRIC_NAMES:
         assert isinstance(cap[name], float)

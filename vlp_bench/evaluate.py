@@ -28,7 +28,7 @@ from vlp_bench.config import load_config_dict, on_clips
 from vlp_bench.errors import UserError
 from vlp_bench.experiment import WEIGHTS, Experiment, phase_costs, prepare
 from vlp_bench.files import atomic_dir, atomic_write_json
-from vlp_bench.log import say
+from vlp_bench.log import run_log, say
 from vlp_bench.method import Method
 from vlp_bench.registry import METHODS
 from vlp_bench.results import SCHEMA_VERSION
@@ -130,7 +130,7 @@ def evaluate_run(run_dir: Path, tasks: list[str] | None = None, split: str | Non
     out = _fresh(run_dir / "evals", name or _default_name(tasks, split, overrides), chosen=name is not None)
     r = reopen(run_dir, overrides, tasks)
     cfg, t0 = r.exp.cfg, time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, run_log(tmp / "run.log"):
         row = r.exp.evaluate_tasks(r.method, r.record["seed"], tmp)
         cost = {"eval_wall_s": round(time.perf_counter() - t0, 3), **phase_costs(row)}
         atomic_write_json(tmp / "results.json", {

@@ -15,6 +15,7 @@ same files. The default comparison lives here (`DEFAULTS`) and in bench.toml, ne
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -33,7 +34,7 @@ from vlp_bench.data.images import CaptionSplit, ImageLoader, TrainBatches, check
 from vlp_bench.data.world import build_world
 from vlp_bench.errors import UserError
 from vlp_bench.files import atomic_write_json, write_jsonl
-from vlp_bench.log import say
+from vlp_bench.log import run_log, say
 from vlp_bench.nn.bert import EXPERIMENT_BERT
 from vlp_bench.nn.token_pictures import save_token_groups
 from vlp_bench.registry import METHODS, TASKS
@@ -221,7 +222,8 @@ class _Run:
         trackers = Trackers(self.cfg.trackers, self.dir, self.record) if self.main else None
         log = MetricsLog(self.dir / "metrics.jsonl" if self.main else None, trackers)
         try:
-            self.train_and_evaluate(log)
+            with run_log(self.dir / "run.log") if self.main else contextlib.nullcontext():
+                self.train_and_evaluate(log)  # the metrics tools' own messages go to run.log
             self.record["status"] = "finished"
         except UserError:
             raise

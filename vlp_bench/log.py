@@ -4,14 +4,18 @@ in CI, pipes and logs, a plain line every 10%), and plain-text tables.
 
 One gate for every message: only rank zero of a torchrun job speaks (`is_main`), and progress is
 one process setting (`set_progress`; on by default, off for `--json` output), not an argument
-handed down through the modules.
+handed down through the modules. What the tools vlp-bench calls print (the official caption
+metrics) goes to the open run's log file (`run_log`, `tool_output`), not between the progress lines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -50,6 +54,51 @@ def warn(msg: str) -> None:
     switched off): said whatever the progress setting, by rank zero."""
     if is_main():
         print(f"vlp-bench: warning: {msg}", file=sys.stderr, flush=True)
+
+
+_RUN_LOG: Path | None = None  # the log file of the run in progress (run_log), where tools' chatter goes
+
+
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[None]:
+    """Within the block, external tools' output (tool_output) goes to `path` (appended)."""
+    global _RUN_LOG
+    previous, _RUN_LOG = _RUN_LOG, Path(path)
+    try:
+        yield
+    finally:
+        _RUN_LOG = previous
+
+
+@contextlib.contextmanager
+def tool_output() -> Iterator[None]:
+    """Where the chatter of tools vlp-bench calls goes (pycocoevalcap's prints, its Java tokenizer's
+    messages, at Python level and on the file descriptors its subprocesses inherit): into the
+    run's log file while a run is open (run_log), else onto stderr; never onto stdout, which stays
+    machine-readable, and never between the progress lines of a run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    target = open(_RUN_LOG, "a", encoding="utf-8") if _RUN_LOG is not None else None
+    saved: list[tuple[int, int]] = []
+    try:
+        for fd in (1, 2) if target is not None else (1,):
+            saved.append((fd, os.dup(fd)))
+            os.dup2(target.fileno() if target is not None else 2, fd)
+    except OSError:  # no usable descriptor: only Python-level output is redirected
+        pass
+    try:
+        with contextlib.redirect_stdout(target or sys.stderr), \
+                (contextlib.redirect_stderr(target) if target is not None else contextlib.nullcontext()):
+            yield
+    finally:
+        for stream in (sys.stdout, sys.stderr, target):
+            if stream is not None:
+                stream.flush()
+        for fd, copy in reversed(saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        if target is not None:
+            target.close()
 
 
 def interactive() -> bool:

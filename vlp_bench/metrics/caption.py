@@ -20,8 +20,9 @@ inputs, so the numbers are bit-for-bit the official ones. What it adds:
 
 * SPICE only when asked for (it needs a Stanford CoreNLP 3.6.0 download);
 * nothing reaches stdout: pycocoevalcap prints (e.g. BLEU's ``{'testlen': ...}``)
-  and the Java tools inherit file descriptor 1, so both Python's ``sys.stdout`` and
-  descriptor 1 point at stderr while scoring;
+  and its Java tokenizer's messages go to the run's log file during a run, else to
+  stderr (``vlp_bench.log.tool_output``: Python's streams and the file descriptors the
+  Java tools inherit);
 * one METEOR Java process per Python process, started on first use and reused by
   every later call, instead of one per call: starting it (loading its paraphrase
   table) takes seconds, a call milliseconds, and each call's ``EVAL`` line carries all
@@ -41,16 +42,15 @@ that image, without any error.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import shutil
-import sys
 import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
 from vlp_bench.errors import UserError
+from vlp_bench.log import tool_output
 from vlp_bench.metrics.jsonfiles import is_int, load_json, load_results, some_ids
 
 METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -107,7 +107,7 @@ def score_captions(
     for name, ids in (subsets or {}).items():
         if not ids or set(ids) - set(cands):
             raise UserError(f"caption subset '{name}' is empty or names images without a candidate")
-    with _stdout_to_stderr():
+    with tool_output():  # the run's log file during a run, else stderr: never stdout
         return _run_official_scorers(gts, res, spice, subsets or {})
 
 
@@ -217,25 +217,6 @@ def _spice_scorer() -> Any:
             "SPICE needs the Stanford CoreNLP 3.6.0 models, which could not be "
             f"downloaded: {message}"
         ) from error
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Send Python prints and subprocess output meant for stdout to stderr instead."""
-    sys.stdout.flush()
-    try:
-        saved_fd: int | None = os.dup(1)
-        os.dup2(2, 1)
-    except OSError:  # no usable descriptor 1 or 2: only redirect Python-level output
-        saved_fd = None
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stderr.flush()
-        if saved_fd is not None:
-            os.dup2(saved_fd, 1)
-            os.close(saved_fd)
 
 
 # ---------------------------------------------------------------------------------------
