@@ -98,10 +98,14 @@ def extra_evaluations(run_dirs) -> list[dict]:
     return out
 
 
+def numeric(metrics: dict) -> dict:
+    """A task's top-level numbers (its scores and counts; not its floor, subsets or labels)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def metric_text(metrics: dict) -> str:
     """A task's numeric metrics in one line ("CIDEr 0.8123, Bleu_4 0.2101, ..."), counts as integers."""
-    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in numeric(metrics).items())
 
 
 def extra_table(extra: list[dict]) -> str:

@@ -202,7 +202,7 @@ def test_an_unknown_compile_backend_is_a_config_error():
 
 
 def test_weight_decay_spares_biases_norms_and_scalars_as_the_reference_trainers():
-    from vlp_bench.train.trainer import param_groups
+    from vlp_bench.train.optim import param_groups
 
     layer, norm, temp = torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Parameter(torch.tensor(0.07))
     decayed, spared = param_groups([layer.weight, layer.bias, norm.weight, norm.bias, temp], 0.05)

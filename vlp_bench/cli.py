@@ -401,20 +401,18 @@ def evaluate_run(
 ):
     """Evaluate a finished run again from its kept weights, beside its own results (RUN_DIR/evals/NAME)."""
     from vlp_bench.evaluate import evaluate_run as run_evaluation
+    from vlp_bench.log import text_table
+    from vlp_bench.reports.summary import numeric
 
     tasks = [t.strip() for t in task.split(",") if t.strip()] if task else None
     out = run_evaluation(run_dir, tasks, split, list(set_ or []), name)
-    from vlp_bench.log import text_table
-
     record = json.loads((out / "results.json").read_text())
     own = json.loads((run_dir / "results.json").read_text()).get("metrics", {})
     rows = []
     for t, metrics in record["metrics"].items():
-        recorded = own.get(t, {}) if own.get(t, {}).get("split") == metrics.get("split") else {}
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                rows.append([t, metrics.get("split", ""), k, f"{v:.4f}",
-                             f"{recorded[k]:.4f}" if isinstance(recorded.get(k), (int, float)) else "-"])
+        recorded = numeric(own.get(t, {})) if own.get(t, {}).get("split") == metrics.get("split") else {}
+        rows.extend([t, metrics.get("split", ""), k, f"{v:.4f}", f"{recorded[k]:.4f}" if k in recorded else "-"]
+                    for k, v in numeric(metrics).items())
     typer.echo(text_table(["task", "split", "metric", "value", "the run's own"], rows, left=3))
     typer.echo(f"results in {out}")
 

@@ -27,25 +27,22 @@ from vlp_bench.registry import METHODS
 from vlp_bench.results import MetricsLog
 from vlp_bench.train.measure import sync
 from vlp_bench.train.state import lr_at
-from vlp_bench.train.trainer import param_groups, train
+from vlp_bench.train.optim import set_lr, stage_optimizer
+from vlp_bench.train.trainer import train
 
 
 def bare_loop(method, batches, cfg, device: torch.device) -> None:
     """The training steps and nothing else: each stage's AdamW (the trainer's parameter groups and
     schedule), forward, backward, clipping, step; the loss read once a step, as any loop does."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    names = {id(p): n for n, p in method.named_parameters()}
     method.train()
     stages, done = method.stages(cfg.steps), 0
     total = sum(stage.steps for stage in stages)
     for stage in stages:
-        params = method.trainable_parameters(stage)
-        opt = torch.optim.AdamW(param_groups(params, cfg.weight_decay, [method.lr_scale(names[id(p)]) for p in params]),
-                                lr=cfg.lr)
+        params, opt = stage_optimizer(method, stage, cfg)
         for s in range(stage.steps):
             method.set_progress(done / total)  # the method's curriculum: part of what it computes
-            for group in opt.param_groups:
-                group["lr"] = lr_at(s, stage.steps, cfg) * group.get("lr_scale", 1.0)
+            set_lr(opt, lr_at(s, stage.steps, cfg))
             for _ in range(cfg.grad_accum):
                 batch = next(batches)
                 batch["images"] = batch["images"].to(device, non_blocking=True)

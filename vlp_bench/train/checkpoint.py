@@ -16,6 +16,7 @@ from vlp_bench.data.images import TrainBatches
 from vlp_bench.files import atomic_file
 from vlp_bench.method import Method
 from vlp_bench.results import MetricsLog
+from vlp_bench.train.weights import trained_tensors
 
 
 def rng_state() -> dict:
@@ -30,7 +31,7 @@ def save_checkpoint(path: Path, method: Method, opt, stage: str, batches: TrainB
     `st`: the trainer's state as a plain dict; `rng`: every rank's random state, in rank order (one
     entry without torchrun)."""
     state = {
-        "weights": {n: p.detach().cpu() for n, p in method.named_parameters() if p.requires_grad},
+        "weights": trained_tensors(method),
         "optimizer": opt.state_dict(), "stage": stage, "batches": batches.state_dict(), "train": st,
         "rows": log.rows, "rng": rng,
     }

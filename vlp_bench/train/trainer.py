@@ -38,6 +38,7 @@ from vlp_bench.train.checkpoint import load_checkpoint, rng_state, save_checkpoi
 from vlp_bench.train.compile import compile_blocks, eager
 from vlp_bench.train.flops import PASSES, FlopCount, count_step, flop_summary, stage_summary
 from vlp_bench.train.measure import peak_flops_per_s, peak_memory_bytes, reset_peak_memory, sync
+from vlp_bench.train.optim import set_lr, stage_optimizer
 from vlp_bench.train.state import NonFiniteLoss, TrainConfig, TrainState, lr_at
 from vlp_bench.train.validation import ValidationLoss
 
@@ -119,31 +120,13 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     return _cost_summary(run, st, memory_kind)
 
 
-def param_groups(params: list, weight_decay: float, scales: list[float] | None = None) -> list[dict]:
-    """Weight decay on matrices (and embeddings, queries) only: biases, LayerNorm gains and scalars
-    (a temperature, a gate) are not decayed, as the reference trainers do (LAVIS's
-    get_optimizer_params: ndim < 2, or a bias or LayerNorm name; BERT and ViLT likewise). `scales`
-    (one per parameter, Method.lr_scale) split the groups further, each with its `lr_scale`."""
-    scales = scales or [1.0] * len(params)
-    groups = []
-    for scale in sorted(set(scales)):
-        mine = [p for p, s in zip(params, scales) if s == scale]
-        for decay, keep in ((weight_decay, lambda p: p.ndim >= 2), (0.0, lambda p: p.ndim < 2)):
-            group = {"params": [p for p in mine if keep(p)], "weight_decay": decay}
-            groups.append(group if scale == 1.0 else {**group, "lr_scale": scale})
-    return groups
-
-
 def _start_stage(run: _Run, st: TrainState, stage: Stage, opt_state: dict | None) -> tuple[list, torch.optim.AdamW]:
     """The parameters and a fresh optimizer of a stage the loop enters (or resumes in: then
     `opt_state` is its optimizer's state from the checkpoint; one saved at the end of an earlier
     stage does not belong here, and the caller passes None)."""
     if not st.per_stage or st.per_stage[-1]["name"] != stage.name:
         st.per_stage.append({"name": stage.name, "steps": 0, "samples": 0, "train_wall_s": 0.0, "flops": {}})
-    params = run.method.trainable_parameters(stage)
-    names = {id(p): n for n, p in run.method.named_parameters()}
-    scales = [run.method.lr_scale(names[id(p)]) for p in params]
-    opt = torch.optim.AdamW(param_groups(params, run.cfg.weight_decay, scales), lr=run.cfg.lr)
+    params, opt = stage_optimizer(run.method, stage, run.cfg)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     run.method.train()
@@ -155,8 +138,7 @@ def _optimizer_step(run: _Run, st: TrainState, stage: Stage, params: list, opt: 
     """One optimizer step over cfg.grad_accum micro-batches; returns the step's loss (the job's
     mean), its FLOPs (the job's) and its seconds on the clock, the FLOP replay left out."""
     cfg, group = run.cfg, run.group
-    for param_group in opt.param_groups:
-        param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
+    set_lr(opt, lr)
     sync(run.device)
     t0 = time.perf_counter()
     loss_sum, paused, step_flops = 0.0, 0.0, FlopCount()
