@@ -212,3 +212,22 @@ def test_vqa_fine_tuning_batches_ask_each_question_and_answer_it(tuned_run):
     for q, prompt, answer, image in zip(batch["question_ids"], batch["prompt"], batch["captions"], batch["image_ids"]):
         assert prompt == vqa.cfg.prompt.format(split.questions[q]["question"]) and image == split.questions[q]["image_id"]
         assert answer == split.refs[q][0]  # its multiple_choice_answer, the floor's answer too
+
+
+def test_a_seeded_phase_trains_the_same_whatever_the_random_state_it_starts_in():
+    """A phase seeded from the run's seed (Experiment.phases) repeats exactly when a finished run is
+    evaluated again from its kept weights, though training left the RNG elsewhere than the rebuild
+    does; forked unseeded, its dropout would differ (the baseline's bridge has dropout 0.1)."""
+    cfg = TrainConfig(steps=3, batch_size=4, warmup_steps=0, log_every=1, eval_every=0, warmup_exclude=0)
+    method = small_baseline()
+    stage = method.stages(3)[-1]
+
+    def tuned(global_seed: int, seed: int | None) -> dict:
+        torch.manual_seed(global_seed)  # where training (or the rebuild) left the random state
+        with finetune(method, stage, lambda: question_batches(), cfg, CPU, seed):
+            return weights(method)
+
+    same = tuned(1, seed=7), tuned(2, seed=7)
+    assert all(torch.equal(same[0][n], same[1][n]) for n in same[0])
+    forked = tuned(1, seed=None), tuned(2, seed=None)
+    assert not all(torch.equal(forked[0][n], forked[1][n]) for n in forked[0])
