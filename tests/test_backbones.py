@@ -4,6 +4,8 @@ anything missing is a one-line UserError naming it."""
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -104,3 +106,40 @@ def test_the_bert_backbone_is_a_directory_or_none(tmp_path):
     assert bert_checkpoint(BertBackboneConfig(name=str(tmp_path)), *args) == str(tmp_path)
     with pytest.raises(UserError, match="bert.name: no checkpoint directory"):
         bert_checkpoint(BertBackboneConfig(name=str(tmp_path / "missing")), *args)
+
+
+@pytest.mark.slow
+def test_side_by_side_pretraining_builds_what_one_process_builds(tmp_path):
+    """Two spawned processes of one thread (the LM; the ViT then the BERT, with the LM's tokenizer
+    trained again) write the same cache entries, tensor for tensor, as one process of one thread,
+    and record each backbone's held-out loss."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from vlp_bench.backbones import BertBackboneConfig
+    from vlp_bench.backbones.load import _bert_entry, _lm_entry, _vit_entry, bert_checkpoint, pretrain_side_by_side
+    from vlp_bench.data.world import WorldConfig, build_world
+
+    root = build_world(WorldConfig(n_train=96, n_val=16, n_test=8, n_clips_train=8, n_clips_val=2, n_clips_test=2),
+                       tmp_path / "world")
+    vision = VisionConfig(width=32, depth=1, heads=2, pretrain_steps=6)
+    llm = LLMConfig(width=32, depth=1, heads=2, vocab_size=300, pretrain_steps=6)
+    bert = BertBackboneConfig(width=32, depth=1, heads=2, pretrain_steps=6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pretrain_side_by_side(vision, llm, bert, root, tmp_path / "two")
+        torch.set_num_threads(1)
+        load_vision(vision, root, tmp_path / "one")
+        bert_checkpoint(bert, llm, load_llm(llm, root, tmp_path / "one", torch.device("cpu"))[1], root, tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    for entry, weights, recipe in ((_vit_entry(vision, root, Path()), "model.safetensors", "config.json"),
+                                   (_lm_entry(llm, root, Path()), "model.safetensors", "recipe.json"),
+                                   (_bert_entry(bert, llm, root, Path()), "model.safetensors", "recipe.json")):
+        one, two = tmp_path / "one" / entry, tmp_path / "two" / entry
+        a, b = load_file(str(one / weights)), load_file(str(two / weights))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), entry
+        held_out = json.loads((one / recipe).read_text())["held_out_loss"]
+        assert held_out == json.loads((two / recipe).read_text())["held_out_loss"] and held_out > 0

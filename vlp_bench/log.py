@@ -20,6 +20,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 _SHOW_PROGRESS = True
+_LINES = False  # progress as lines even on a terminal (processes that share one: no bars fighting)
 
 
 def is_main() -> bool:
@@ -27,10 +28,10 @@ def is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def set_progress(on: bool) -> None:
-    """Show progress (bars and `say` lines) in this process, or not."""
-    global _SHOW_PROGRESS
-    _SHOW_PROGRESS = on
+def set_progress(on: bool, lines: bool = False) -> None:
+    """Show progress (bars and `say` lines) in this process, or not; `lines`: as lines, never bars."""
+    global _SHOW_PROGRESS, _LINES
+    _SHOW_PROGRESS, _LINES = on, lines
 
 
 def shows_progress() -> bool:
@@ -102,7 +103,7 @@ def tool_output() -> Iterator[None]:
 
 
 def interactive() -> bool:
-    return sys.stderr.isatty() and is_main()
+    return sys.stderr.isatty() and is_main() and not _LINES
 
 
 class _Lines:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from vlp_bench.backbones.encoders import BertBackboneConfig, LLMConfig, VisionConfig
 from vlp_bench.data.images import CaptionSplit, ImageLoader, TrainBatches
 from vlp_bench.data.video import SPLIT_NAMES, annotation_files
+from vlp_bench.errors import UserError
 from vlp_bench.log import progress_bar
 from vlp_bench.nn.generation import CAPTION_PROMPT
 
@@ -49,6 +50,30 @@ def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
+
+
+HELD_OUT = 512  # validation rows each tiny backbone's held-out loss is read on (its recipe records it)
+
+
+def _val_split(root: Path) -> CaptionSplit | None:
+    """The data root's validation captions, or None when it has none (no held-out loss then)."""
+    try:
+        return CaptionSplit(root, "val")
+    except UserError:
+        return None
+
+
+def _held_out(model: nn.Module, batches, loss_of) -> float:
+    """The mean of `loss_of(model, batch)` -> (loss, weight) over `batches`, in eval mode without
+    gradients: the quality a tiny backbone's recipe records (and a cheaper recipe must keep)."""
+    model.eval()
+    total = weight = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            loss, w = loss_of(model, batch)
+            total, weight = total + float(loss) * w, weight + w
+    model.train()
+    return round(total / weight, 6)
 
 
 # ----------------------------------------------------------------------------- vision
@@ -104,24 +129,36 @@ def pretrain_tiny_vit(cfg: VisionConfig, train: CaptionSplit, out: Path) -> None
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    val = _val_split(train.root)
+    held_out = None if val is None else _held_out(model, _vit_batches(val, loader, index), lambda m, b: (
+        F.binary_cross_entropy_with_logits(m(b[0]), b[1]), len(b[0])))
     model.reset_classifier(0)
     from safetensors.torch import save_file
 
     save_file(model.state_dict(), str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps({**asdict(cfg), "final_loss": loss.item()}, indent=1))
+    (out / "config.json").write_text(json.dumps({**asdict(cfg), "final_loss": loss.item(),
+                                                 "held_out_loss": held_out}, indent=1))
+
+
+def _vit_batches(val: CaptionSplit, loader: ImageLoader, index: dict[str, int]):
+    """(images, bag-of-words targets) of the first HELD_OUT validation images, 64 at a time."""
+    ids = val.image_ids[:HELD_OUT]
+    for i in range(0, len(ids), 64):
+        chunk = ids[i : i + 64]
+        yield loader.batch([val.image_path(k) for k in chunk]), _bag_of_words(val, chunk, index)
 
 
 # ----------------------------------------------------------------------------- language
 
 
-def _lm_documents(root: Path, rng: random.Random, n: int) -> list[str]:
+def _lm_documents(root: Path, rng: random.Random, n: int, split: str = "train") -> list[str]:
     """Pre-training documents: context references of one image (or clip), then another in a prompt
     form. Clips (the root's msrvtt/ train split, when it has one) are drawn in proportion to their
-    number, so the LM also knows how clips are described."""
-    train = CaptionSplit(root, "train")
-    clips = _clip_refs(root) if annotation_files(root) else []
+    number, so the LM also knows how clips are described. Another `split` gives its images' alone."""
+    train = CaptionSplit(root, split)
+    clips = _clip_refs(root) if split == "train" and annotation_files(root) else []
     p_clip = len(clips) / (len(clips) + len(train))
-    vqa = _vqa_pairs(root)
+    vqa = _vqa_pairs(root, split)
     docs = []
     for _ in range(n):
         clip = rng.random() < p_clip
@@ -150,9 +187,9 @@ def _clip_refs(root: Path) -> list[list[str]]:
     return [clips[k] for k in sorted(clips)]
 
 
-def _vqa_pairs(root: Path) -> dict[int, list[tuple[str, str]]]:
-    """(question, answer) pairs of each training image, from the root's vqa/ files (none without them)."""
-    qs, anns = root / "vqa" / "questions_train.json", root / "vqa" / "annotations_train.json"
+def _vqa_pairs(root: Path, split: str = "train") -> dict[int, list[tuple[str, str]]]:
+    """(question, answer) pairs of each image of `split`, from the root's vqa/ files (none without them)."""
+    qs, anns = root / "vqa" / f"questions_{split}.json", root / "vqa" / f"annotations_{split}.json"
     if not (qs.is_file() and anns.is_file()):
         return {}
     questions = {q["question_id"]: q for q in json.loads(qs.read_text())["questions"]}
@@ -192,50 +229,92 @@ def tiny_llama(cfg: LLMConfig, vocab: int, eos_id: int = 0, pad_id: int = 0) -> 
     ))
 
 
+def lm_tokenizer(cfg: LLMConfig, root: Path, docs: list[str] | None = None):
+    """The tiny LM's tokenizer: BPE trained on the first 20,000 of its pre-training documents (`docs`
+    when given, else drawn again: the same ones, from the same seed)."""
+    n = min(20000, cfg.pretrain_steps * cfg.pretrain_batch)
+    return train_tokenizer(docs[:n] if docs is not None else _lm_documents(root, random.Random(cfg.seed), n),
+                           cfg.vocab_size)
+
+
 def pretrain_tiny_lm(cfg: LLMConfig, root: Path, out: Path) -> None:
     """Train the tiny LM's tokenizer and pre-train the LM on pairs of references from the data
     root's training split; save both to `out` (save_pretrained) with the recipe in out/recipe.json."""
-    rng = random.Random(cfg.seed)
-    docs = _lm_documents(root, rng, cfg.pretrain_steps * cfg.pretrain_batch)
-    tokenizer = train_tokenizer(docs[:20000], cfg.vocab_size)
+    docs = _lm_documents(root, random.Random(cfg.seed), cfg.pretrain_steps * cfg.pretrain_batch)
+    tokenizer = lm_tokenizer(cfg, root, docs)
     torch.manual_seed(cfg.seed)
     model = tiny_llama(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
     bar = progress_bar(range(cfg.pretrain_steps), "pre-train tiny LM")
     for step in bar:
         chunk = docs[step * cfg.pretrain_batch : (step + 1) * cfg.pretrain_batch]
-        enc = tokenizer([d + tokenizer.eos_token for d in chunk], return_tensors="pt", padding=True)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
         _set_lr(opt, _cosine_lr(step, cfg.pretrain_steps, cfg.pretrain_lr, 100))
-        loss = model(**enc, labels=labels).loss
+        loss = _lm_loss(model, tokenizer, chunk)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    held_out = None
+    if _val_split(root) is not None:  # documents of validation images: how well it reads its context
+        val = _lm_documents(root, random.Random(f"held-out:{cfg.seed}"), HELD_OUT, "val")
+        held_out = _held_out(model, (val[i : i + 64] for i in range(0, len(val), 64)),
+                             lambda m, chunk: _lm_loss(m, tokenizer, chunk))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "recipe.json").write_text(json.dumps({**asdict(cfg), "final_loss": loss.item()}, indent=1))
+    (out / "recipe.json").write_text(json.dumps({**asdict(cfg), "final_loss": loss.item(),
+                                                 "held_out_loss": held_out}, indent=1))
+
+
+def _lm_loss(model: nn.Module, tokenizer, docs: list[str]) -> tuple[torch.Tensor, int]:
+    """The LM's mean loss over the tokens of `docs` (each ended by EOS), and their number."""
+    enc = tokenizer([d + tokenizer.eos_token for d in docs], return_tensors="pt", padding=True)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    return model(**enc, labels=labels).loss, int((labels[:, 1:] != -100).sum())
 
 
 # ----------------------------------------------------------------------------- BERT
 
 
-def _bert_captions(root: Path) -> list[str]:
-    """The training captions of the root's images (and of its clips, when it has some)."""
-    train = CaptionSplit(root, "train")
-    clips = _clip_refs(root) if annotation_files(root) else []
+def _bert_captions(root: Path, split: str = "train") -> list[str]:
+    """The captions of the root's images of `split` (and of its training clips, when it has some)."""
+    train = CaptionSplit(root, split)
+    clips = _clip_refs(root) if split == "train" and annotation_files(root) else []
     return [c for i in train.image_ids for c in train.refs[i]] + [c for refs in clips for c in refs]
 
 
-def _masked(ids: torch.Tensor, chosen: torch.Tensor, mask_id: int, vocab: int) -> torch.Tensor:
-    """BERT's corruption of the chosen positions: 80% [MASK], 10% a random token, 10% unchanged."""
-    roll = torch.rand(ids.shape)
-    out = ids.clone()
-    out[chosen & (roll < 0.8)] = mask_id
+def _bert_rows(captions: list[str], tokenizer) -> list[list[int]]:
+    """[CLS] caption tokens (at most 62) [SEP], one row per caption."""
+    return [[tokenizer.cls_token_id, *tokenizer(c, add_special_tokens=False).input_ids[:62], tokenizer.sep_token_id]
+            for c in captions]
+
+
+def _mlm_batch(rows: list[list[int]], tokenizer, gen: torch.Generator | None = None):
+    """(inputs, valid, targets) of BERT's masked LM over token rows: 15% of the tokens between
+    [CLS] and [SEP] chosen (at least one per batch), then 80% [MASK], 10% a random token, 10%
+    unchanged; targets are -100 where nothing is predicted. `gen`: the random stream (global: None)."""
+    ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id)
+    valid = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], valid[i, : len(r)] = torch.tensor(r), True
+    inner = valid.clone()
+    inner[:, 0] = False  # [CLS] and [SEP] are never predicted
+    inner[torch.arange(len(rows)), valid.sum(1) - 1] = False
+    chosen = (torch.rand(ids.shape, generator=gen) < 0.15) & inner
+    chosen[0, 1] |= not chosen.any()  # at least one target, so the loss is defined
+    roll = torch.rand(ids.shape, generator=gen)
+    inputs = ids.clone()
+    inputs[chosen & (roll < 0.8)] = tokenizer.mask_token_id
     swap = chosen & (roll >= 0.8) & (roll < 0.9)
-    out[swap] = torch.randint(vocab, (int(swap.sum()),))
-    return out
+    inputs[swap] = torch.randint(len(tokenizer), (int(swap.sum()),), generator=gen)
+    return inputs, valid, ids.masked_fill(~chosen, -100)
+
+
+def _mlm_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+    """The masked-LM loss of an `_mlm_batch` and the number of tokens it predicts."""
+    inputs, valid, targets = batch
+    logits = model(input_ids=inputs, attention_mask=valid.long()).logits
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), int((targets != -100).sum())
 
 
 def pretrain_tiny_bert(cfg: BertBackboneConfig, root: Path, llm_tokenizer, out: Path) -> None:
@@ -248,8 +327,7 @@ def pretrain_tiny_bert(cfg: BertBackboneConfig, root: Path, llm_tokenizer, out: 
 
     tokenizer = copy.deepcopy(llm_tokenizer)
     tokenizer.add_special_tokens({"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"})
-    rows = [[tokenizer.cls_token_id, *tokenizer(c, add_special_tokens=False).input_ids[:62], tokenizer.sep_token_id]
-            for c in _bert_captions(root)]
+    rows = _bert_rows(_bert_captions(root), tokenizer)
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=cfg.width, num_hidden_layers=cfg.depth,
@@ -258,24 +336,20 @@ def pretrain_tiny_bert(cfg: BertBackboneConfig, root: Path, llm_tokenizer, out: 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
     bar = progress_bar(range(cfg.pretrain_steps), "pre-train tiny BERT")
     for step in bar:
-        batch = rng.sample(rows, min(cfg.pretrain_batch, len(rows)))
-        ids = torch.full((len(batch), max(map(len, batch))), tokenizer.pad_token_id)
-        valid = torch.zeros(ids.shape, dtype=torch.bool)
-        for i, r in enumerate(batch):
-            ids[i, : len(r)], valid[i, : len(r)] = torch.tensor(r), True
-        inner = valid.clone()
-        inner[:, 0] = False  # [CLS] and [SEP] are never predicted
-        inner[torch.arange(len(batch)), valid.sum(1) - 1] = False
-        chosen = (torch.rand(ids.shape) < 0.15) & inner
-        chosen[0, 1] |= not chosen.any()  # at least one target, so the loss is defined
-        inputs = _masked(ids, chosen, tokenizer.mask_token_id, len(tokenizer))
+        batch = _mlm_batch(rng.sample(rows, min(cfg.pretrain_batch, len(rows))), tokenizer)
         _set_lr(opt, _cosine_lr(step, cfg.pretrain_steps, cfg.pretrain_lr, 100))
-        logits = model(input_ids=inputs, attention_mask=valid.long()).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), ids.masked_fill(~chosen, -100).flatten())
+        loss = _mlm_loss(model, batch)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    held_out = None
+    if _val_split(root) is not None:  # validation captions under fixed masks
+        gen = torch.Generator().manual_seed(cfg.seed)
+        val = _bert_rows(_bert_captions(root, "val")[:HELD_OUT], tokenizer)
+        held_out = _held_out(model, [_mlm_batch(val[i : i + 64], tokenizer, gen) for i in range(0, len(val), 64)],
+                             _mlm_loss)
     model.bert.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "recipe.json").write_text(json.dumps({**asdict(cfg), "final_loss": loss.item()}, indent=1))
+    (out / "recipe.json").write_text(json.dumps({**asdict(cfg), "final_loss": loss.item(),
+                                                 "held_out_loss": held_out}, indent=1))

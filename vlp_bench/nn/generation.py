@@ -5,6 +5,7 @@ text-side family's decoder)."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -79,10 +80,19 @@ def prefix_lm_loss(llm, tokenizer, prefix: torch.Tensor, prompt: str | list[str]
     attn = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), mask], dim=1)
     if bool(valid.all()):  # no padding: the causal mask alone (same result; and no data-dependent
         attn = None  # mask check, so the meta device of `vlp-bench flops` can run it)
-    logits = llm(inputs_embeds=embeds, attention_mask=attn, use_cache=False).logits  # (B, P + L, V)
-    # text token j sits at position P + j and is predicted by the logits at position P + j - 1
-    loss = F.cross_entropy(logits[:, P - 1 : P + L - 1].float().reshape(B * L, -1), labels.reshape(-1))
+    # text token j sits at position P + j and is predicted by the logits at position P + j - 1, so only
+    # the last L + 1 positions need the LM head (the prefix's would be a fifth of a tiny step's FLOPs)
+    logits = _logits(llm, embeds, attn, keep=L + 1)[:, -L - 1 : -1]  # (B, L, V)
+    loss = F.cross_entropy(logits.float().reshape(B * L, -1), labels.reshape(-1))
     return loss, n_targets
+
+
+def _logits(llm, embeds: torch.Tensor, attn: torch.Tensor | None, keep: int) -> torch.Tensor:
+    """The LM's logits at the last `keep` positions (all of them from a model without
+    `logits_to_keep`: the same values, more FLOPs)."""
+    if "logits_to_keep" in inspect.signature(llm.forward).parameters:
+        return llm(inputs_embeds=embeds, attention_mask=attn, use_cache=False, logits_to_keep=keep).logits
+    return llm(inputs_embeds=embeds, attention_mask=attn, use_cache=False).logits[:, -keep:]
 
 
 @torch.no_grad()
