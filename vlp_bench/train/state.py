@@ -11,22 +11,22 @@ import torch
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # optimizer steps over all stages; the tiny baseline's loss flattens after a few hundred
+    steps: int = 300  # optimizer steps over all stages; the tiny baseline's validation loss flattens after ~200 (docs/decisions.md, "The default budget")
     batch_size: int = 32  # samples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
     lr: float = 1e-3  # a small bridge from scratch tolerates a high rate; paper-scale recipes use 1e-4
     weight_decay: float = 0.05  # BLIP-2's value
-    warmup_steps: int = 100  # linear warm-up, then cosine decay to min_lr_ratio * lr
+    warmup_steps: int = 30  # linear warm-up (a tenth of the steps), then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    log_every: int = 25  # steps between metrics.jsonl rows
-    eval_every: int = 250  # steps between validation evaluations (0 = final only): a learning curve of a few points
+    log_every: int = 20  # steps between metrics.jsonl rows (and validation-loss readings: 15 a run)
+    eval_every: int = 100  # steps between validation evaluations (0 = final only): a learning curve of a few points
     eval_images: int = 100  # validation images per periodic evaluation (the final one uses the whole test split)
     # validation captions whose teacher-forced loss is read at every log row (0 = none): the cheap,
     # frequent signal of docs/costs.md; the first N validation images, one caption each
     val_loss_images: int = 64
     warmup_exclude: int = 5  # first steps of each stage left out of the median step time
-    checkpoint_every: int = 250  # steps between checkpoints (0 = none): a killed run loses at most this many
+    checkpoint_every: int = 100  # steps between checkpoints (0 = none): a killed run loses at most this many
     # keep the trained weights with the finished run (weights.safetensors, and weights-<task>.safetensors for a
     # task a phase fine-tuned for): `vlp-bench evaluate run` and `predict` start from them; only what trained,
     # so a few MB on the tiny world and a few hundred at paper scale
