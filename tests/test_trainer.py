@@ -186,14 +186,43 @@ def test_compiled_blocks_train_what_eager_blocks_train(tmp_path):
     counters.clear()
     cost = train(method, batches(), dataclasses.replace(cfg, compile="eager", eval_every=2), torch.device("cpu"), log,
                  evaluate=lambda step: evaluated.append(step) or {"x": {"y": 0.0}}, progress=False)
-    # the ViT's block and the LM's decoder layer; the bridge's blocks (merging) stay eager
-    assert compile_blocks(method, "eager") == 2  # compiled by train() already: a second call returns the count
+    # the ViT's block, the LM's decoder layer, and the bridge whole (merging included)
+    assert compile_blocks(method, "eager") == 3  # compiled by train() already: a second call returns the count
     assert [type(m).__name__ for m in method.modules() if m._compiled_call_impl is not None] == \
         ["Block", "LlamaDecoderLayer"]
-    assert counters["stats"]["unique_graphs"] >= 2  # Dynamo did trace them (not a silent eager fallback)
+    assert hasattr(method.bridge, "_torchdynamo_orig_callable")
+    assert counters["stats"]["unique_graphs"] >= 3  # Dynamo did trace them (not a silent eager fallback)
     losses = [r["loss"] for r in log.rows if "loss" in r]
     assert losses == pytest.approx([r["loss"] for r in ref_rows], rel=1e-5)
     assert cost["train_flops"] == ref_cost["train_flops"] and evaluated == [0, 2, 4]
+
+
+@pytest.mark.slow
+def test_a_merging_bridge_compiles_whole_with_static_shapes():
+    """SimVLG's bridge (BERT layers with ToMe merging after each attention) through inductor with
+    fullgraph=True, on the CPU: the loss equals the eager one to 1e-5, and 20 training steps of a
+    constant schedule reuse the one graph (no recompilation, no graph break: fullgraph would raise)."""
+    from torch._dynamo.utils import counters
+
+    cls = METHODS.get("simvlg")
+    cfg = dataclasses.replace(cls.Config(), width=32, heads=2, depth=2, r=8, dropout=0.0)
+    torch.manual_seed(0)
+    method = cls(cfg, random_backbones())
+    stage = method.stages(20)[0]
+    batch = next(batches(n=4))
+    eager = method.training_loss(batch, stage).loss.item()
+    torch._dynamo.reset()
+    counters.clear()
+    method.bridge = torch.compile(method.bridge, backend="inductor", fullgraph=True)  # what compile_blocks does
+    assert method.training_loss(batch, stage).loss.item() == pytest.approx(eager, rel=1e-5, abs=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
+    for step, batch in zip(range(20), batches(n=4)):
+        method.set_progress(step / 20)  # a constant schedule: the same r at every step
+        opt.zero_grad()
+        method.training_loss(batch, stage).loss.backward()
+        opt.step()
+    assert graphs == 1 and counters["stats"]["unique_graphs"] == 1
 
 
 def test_an_unknown_compile_backend_is_a_config_error():

@@ -121,6 +121,20 @@ def test_clip_generation_is_deterministic(world, tmp_path):
     assert (a / "videos" / "video3" / "05.png").read_bytes() == (b / "videos" / "video3" / "05.png").read_bytes()
 
 
+def test_clip_frames_are_added_on_demand_with_the_same_bytes(world, tmp_path):
+    """An image experiment's world has the clips' annotations (the tiny LM reads them) but no
+    frames; a video task's call adds them to that world, byte for byte those of a full build."""
+    lean = build_world(CLIPS, tmp_path, clip_frames=False)
+    assert (lean / "msrvtt" / "videodatainfo.json").read_bytes() == (world / "msrvtt" / "videodatainfo.json").read_bytes()
+    assert not (lean / "msrvtt" / "videos").exists()
+    assert build_world(CLIPS, tmp_path) == lean
+    full = sorted(p.relative_to(world) for p in (world / "msrvtt" / "videos").rglob("*.png"))
+    added = sorted(p.relative_to(lean) for p in (lean / "msrvtt" / "videos").rglob("*.png"))
+    assert full == added and len(full) == 52 * CLIPS.clip_frames
+    assert all((world / p).read_bytes() == (lean / p).read_bytes() for p in full)
+    assert not list((lean / "msrvtt").glob("videos.tmp-*"))
+
+
 # ----------------------------------------------------------------------------- reading MSR-VTT-style data
 
 

@@ -338,7 +338,7 @@ def data_root(cfg: BenchConfig) -> Path:
             raise UserError(f"data.root is not a directory: {root}")
         return root
     say(f"tiny world in {cache_dir(cfg)} (built once, then cached)")
-    return build_world(cfg.world, cache_dir(cfg))
+    return build_world(cfg.world, cache_dir(cfg), clip_frames=on_clips(cfg))  # frames only for a video task
 
 
 def image_loader(cfg: BenchConfig, backbones: Backbones):

@@ -148,8 +148,11 @@ def _bert_entry(cfg: BertBackboneConfig, llm: LLMConfig, data_root: Path, cache:
 
 def _pretrain(jobs: list[tuple], threads: int) -> None:
     """A spawned process's share of `pretrain_side_by_side`: each job (kind, cfg, ...) cached in turn."""
+    from transformers.utils import logging as hf_logging
+
     torch.set_num_threads(threads)
     set_progress(True, lines=True)  # two processes on one terminal: lines, not bars
+    hf_logging.disable_progress_bar()  # nor Hugging Face's (saving a model draws one)
     for kind, cfg, llm, data_root, cache in jobs:
         if kind == "vit":
             _cached(_vit_entry(cfg, data_root, cache), "model.safetensors",

@@ -17,11 +17,16 @@ _COMPILED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary
 def compile_blocks(method: nn.Module, backend: str) -> int:
     """torch.compile, in place, the backbones' transformer blocks: timm's ViT blocks and Hugging
     Face decoder layers (the text side's LM copy included). They are where most of a step's time
-    goes and they repeat, so one compiled graph serves each kind. vlp-bench's own bridge layers
-    stay eager: token merging changes shapes inside them, and inductor's dynamic shapes failed on
-    that (torch 2.11, H100). Returns the number of blocks; a method is compiled once (a later call,
-    e.g. a decoder phase inside the run, returns the first call's count)."""
+    goes and they repeat, so one compiled graph serves each kind. A frozen-LLM method's bridge
+    (`FrozenLLMMethod.bridge`: BERT layers, token merging, a Q-Former, a projector) is compiled
+    whole with fullgraph=True: ToMe's merging keeps every layer's shapes static for a given
+    schedule, so a constant schedule compiles once (a step curriculum recompiles for each new r;
+    tests/test_trainer.py holds the compiled loss to the eager one). Returns the number of modules
+    compiled; a method is compiled once (a later call, e.g. a decoder phase inside the run, returns
+    the first call's count)."""
     from timm.models.vision_transformer import Block as ViTBlock
+
+    from vlp_bench.method import FrozenLLMMethod
 
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer as DecoderLayer
@@ -34,6 +39,9 @@ def compile_blocks(method: nn.Module, backend: str) -> int:
         if isinstance(module, (ViTBlock, DecoderLayer)) or type(module).__name__ == "EvaBlock":
             module.compile(backend=backend)
             n += 1
+    if isinstance(method, FrozenLLMMethod):
+        method.bridge = torch.compile(method.bridge, backend=backend, fullgraph=True)
+        n += 1
     _COMPILED[method] = n
     return n
 

@@ -22,7 +22,8 @@ Layout under `world_dir(cfg, cache)`:
     vqa/questions_{split}.json             VQAv2 questions format
     vqa/annotations_{split}.json           VQAv2 annotations format, 10 answers per question
     scenes.json                            the scene facts per image (for debugging)
-    msrvtt/                                clips in the MSR-VTT layout (vlp_bench/data/world/clips.py)
+    msrvtt/                                clips in the MSR-VTT layout (vlp_bench/data/world/clips.py);
+                                           their frames (msrvtt/videos/) only once a video task asks
     world.json                             config, generator version, counts
     DONE                                   written last
 """
@@ -33,7 +34,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from vlp_bench.data.world.clips import EVENTS, MSRVTT_SPLITS, TEMPORAL, generate_clips, said_order
+from vlp_bench.data.world.clips import EVENTS, MSRVTT_SPLITS, TEMPORAL, generate_clips, said_order, write_clip_frames
 from vlp_bench.data.world.scenes import (
     COLOR_SYNONYMS,
     COLORS,
@@ -59,27 +60,33 @@ __all__ = [
 ]
 
 
-def _generate(cfg: WorldConfig, out: Path) -> dict:
+def _generate(cfg: WorldConfig, out: Path, clip_frames: bool) -> dict:
     """Write the stills, then the clips, then world.json under `out`; returns world.json's content."""
     counts = generate_stills(cfg, out)
-    counts.update(generate_clips(cfg, out))
+    counts.update(generate_clips(cfg, out, clip_frames))
     info = {"config": asdict(cfg), "generator_version": GENERATOR_VERSION, "counts": counts}
     (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-def build_world(cfg: WorldConfig, cache: Path) -> Path:
-    """Generate the world for `cfg` under `cache` (or reuse a complete one); return its directory."""
+def build_world(cfg: WorldConfig, cache: Path, clip_frames: bool = True) -> Path:
+    """Generate the world for `cfg` under `cache` (or reuse a complete one); return its directory.
+    `clip_frames=False` leaves the clips' frames out (two thirds of the build, and only a video task
+    reads them; their annotations, which the tiny LM reads, are always written): a later call
+    with `clip_frames=True` adds them to the same world."""
     try:
         cfg.validate()
     except ValueError as e:
         raise UserError(f"world: {e}") from None
     final = world_dir(cfg, cache)
-    if (final / "DONE").is_file():
-        return final
-    # another process that finishes the same world first keeps its own (identical); a directory
-    # without DONE is a stray one, replaced
-    with atomic_dir(final, complete="DONE") as tmp:
-        _generate(cfg, tmp)
-        (tmp / "DONE").write_text(GENERATOR_VERSION + "\n")
+    if not (final / "DONE").is_file():
+        # another process that finishes the same world first keeps its own (identical); a directory
+        # without DONE is a stray one, replaced
+        with atomic_dir(final, complete="DONE") as tmp:
+            _generate(cfg, tmp, clip_frames)
+            (tmp / "DONE").write_text(GENERATOR_VERSION + "\n")
+    videos = final / "msrvtt" / "videos"
+    if clip_frames and not videos.is_dir():  # renamed into place whole, so one that exists is complete
+        with atomic_dir(videos) as tmp:
+            write_clip_frames(cfg, tmp)
     return final

@@ -172,24 +172,29 @@ def clip_captions(f: dict, rng: random.Random, n: int = 5) -> list[str]:
     return captions[:n]
 
 
-def generate_clips(cfg: WorldConfig, out: Path) -> dict:
-    """Write msrvtt/ under `out`; returns the clip and caption counts per split."""
-    videos_dir = out / "msrvtt" / "videos"
-    videos_dir.mkdir(parents=True)
-    sizes = {"train": cfg.n_clips_train, "val": cfg.n_clips_val, "test": cfg.n_clips_test}
-    total = sum(sizes.values())
+def _clip(cfg: WorldConfig, k: int) -> tuple[dict, list[Scene], np.random.Generator]:
+    """Clip k's facts and scenes, and the stream its frames' noise is then drawn from."""
+    pix_rng = np.random.default_rng([cfg.seed, 1_000_000_007, k])  # never an image's stream
+    facts, scenes = sample_clip(cfg, pix_rng)
+    return facts, scenes, pix_rng
+
+
+def _sizes(cfg: WorldConfig) -> dict[str, int]:
+    return {"train": cfg.n_clips_train, "val": cfg.n_clips_val, "test": cfg.n_clips_test}
+
+
+def generate_clips(cfg: WorldConfig, out: Path, frames: bool = True) -> dict:
+    """Write msrvtt/ under `out` (its frames, msrvtt/videos/, only with `frames`: write_clip_frames
+    adds them later, the same bytes); returns the clip and caption counts per split."""
+    (out / "msrvtt").mkdir()
     videos, sentences, facts_out = [], [], []
     counts: dict[str, dict[str, int]] = {"clips": {}, "clip_captions": {}}
     k = 0
-    for split in SPLITS:
+    for split, size in _sizes(cfg).items():
         n_caps = len(sentences)
-        for _ in range(sizes[split]):
+        for _ in range(size):
             vid = f"video{k}"
-            pix_rng = np.random.default_rng([cfg.seed, 1_000_000_007, k])  # never an image's stream
-            facts, scenes = sample_clip(cfg, pix_rng)
-            (videos_dir / vid).mkdir()
-            for t, scene in enumerate(scenes):
-                render(scene, pix_rng).save(videos_dir / vid / f"{t:02d}.png", format="PNG", compress_level=1)
+            facts = _clip(cfg, k)[0]
             videos.append({"video_id": vid, "id": k, "split": MSRVTT_SPLITS[split],
                            "category": EVENTS.index(facts["event"]), "url": "", "start time": 0.0,
                            "end time": float(cfg.clip_frames)})
@@ -197,16 +202,29 @@ def generate_clips(cfg: WorldConfig, out: Path) -> dict:
                 sentences.append({"video_id": vid, "sen_id": len(sentences), "caption": text})
             facts_out.append({"video_id": vid, "split": split, **facts})
             k += 1
-            if k % 500 == 0 or k == total:
-                note(f"tiny world: {k}/{total} clips")
-        counts["clips"][split] = sizes[split]
+        counts["clips"][split] = size
         counts["clip_captions"][split] = len(sentences) - n_caps
     write_json(out / "msrvtt" / "videodatainfo.json", {
         "info": {"description": "tiny world clips", "version": GENERATOR_VERSION, "frames": cfg.clip_frames},
         "videos": videos, "sentences": sentences,
         "categories": [{"id": i, "name": e, "temporal": e in TEMPORAL} for i, e in enumerate(EVENTS)]})
     write_json(out / "msrvtt" / "clips.json", {"clips": facts_out})
+    if frames:
+        (out / "msrvtt" / "videos").mkdir()
+        write_clip_frames(cfg, out / "msrvtt" / "videos")
     return counts
+
+
+def write_clip_frames(cfg: WorldConfig, videos_dir: Path) -> None:
+    """Render every clip's frames into `videos_dir`/video{k}/{t:02d}.png (an empty directory)."""
+    total = sum(_sizes(cfg).values())
+    for k in range(total):
+        _, scenes, pix_rng = _clip(cfg, k)
+        (videos_dir / f"video{k}").mkdir()
+        for t, scene in enumerate(scenes):
+            render(scene, pix_rng).save(videos_dir / f"video{k}" / f"{t:02d}.png", format="PNG", compress_level=1)
+        if (k + 1) % 500 == 0 or k + 1 == total:
+            note(f"tiny world: {k + 1}/{total} clips")
 
 
 # ----------------------------------------------------------------------------- reading captions back
