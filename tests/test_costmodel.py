@@ -17,13 +17,14 @@ def paper():
     return costmodel.cost_table(costmodel.paper_scale(), ["baseline", "simvlg", "blip2"], "baseline")
 
 
-def opt_2_7b(tokens: int, backward: bool = False) -> int:
+def opt_2_7b(tokens: int, backward: bool = False, caption: int = 32) -> int:
     """OPT-2.7B over `tokens` positions: per layer q, k, v, out (d x d) and the 4x FFN, attention's
-    two score products (forward) or five (fused backward: scores recomputed), the LM head; the
-    frozen model's backward computes input gradients only (as many FLOPs as the forward's products)."""
+    two score products (forward) or five (fused backward: scores recomputed); the LM head over the
+    last caption + 1 positions only (the soft prompt's logits are never computed: docs/fidelity.md);
+    the frozen model's backward computes input gradients only (as many FLOPs as the forward's products)."""
     T, d, ffn, layers, vocab = tokens, 2560, 10240, 32, 50272
     attention = (10 if backward else 4) * T * T * d
-    return layers * (4 * 2 * T * d * d + 2 * 2 * T * d * ffn + attention) + 2 * T * d * vocab
+    return layers * (4 * 2 * T * d * d + 2 * 2 * T * d * ffn + attention) + 2 * (caption + 1) * d * vocab
 
 
 def bridge(tokens: int, width=768, depth=12, vision_dim=1408, llm_dim=2560) -> int:

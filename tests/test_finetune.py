@@ -51,6 +51,44 @@ def test_per_row_prompts_score_their_targets_only():
         lm_rows(tok, QUESTIONS[:3], targets)
 
 
+def test_the_lm_head_runs_only_where_the_loss_reads_it():
+    """prefix_lm_loss asks for the logits of the last L + 1 positions (L text tokens), not the soft
+    prompt's, and its loss is the one computed from every position's logits (docs/fidelity.md)."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    method = small_baseline().eval()
+    tok, llm = method.tokenizer, method.llm
+    prefix = torch.randn(3, 7, llm.config.hidden_size)
+    targets = ["a red circle", "two blue squares left of a star", "a cross"]
+    import functools
+
+    kept = []
+    forward = llm.forward
+    llm.forward = functools.wraps(forward)(lambda *a, **kw: kept.append(kw.get("logits_to_keep")) or forward(*a, **kw))
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        loss, _ = prefix_lm_loss(llm, tok, prefix, "a photo of", targets)
+    prompt_ids, rows = lm_rows(tok, "a photo of", targets)
+    L = max(map(len, rows))
+    assert kept == [L + 1]
+    head = 2 * 3 * (L + 1) * llm.config.hidden_size * llm.config.vocab_size  # only L + 1 positions' logits
+    full_head = 2 * 3 * (7 + L) * llm.config.hidden_size * llm.config.vocab_size
+    llm.forward = forward
+    with torch.no_grad(), FlopCounterMode(display=False) as all_flops:
+        ids = torch.full((3, L), tok.pad_token_id)
+        valid = torch.zeros(3, L, dtype=torch.bool)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)], valid[r, : len(row)] = torch.tensor(row), True
+        embeds = torch.cat([prefix, llm.get_input_embeddings()(ids)], 1)
+        mask = torch.cat([torch.ones(3, 7, dtype=torch.long), valid.long()], 1)
+        logits = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, 6:-1]
+        labels = ids.masked_fill(~valid, -100)
+        labels[:, : len(prompt_ids)] = -100
+        reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert all_flops.get_total_flops() - flops.get_total_flops() == full_head - head
+
+
 def test_a_prompt_per_row_that_are_all_equal_is_the_shared_prompt():
     method = small_baseline()
     batch = next(batches())
