@@ -51,9 +51,14 @@ def _vit_entry(cfg: VisionConfig, data_root: Path, cache: Path) -> Path:
     return cache / "backbones" / f"tiny-vit-{_key(recipe, str(data_root))}"
 
 
+def _tiny_vit_dir(cfg: VisionConfig, data_root: Path, cache: Path) -> Path:
+    """The tiny ViT's cache entry, pre-trained into it first when missing."""
+    return _cached(_vit_entry(cfg, data_root, cache), "model.safetensors",
+                   lambda tmp: pretrain_tiny_vit(cfg, CaptionSplit(data_root, "train"), tmp))
+
+
 def _tiny_vision(cfg: VisionConfig, data_root: Path, cache: Path) -> VisionEncoder:
-    d = _cached(_vit_entry(cfg, data_root, cache), "model.safetensors",
-                lambda tmp: pretrain_tiny_vit(cfg, CaptionSplit(data_root, "train"), tmp))
+    d = _tiny_vit_dir(cfg, data_root, cache)
     from safetensors.torch import load_file
 
     model = tiny_vit(cfg, 0)
@@ -106,8 +111,7 @@ def load_llm(cfg: LLMConfig, data_root: Path, cache: Path, device: torch.device)
         hf_logging.disable_progress_bar()  # its weight-loading bar is noise in logs
     path = cfg.name
     if cfg.name == "tiny":
-        path = str(_cached(_lm_entry(cfg, data_root, cache), "recipe.json",
-                           lambda tmp: pretrain_tiny_lm(cfg, data_root, tmp)))
+        path = str(_tiny_lm_dir(cfg, data_root, cache))
     dtype = frozen_dtype(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -131,16 +135,27 @@ def bert_checkpoint(cfg: BertBackboneConfig, llm: LLMConfig, tokenizer, data_roo
             raise UserError(f"bert.name: no checkpoint directory '{cfg.name}' (a local Hugging Face BERT-style "
                             f"directory, \"tiny\", or \"\" for none)")
         return cfg.name
-    return str(_cached(_bert_entry(cfg, llm, data_root, cache), "recipe.json",
-                       lambda tmp: pretrain_tiny_bert(cfg, data_root, tokenizer, tmp)))
+    return str(_tiny_bert_dir(cfg, llm, data_root, cache, tokenizer))
 
 
 def _lm_entry(cfg: LLMConfig, data_root: Path, cache: Path) -> Path:
     return cache / "backbones" / f"tiny-lm-{_key(asdict(cfg), str(data_root))}"
 
 
+def _tiny_lm_dir(cfg: LLMConfig, data_root: Path, cache: Path) -> Path:
+    """The tiny LM's cache entry (model and tokenizer), pre-trained into it first when missing."""
+    return _cached(_lm_entry(cfg, data_root, cache), "recipe.json", lambda tmp: pretrain_tiny_lm(cfg, data_root, tmp))
+
+
 def _bert_entry(cfg: BertBackboneConfig, llm: LLMConfig, data_root: Path, cache: Path) -> Path:
     return cache / "backbones" / f"tiny-bert-{_key(asdict(cfg), asdict(llm), str(data_root))}"
+
+
+def _tiny_bert_dir(cfg: BertBackboneConfig, llm: LLMConfig, data_root: Path, cache: Path, tokenizer=None) -> Path:
+    """The tiny BERT's cache entry, pre-trained into it first when missing, reading with the tiny
+    LM's `tokenizer` (None: trained again from the LM's documents, which gives the same one)."""
+    return _cached(_bert_entry(cfg, llm, data_root, cache), "recipe.json", lambda tmp: pretrain_tiny_bert(
+        cfg, data_root, tokenizer if tokenizer is not None else lm_tokenizer(llm, data_root), tmp))
 
 
 # ----------------------------------------------------------------------------- side by side
@@ -155,13 +170,11 @@ def _pretrain(jobs: list[tuple], threads: int) -> None:
     hf_logging.disable_progress_bar()  # nor Hugging Face's (saving a model draws one)
     for kind, cfg, llm, data_root, cache in jobs:
         if kind == "vit":
-            _cached(_vit_entry(cfg, data_root, cache), "model.safetensors",
-                    lambda tmp: pretrain_tiny_vit(cfg, CaptionSplit(data_root, "train"), tmp))
+            _tiny_vit_dir(cfg, data_root, cache)
         elif kind == "lm":
-            _cached(_lm_entry(cfg, data_root, cache), "recipe.json", lambda tmp: pretrain_tiny_lm(cfg, data_root, tmp))
-        else:  # the LM's tokenizer, trained again here: the same documents give the same tokenizer
-            _cached(_bert_entry(cfg, llm, data_root, cache), "recipe.json",
-                    lambda tmp: pretrain_tiny_bert(cfg, data_root, lm_tokenizer(llm, data_root), tmp))
+            _tiny_lm_dir(cfg, data_root, cache)
+        else:
+            _tiny_bert_dir(cfg, llm, data_root, cache)
 
 
 def pretrain_side_by_side(vision: VisionConfig, llm: LLMConfig, bert: BertBackboneConfig | None, data_root: Path,

@@ -42,12 +42,11 @@ that image, without any error.
 from __future__ import annotations
 
 import atexit
-import os
 import shutil
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from vlp_bench.errors import UserError
 from vlp_bench.log import tool_output

@@ -39,7 +39,6 @@ from vlp_bench.data.world.scenes import (
     IMAGE_WORDS,
     SHAPE_SYNONYMS,
     SIZES,
-    SPLITS,
     Entity,
     Obj,
     Scene,
