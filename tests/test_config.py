@@ -102,14 +102,16 @@ def test_the_default_experiments_budget_is_pinned():
     cfg = load_config(REPO / "bench.toml")  # the code's defaults too (test_bench_toml_states_the_defaults)
     exp, train, world = cfg.experiment, cfg.train, cfg.world
     runs = len(exp.methods) * len(exp.seeds)
-    budget = {"runs": runs, "training steps": runs * train.steps, "batch": train.batch_size,
+    budget = {"methods": exp.methods, "seeds": exp.seeds, "runs": runs, "training steps": runs * train.steps,
+              "batch": train.batch_size * train.grad_accum,
               "validation evaluations per run": train.steps // train.eval_every + 1 if train.eval_every else 0,
               "images per validation evaluation": train.eval_images, "validation-loss images": train.val_loss_images,
               "log rows per run": train.steps // train.log_every, "tasks": exp.tasks,
               "test images": world.n_test, "train images": world.n_train,
               "pre-training steps (ViT, LM, BERT)": (cfg.vision.pretrain_steps, cfg.llm.pretrain_steps,
                                                      cfg.bert.pretrain_steps)}
-    assert budget == {"runs": 3, "training steps": 900, "batch": 32, "validation evaluations per run": 4,
+    assert budget == {"methods": ["baseline", "simvlg", "blip2"], "seeds": [0], "runs": 3, "training steps": 900,
+                      "batch": 32, "validation evaluations per run": 4,
                       "images per validation evaluation": 100, "validation-loss images": 64, "log rows per run": 15,
                       "tasks": ["caption", "vqa"], "test images": 300, "train images": 4000,
                       "pre-training steps (ViT, LM, BERT)": (400, 1000, 1000)}
