@@ -26,6 +26,7 @@ from vlp_bench.files import atomic_dir
 from vlp_bench.log import interactive, set_progress, shows_progress
 
 BACKBONE_VERSION = 2  # bump when the tiny recipes change, so stale caches are not reused
+VIT_DONE, RECIPE_DONE = "model.safetensors", "recipe.json"  # written last: the ViT's, the LM's and BERT's entries
 
 
 def _key(*parts) -> str:
@@ -53,7 +54,7 @@ def _vit_entry(cfg: VisionConfig, data_root: Path, cache: Path) -> Path:
 
 def _tiny_vit_dir(cfg: VisionConfig, data_root: Path, cache: Path) -> Path:
     """The tiny ViT's cache entry, pre-trained into it first when missing."""
-    return _cached(_vit_entry(cfg, data_root, cache), "model.safetensors",
+    return _cached(_vit_entry(cfg, data_root, cache), VIT_DONE,
                    lambda tmp: pretrain_tiny_vit(cfg, CaptionSplit(data_root, "train"), tmp))
 
 
@@ -62,7 +63,7 @@ def _tiny_vision(cfg: VisionConfig, data_root: Path, cache: Path) -> VisionEncod
     from safetensors.torch import load_file
 
     model = tiny_vit(cfg, 0)
-    model.load_state_dict(load_file(str(d / "model.safetensors")))
+    model.load_state_dict(load_file(str(d / VIT_DONE)))
     return freeze(VisionEncoder(model, cfg.image_size, (0.5,) * 3, (0.5,) * 3, cfg.feature_layer))
 
 
@@ -144,7 +145,7 @@ def _lm_entry(cfg: LLMConfig, data_root: Path, cache: Path) -> Path:
 
 def _tiny_lm_dir(cfg: LLMConfig, data_root: Path, cache: Path) -> Path:
     """The tiny LM's cache entry (model and tokenizer), pre-trained into it first when missing."""
-    return _cached(_lm_entry(cfg, data_root, cache), "recipe.json", lambda tmp: pretrain_tiny_lm(cfg, data_root, tmp))
+    return _cached(_lm_entry(cfg, data_root, cache), RECIPE_DONE, lambda tmp: pretrain_tiny_lm(cfg, data_root, tmp))
 
 
 def _bert_entry(cfg: BertBackboneConfig, llm: LLMConfig, data_root: Path, cache: Path) -> Path:
@@ -154,7 +155,7 @@ def _bert_entry(cfg: BertBackboneConfig, llm: LLMConfig, data_root: Path, cache:
 def _tiny_bert_dir(cfg: BertBackboneConfig, llm: LLMConfig, data_root: Path, cache: Path, tokenizer=None) -> Path:
     """The tiny BERT's cache entry, pre-trained into it first when missing, reading with the tiny
     LM's `tokenizer` (None: trained again from the LM's documents, which gives the same one)."""
-    return _cached(_bert_entry(cfg, llm, data_root, cache), "recipe.json", lambda tmp: pretrain_tiny_bert(
+    return _cached(_bert_entry(cfg, llm, data_root, cache), RECIPE_DONE, lambda tmp: pretrain_tiny_bert(
         cfg, data_root, tokenizer if tokenizer is not None else lm_tokenizer(llm, data_root), tmp))
 
 
@@ -184,12 +185,12 @@ def pretrain_side_by_side(vision: VisionConfig, llm: LLMConfig, bert: BertBackbo
     threads or more (else the loaders build them one after another). Models this small use one
     thread better than two: 1.3-1.5x faster with two (docs/decisions.md, "The default budget")."""
     missing = []
-    if vision.name == "tiny" and not (_vit_entry(vision, data_root, cache) / "model.safetensors").is_file():
+    if vision.name == "tiny" and not (_vit_entry(vision, data_root, cache) / VIT_DONE).is_file():
         missing.append(("vit", vision, llm, data_root, cache))
-    if llm.name == "tiny" and not (_lm_entry(llm, data_root, cache) / "recipe.json").is_file():
+    if llm.name == "tiny" and not (_lm_entry(llm, data_root, cache) / RECIPE_DONE).is_file():
         missing.append(("lm", llm, llm, data_root, cache))
     if (bert is not None and bert.name == "tiny" and llm.name == "tiny"
-            and not (_bert_entry(bert, llm, data_root, cache) / "recipe.json").is_file()):
+            and not (_bert_entry(bert, llm, data_root, cache) / RECIPE_DONE).is_file()):
         missing.append(("bert", bert, llm, data_root, cache))
     threads = torch.get_num_threads()
     if len(missing) < 2 or threads < 2:

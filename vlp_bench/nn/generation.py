@@ -5,6 +5,7 @@ text-side family's decoder)."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -87,10 +88,17 @@ def prefix_lm_loss(llm, tokenizer, prefix: torch.Tensor, prompt: str | list[str]
     return loss, n_targets
 
 
+@functools.cache
+def _keeps_logits(model_class: type) -> bool:
+    """Whether a Hugging Face model class's forward takes `logits_to_keep` (read once per class,
+    not on every training step)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def _logits(llm, embeds: torch.Tensor, attn: torch.Tensor | None, keep: int) -> torch.Tensor:
     """The LM's logits at the last `keep` positions (all of them from a model without
     `logits_to_keep`: the same values, more FLOPs)."""
-    if "logits_to_keep" in inspect.signature(llm.forward).parameters:
+    if _keeps_logits(type(llm)):
         return llm(inputs_embeds=embeds, attention_mask=attn, use_cache=False, logits_to_keep=keep).logits
     return llm(inputs_embeds=embeds, attention_mask=attn, use_cache=False).logits[:, -keep:]
 
