@@ -60,13 +60,14 @@ class Captioning(Task):
         data = self.Split(self.root, split)
         ids = data.image_ids[:limit] if limit else data.image_ids
         device = next(method.parameters()).device
-        cands: dict[int, str] = {}
-        bs = self.cfg.batch_size
-        for start in range(0, len(ids), bs):
-            chunk = ids[start : start + bs]
+
+        def generate(chunk: list[int]) -> list[str]:
             images = self.images.batch([data.image_path(i) for i in chunk]).to(device)
-            for i, text in zip(chunk, method.generate(images, [self.cfg.prompt] * len(chunk), self.cfg)):
-                cands[i] = text
+            return method.generate(images, [self.cfg.prompt] * len(chunk), self.cfg)
+
+        cands = self.decode(ids, generate)
+        if cands is None:
+            return {}, []  # under torchrun: this rank decoded its share, rank zero scores them all
         refs = {i: data.refs[i] for i in ids}
         metrics = score_captions(refs, cands, spice=self.cfg.spice, subsets=self.subsets(data, ids))
         metrics["floor"] = self.floor(data, ids)

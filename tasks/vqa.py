@@ -118,13 +118,14 @@ class VQA(Task):
             questions = {k: q for k, q in questions.items() if q["image_id"] in keep}
         qids = sorted(questions)
         device = next(method.parameters()).device
-        answers: dict[int, str] = {}
-        bs = self.cfg.batch_size
-        for start in range(0, len(qids), bs):
-            chunk = qids[start : start + bs]
+
+        def generate(chunk: list[int]) -> list[str]:
             pixels = self.images.batch([images.image_path(questions[q]["image_id"]) for q in chunk]).to(device)
-            prompts = [self.prompt(questions[q]["question"]) for q in chunk]
-            answers.update(zip(chunk, method.generate(pixels, prompts, self.cfg)))
+            return method.generate(pixels, [self.prompt(questions[q]["question"]) for q in chunk], self.cfg)
+
+        answers = self.decode(qids, generate)
+        if answers is None:
+            return {}, []  # under torchrun: this rank decoded its share, rank zero scores them all
         metrics = vqa_accuracy(questions, annotations, answers)
         key = (split, tuple(qids))
         if key not in self._floors:

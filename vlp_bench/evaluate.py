@@ -16,6 +16,7 @@ the last digit, on the same device type and thread count.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -132,7 +133,8 @@ def evaluate_run(run_dir: Path, tasks: list[str] | None = None, split: str | Non
     cfg, t0 = r.exp.cfg, time.perf_counter()
     with atomic_dir(out) as tmp, run_log(tmp / "run.log"):
         row = r.exp.evaluate_tasks(r.method, r.record["seed"], tmp)
-        cost = {"eval_wall_s": round(time.perf_counter() - t0, 3), **phase_costs(row)}
+        cost = {"eval_wall_s": round(time.perf_counter() - t0, 3), "eval_wall_s_by_task": row["eval_wall_s_by_task"],
+                **phase_costs(row)}
         atomic_write_json(tmp / "results.json", {
             "schema_version": SCHEMA_VERSION, "kind": "evaluation", "name": out.name, "run_id": r.record.get("run_id"),
             "method": r.record["method"], "seed": r.record["seed"], "status": "finished", "tasks": tasks,
@@ -208,7 +210,8 @@ def predict(run_dir: Path, paths: list[Path], question: str | None = None, task:
     prompt = t.prompt(question)
     copy = run_dir / f"weights-{task}.safetensors"  # unless the fine-tuning it came from is changed
     kept = copy.is_file() and not any(parse_override(o)[0][:3] == ["tasks", task, "finetune_steps"] for o in overrides)
-    phases = [] if kept else [p for p in r.exp.phases(method, r.record["seed"]) if p.trains and task in p.tasks]
+    phases = [] if kept else [dataclasses.replace(p, tasks=[task])  # generate() runs once per task
+                          for p in r.exp.phases(method, r.record["seed"]) if p.trains and task in p.tasks]
     if kept:
         load_weights(copy, method)
     for phase in phases:

@@ -161,12 +161,14 @@ class Experiment:
 
     def evaluate_tasks(self, method, seed: int, out: Path, keep: bool = False) -> dict:
         """Every task on its configured split (task.cfg.split), each after its phase (phases()),
-        rank zero's alone with collectives off: samples_<task>.jsonl in `out`, and with `keep` the
-        weights each phase that trained evaluated its task with (weights-<task>.safetensors). Returns
-        the evaluation row: eval {task: metrics}, the phases' costs, weights {task: file}."""
+        training collectives off; under torchrun every rank calls it (the decoding is shared) and
+        rank zero writes: samples_<task>.jsonl in `out`, and with `keep` the weights each phase that
+        trained evaluated its task with (weights-<task>.safetensors). Returns the evaluation row:
+        eval {task: metrics}, eval_wall_s_by_task, the phases' costs, weights {task: file}."""
         phases = self.phases(method, seed)
         trained = {n for phase in phases if phase.trains for n in phase.tasks}
         kept: dict = {}
+        main = dist.job().is_main
 
         def evaluate(step: int, names: list[str]) -> dict:
             metrics = {}
@@ -175,6 +177,8 @@ class Experiment:
                 say(f"evaluate {name} on {task.cfg.split}")
                 scores, samples = task.evaluate(method, task.cfg.split)
                 metrics[name] = self.labelled(name, method, scores)
+                if not main:
+                    continue
                 write_jsonl(out / f"samples_{name}.jsonl", samples)
                 if keep and name in trained:
                     meta = {"method": method.name, "seed": seed, "phase": name}
@@ -246,7 +250,7 @@ class _Run:
                 trackers.close(self.record)
         self.write("results.json", self.record)
         self.drop_checkpoint()  # the run is over: its results are complete
-        self.group.barrier()  # the other ranks wait for rank zero's final evaluation
+        self.group.barrier()  # the other ranks wait for rank zero's files
 
     def drop_checkpoint(self) -> None:
         if self.main:
@@ -274,8 +278,7 @@ class _Run:
         self.record["data"] = _job_report(group, batches.report())
         if self.main and cfg.train.keep_weights:
             self.keep_weights(method)
-        if self.main:
-            self.final_evaluation(method)
+        self.final_evaluation(method)  # on every rank: each decodes its share
         log.append({"step": cost["steps"], "samples": cost["samples_seen"], "wall_s": round(cost["train_wall_s"], 4),
                     "flops": cost.get("train_flops"), "split": "test", "eval": self.record["metrics"], "final": True})
         cost["total_wall_s"] = time.perf_counter() - t0
@@ -289,6 +292,7 @@ class _Run:
         (train.keep_weights) the weights a phase trained for it beside the run's records."""
         row = self.exp.evaluate_tasks(method, self.seed, self.dir, keep=self.cfg.train.keep_weights)
         self.record["metrics"] = {name: row["eval"][name] for name in self.exp.tasks}
+        self.record["cost"]["eval_wall_s_by_task"] = row["eval_wall_s_by_task"]
         self.record["cost"].update(phase_costs(row))  # a cost of evaluating, not of pre-training
         if row.get("weights"):
             self.record.setdefault("weights", {})["phases"] = row["weights"]

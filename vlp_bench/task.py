@@ -4,11 +4,12 @@ a task with a training split to learn from (VQA), the batches of its fine-tuning
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator
 
 from vlp_bench.data.images import ImageLoader
 from vlp_bench.errors import UserError
 from vlp_bench.method import Method
+from vlp_bench.train import dist
 
 
 class Task:
@@ -33,8 +34,19 @@ class Task:
         """Raise UserError if the data this task needs is missing (run before any training)."""
 
     def evaluate(self, method: Method, split: str, limit: int | None = None) -> tuple[dict, list[dict]]:
-        """-> (metrics for results.json, per-sample rows for samples_<task>.jsonl)."""
+        """-> (metrics for results.json, per-sample rows for samples_<task>.jsonl). Under torchrun
+        every rank calls it: a task that decodes through `decode` shares the work and returns ({},
+        []) on the ranks other than zero; one that does not decodes everything on every rank."""
         raise NotImplementedError
+
+    def decode(self, items: list, generate: Callable[[list], list[str]]) -> dict | None:
+        """{item: output} of generate(batch) over `items` in batches of the task's batch_size, in
+        order; under torchrun each rank generates its share of the batches (the same batches as
+        one process: padding and beams unchanged) and rank zero gets them all, the others None."""
+        bs = self.cfg.batch_size
+        batches = [items[i: i + bs] for i in range(0, len(items), bs)]
+        outputs = dist.decode_batches(batches, generate)
+        return None if outputs is None else dict(zip(items, outputs))
 
     def prompt(self, question: str | None = None) -> str:
         """What the method generates after, for one input: the task's configured prompt (its

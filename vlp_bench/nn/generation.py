@@ -1,7 +1,7 @@
 """Text generation and the language-model loss shared by every method: token rows and padding, the
 prefix LM loss behind a soft prompt, beam search through a frozen Hugging Face LLM from a soft
-prompt, and a cache-free beam search for models that are not Hugging Face generators (the
-text-side family's decoder)."""
+prompt, and a beam search for models that are not Hugging Face generators (the text-side family's
+decoder), whose scorer may keep state across steps (a key/value cache: vlp_bench.nn.kv_cache)."""
 
 from __future__ import annotations
 
@@ -128,12 +128,14 @@ def generate_from_prefix(llm, tokenizer, prefix: torch.Tensor, prompts: list[str
 
 
 def beam_search(next_logprobs, ids: torch.Tensor, valid: torch.Tensor, dec: DecodingConfig, eos: int,
-                pad: int) -> list[list[int]]:
+                pad: int, reorder=None) -> list[list[int]]:
     """Beam search over left-padded prompts (B, L) with the scoring of Hugging Face's default: a
     finished hypothesis scores its summed log-probability over its generated length; EOS is barred
     before min_new_tokens; a row stops once its best open beam cannot beat its worst finished one.
     next_logprobs(ids, valid, rows) -> (R, V) log-probabilities of the next token (rows: the image
-    of each sequence). Returns the generated tokens of each row, without EOS."""
+    of each sequence). reorder(src), when given, is told how the rows were reordered before each
+    step after the first (row r continues row src[r], then gains a token), so a scorer can keep
+    per-row state (a key/value cache) in step. Returns the generated tokens of each row, without EOS."""
     B, K, device = ids.shape[0], dec.num_beams, ids.device
     rows = torch.arange(B, device=device).repeat_interleave(K)
     ids, valid = ids.repeat_interleave(K, 0), valid.repeat_interleave(K, 0)
@@ -178,6 +180,8 @@ def beam_search(next_logprobs, ids: torch.Tensor, valid: torch.Tensor, dec: Deco
         src = torch.tensor(keep_src, device=device)
         tok = torch.tensor(keep_tok, device=device)
         new = [new[s] + [k] for s, k in zip(keep_src, keep_tok)]
+        if reorder is not None:
+            reorder(src)
         ids = torch.cat([ids[src], tok[:, None]], dim=1)
         valid = torch.cat([valid[src], torch.ones_like(valid[:, :1])], dim=1)
         scores = torch.tensor(keep_score, device=device).view(B, K)

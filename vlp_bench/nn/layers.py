@@ -17,9 +17,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+                past=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """past: incremental decoding (vlp_bench.nn.kv_cache), where x holds only the new positions:
+        past(k, v) keeps their keys and values and returns those of every position so far, so the
+        earlier ones are not projected again; bias is then (B, 1, new, all)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        if past is not None:
+            k, v = past(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(B, T, D)), k  # keys returned: token merging's metric
 
@@ -36,11 +42,18 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(context_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context's keys and values, each (B, H, N, hd)."""
+        B, N, _ = context.shape
+        return self.kv(context).view(B, N, 2, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """kv: the context's keys_values, computed once by the caller (incremental decoding reads the
+        same image at every step); the context is then not read."""
         B, T, D = x.shape
-        hd = D // self.heads
-        q = self.q(x).view(B, T, self.heads, hd).transpose(1, 2)  # (B, H, T, hd)
-        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        q = self.q(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, H, T, hd)
+        k, v = self.keys_values(context) if kv is None else kv
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 

@@ -4,18 +4,13 @@
 
 Every process holds the whole model; `train.batch_size` stays the *global* micro-batch, so a run
 on N GPUs trains exactly what a run on one would (same batches, same updates): each rank loads
-its slice of every batch, gradients are averaged after backward, and each rank's loss is weighted
-by the share of the batch's targets (StepOutput.weight) it holds, so the average is the one-process
-mean. (Dropout is the exception: each rank draws its own masks, so with dropout on, N processes
-train the same model in distribution rather than bit for bit.) Rank zero alone writes files, shows
-progress and evaluates (the others wait); costs are for the whole job (samples and FLOPs summed
-over ranks, wall-clock is the job's).
-
-Why not torch's DistributedDataParallel: a method's stages change which parameters train and
-which run (BLIP-2's stage 1 never touches its LLM projection), and DDP's reducer needs every
-trainable parameter of the wrapped module used in every forward. One bucketed all-reduce after
-backward is exact for all of them; what it gives up is DDP's overlap of communication with the
-backward pass, which matters little for bridge-sized gradients.
+its slice of every batch, gradients are averaged by torch's DistributedDataParallel (`Replicas`:
+one DDP per stage, over that stage's parameters), and each rank's loss is weighted by the share of
+the batch's targets (StepOutput.weight) it holds, so the average is the one-process mean. (Dropout
+is the exception: each rank draws its own masks, so with dropout on, N processes train the same
+model in distribution rather than bit for bit.) Rank zero alone writes files and shows progress;
+every rank evaluates its share of each evaluation's batches (`decode_batches`), rank zero scores
+them; costs are for the whole job (samples and FLOPs summed over ranks, wall-clock is the job's).
 
 A method whose loss compares a sample with the rest of the batch (BLIP-2's ITC and ITM negatives)
 reads the other ranks' rows through `all_gather` (no gradient) and `all_gather_with_grad`, as LAVIS
@@ -30,8 +25,12 @@ import contextlib
 import datetime
 import os
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # Long enough for rank zero's evaluations (beam search over a whole test split) while the other
 # ranks wait at a barrier; a collective that waits longer than this is a hang, and fails.
@@ -65,30 +64,6 @@ class Group:
         dist.all_reduce(t)
         return t.tolist()
 
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """grad <- mean over ranks, one flat all-reduce per dtype (every rank passes the same
-        parameters). A parameter without a gradient on every rank keeps none (the optimizer skips
-        it, as in one process); one with a gradient on some ranks only gets zeros on the others."""
-        if not self.active:
-            return
-        used = self.sum([float(p.grad is not None) for p in params])
-        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-        for p, u in zip(params, used):
-            if u:
-                by_dtype.setdefault(p.dtype, []).append(p)
-        for group in by_dtype.values():
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
-            dist.all_reduce(flat)
-            flat /= self.world
-            offset = 0
-            for p in group:
-                mean = flat[offset: offset + p.numel()].view_as(p)
-                if p.grad is None:
-                    p.grad = mean.clone()
-                else:
-                    p.grad.copy_(mean)
-                offset += p.numel()
-
     def gather(self, obj) -> list:
         """Every rank's `obj` (picklable), in rank order, on every rank."""
         if not self.active:
@@ -97,8 +72,25 @@ class Group:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_to_main(self, obj) -> list | None:
+        """Every rank's `obj` (picklable), in rank order, on rank zero; None on the others."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def share(self, obj):
+        """Rank zero's `obj` (picklable) on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 _GROUP = Group()
+_JOB = _GROUP  # the job's group, also inside local()
 
 
 def group() -> Group:
@@ -106,10 +98,15 @@ def group() -> Group:
     return _GROUP
 
 
+def job() -> Group:
+    """The job's processes, also inside local(): what an evaluation shares its decoding with."""
+    return _JOB
+
+
 @contextlib.contextmanager
 def local():
-    """Run collectives-free code on one rank (rank zero's evaluations and their decoder phase):
-    inside, group() is a one-process group."""
+    """Run code on each rank on its own, collectives off (an evaluation's fine-tuning phases, which
+    every rank runs alike, the validation loss): inside, group() is a one-process group."""
     global _GROUP
     saved, _GROUP = _GROUP, Group()
     try:
@@ -176,12 +173,12 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 def finish() -> bool:
     """Leave the torchrun job (every rank waits for the others first); True on rank zero and
     outside torchrun: the process that writes what comes after."""
-    global _GROUP
-    main = _GROUP.is_main
-    if _GROUP.active:
+    global _GROUP, _JOB
+    main = _JOB.is_main
+    if _JOB.active:
         dist.barrier()
         dist.destroy_process_group()
-        _GROUP = Group()
+        _GROUP = _JOB = Group()
     return main
 
 
@@ -193,7 +190,7 @@ def init(device: torch.device) -> tuple[Group, torch.device]:
     """Join the torchrun job described by the environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*):
     NCCL when `device` is a GPU (each process then takes GPU LOCAL_RANK), gloo on CPUs. Returns
     the group and this process's device. Outside torchrun: one process, `device` unchanged."""
-    global _GROUP
+    global _GROUP, _JOB
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _GROUP, device
     if device.type == "cuda":
@@ -201,5 +198,76 @@ def init(device: torch.device) -> tuple[Group, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
-    _GROUP = Group(dist.get_rank(), dist.get_world_size())
+    _GROUP = _JOB = Group(dist.get_rank(), dist.get_world_size())
     return _GROUP, device
+
+
+class _Loss(nn.Module):
+    """The call DDP wraps: a method's training loss (DDP hooks the forward of a module)."""
+
+    def __init__(self, method: nn.Module):
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: dict, stage):
+        return self.method.training_loss(batch, stage)
+
+
+class Replicas:
+    """How one stage's gradients reach every rank: torch's DistributedDataParallel over the
+    parameters the stage trains, built at its first micro-batch. A stage may list parameters no
+    step uses (BLIP-2's stage 2 never reads the Q-Former's text embeddings): that first batch is
+    replayed once (RNG restored, gradients returned, not stored) to find the ones that get a
+    gradient on some rank, and DDP takes only those. So DDP needs no search for unused parameters
+    on every step (`find_unused_parameters`, an extra pass over the graph and a warning when there
+    are none), and a parameter no rank uses keeps no gradient, as in one process (AdamW leaves it
+    alone). The rest of the method (frozen backbones, other stages' heads, buffers) stays outside
+    DDP, which then neither broadcasts a frozen LLM nor waits for it. DDP averages over ranks; the
+    trainer weights each rank's loss by its share of the batch, so the average is the one-process
+    gradient. With one process (or inside local()) it calls the method directly."""
+
+    def __init__(self, method: nn.Module, params: list[nn.Parameter]):
+        self.method, self.params, self.ddp = method, params, None
+
+    def loss(self, batch: dict, stage, sync: bool = True):
+        """method.training_loss(batch, stage); `sync` False: a micro-batch before the step's last,
+        whose gradients accumulate locally (DDP's no_sync), to be averaged with the last one's."""
+        if group().active and self.params:  # the first call: find what trains, then wrap it
+            used, self.params = self._used(batch, stage), []
+            self.ddp = self._wrap(used) if used else None  # nothing trains: nothing to average
+        if self.ddp is None:
+            return self.method.training_loss(batch, stage)
+        with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            return self.ddp(batch, stage)
+
+    def _used(self, batch: dict, stage) -> set[int]:
+        """The ids of the stage's parameters that get a gradient from `batch` on some rank."""
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            out = self.method.training_loss(batch, stage)
+            grads = torch.autograd.grad(out.loss, self.params, allow_unused=True)
+        used = group().sum([float(g is not None) for g in grads])
+        return {id(p) for p, u in zip(self.params, used) if u}
+
+    def _wrap(self, used: set[int]) -> DDP:
+        wrapper = _Loss(self.method)
+        ignore = [n for n, p in wrapper.named_parameters() if id(p) not in used]
+        DDP._set_params_and_buffers_to_ignore_for_model(wrapper, ignore + [n for n, _ in wrapper.named_buffers()])
+        return DDP(wrapper, forward_sync_buffers=False)
+
+
+def decode_batches(batches: list, decode: Callable[[list], list]) -> list | None:
+    """decode(batch) for every batch, concatenated in order: an evaluation's decoding, shared by the
+    job's ranks. Each rank decodes whole batches (rank r: batches r, r + N, ...), formed exactly as
+    one process forms them, so padding and beams are unchanged; rank zero gets every output, in
+    order, and the other ranks None (rank zero alone scores them). One process: decodes them all.
+    Every rank of the job calls it with the same batches."""
+    g = _JOB
+    mine = [decode(b) for b in batches[g.rank::g.world]]
+    parts = g.gather_to_main(mine)
+    if parts is None:
+        return None
+    out: list = []
+    for i in range(len(batches)):
+        out.extend(parts[i % g.world][i // g.world])
+    return out

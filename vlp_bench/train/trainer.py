@@ -54,6 +54,7 @@ class _Run:
     group: dist.Group
     autocast: contextlib.AbstractContextManager  # bf16 on CUDA, nothing elsewhere
     parts: list[str]  # the FLOP parts a job-wide sum adds up (_reduce_step)
+    replicas: dist.Replicas | None = None  # the current stage's gradient averaging (DDP under torchrun)
     # (stage, image shape, method.shape_key) -> FlopCount of one micro-batch
     flop_cache: dict = field(default_factory=dict)
 
@@ -127,6 +128,8 @@ def _start_stage(run: _Run, st: TrainState, stage: Stage, opt_state: dict | None
     if not st.per_stage or st.per_stage[-1]["name"] != stage.name:
         st.per_stage.append({"name": stage.name, "steps": 0, "samples": 0, "train_wall_s": 0.0, "flops": {}})
     params, opt = stage_optimizer(run.method, stage, run.cfg)
+    run.replicas = None  # the previous stage's DDP lets go of its parameters' hooks first
+    run.replicas = dist.Replicas(run.method, params)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     run.method.train()
@@ -142,13 +145,12 @@ def _optimizer_step(run: _Run, st: TrainState, stage: Stage, params: list, opt: 
     sync(run.device)
     t0 = time.perf_counter()
     loss_sum, paused, step_flops = 0.0, 0.0, FlopCount()
-    for _ in range(cfg.grad_accum):
+    for k in range(cfg.grad_accum):
         batch = next(run.batches)
         batch["images"] = batch["images"].to(run.device, non_blocking=True)
         if cfg.count_flops:  # off the clock
             paused += _count_flops(run, st, batch, stage, step_flops)
-        loss_sum += _micro_batch(run, st, batch, stage)
-    group.average_gradients(params)
+        loss_sum += _micro_batch(run, st, batch, stage, last=k == cfg.grad_accum - 1)
     if group.active:  # the job's loss (the mean of the weighted losses) and FLOPs
         loss_sum, step_flops = _reduce_step(group, loss_sum, step_flops, run.parts)
     if not math.isfinite(loss_sum):
@@ -179,13 +181,14 @@ def _count_flops(run: _Run, st: TrainState, batch: dict, stage: Stage, step_flop
     return time.perf_counter() - c0
 
 
-def _micro_batch(run: _Run, st: TrainState, batch: dict, stage: Stage) -> float:
+def _micro_batch(run: _Run, st: TrainState, batch: dict, stage: Stage, last: bool) -> float:
     """Forward and backward of one micro-batch (gradients accumulate); returns its share of the
     step's loss. Under torchrun each rank's loss is weighted by its share of the micro-batch's
-    targets, so the ranks' gradients average to the one-process gradient."""
+    targets, so the ranks' gradients average (DDP, on the step's `last` micro-batch) to the
+    one-process gradient."""
     group = run.group
     with run.autocast:
-        out = run.method.training_loss(batch, stage)
+        out = run.replicas.loss(batch, stage, sync=last)
     n = len(batch["images"])
     weight = float(n if out.weight is None else out.weight)
     total_weight, n = group.sum([weight, n])  # this rank's share of the whole micro-batch
@@ -329,16 +332,28 @@ class Evaluation:
             if phase.tasks == [] and not reads:
                 continue  # nothing to evaluate after it, so nothing to fine-tune
             with finetune(method, phase.stage, phase.batches, cfg, device, phase.seed) as cost:
-                row["eval"].update(self.evaluate(step, phase.tasks))
+                self._tasks(row, step, phase.tasks, device)
                 if reads and (loss := read_loss()) is not None:
                     row["val_loss"] = loss
             if cost and phase.task is None:
                 row["decoder"] = cost
             elif cost:
                 row.setdefault("task_finetune", {})[phase.task] = cost
+        row["eval"] = dist.job().share(row["eval"])  # rank zero scored them: every rank sees its scores
         if self.on_eval is not None:
             self.on_eval(step, row["eval"])
         return row
+
+    def _tasks(self, row: dict, step: int, tasks: list[str] | None, device: torch.device) -> None:
+        """Evaluate `tasks` one by one into row["eval"], each one's wall-clock (device synchronised,
+        decoding and scoring) into row["eval_wall_s_by_task"]; None: the callback's, as one call."""
+        for names in ([tasks] if tasks is None else [[name] for name in tasks]):
+            t0 = time.perf_counter()
+            metrics = self.evaluate(step, names)
+            sync(device)
+            row["eval"].update(metrics)
+            if names is not None:
+                row.setdefault("eval_wall_s_by_task", {})[names[0]] = round(time.perf_counter() - t0, 4)
 
 
 def _as_evaluation(evaluate: Evaluation | Callable[[int], dict], method: Method,
@@ -366,15 +381,15 @@ def _evaluate(method: Method, evaluation: Callable[[int, Callable | None], dict]
     """One point of the learning curve (validation subset), at the training cost spent so far; the
     fine-tuning phases before its tasks (a decoder phase, a task's fine-tuning) are recorded in the
     row, apart from that cost, and so is the validation loss read after the decoder phase
-    (`validation`: the reader and the current stage). Rank zero's alone, with collectives off; the
-    other ranks wait for it."""
+    (`validation`: the reader and the current stage). Every rank runs it, training collectives off:
+    the phases alike on each rank, the decoding shared (Task.decode); rank zero scores and logs."""
+    method.eval()
+    row = {"step": st.step, "samples": st.samples, "wall_s": round(st.wall, 4),
+           "flops": FlopCount(st.flops).total, "split": "val"}
+    read_loss = ((lambda: validation[0](method, validation[1]))
+                 if validation and validation[0] and group.is_main else None)
+    with dist.local(), eager():
+        row.update(evaluation(st.step, read_loss))
     if group.is_main:
-        method.eval()
-        row = {"step": st.step, "samples": st.samples, "wall_s": round(st.wall, 4),
-               "flops": FlopCount(st.flops).total, "split": "val"}
-        read_loss = (lambda: validation[0](method, validation[1])) if validation and validation[0] else None
-        with dist.local(), eager():
-            row.update(evaluation(st.step, read_loss))
         log.append(row)
-        method.train()
-    group.barrier()
+    method.train()
