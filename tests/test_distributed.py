@@ -34,8 +34,9 @@ METHOD = "simvlg"  # the one whose figures the cost and tracker tests read
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_overrides):
-    sets = [a for o in [*tiny_overrides, f"experiment.methods={METHODS}", "experiment.tasks=['caption','vqa']",
+def job(tiny_overrides) -> list[str]:
+    """The `run` arguments of the job every test here launches, with 1 or 2 processes."""
+    return [a for o in [*tiny_overrides, f"experiment.methods={METHODS}", "experiment.tasks=['caption','vqa']",
                         "experiment.device='cpu'", "train.log_every=1", "train.eval_every=3",
                         "train.checkpoint_every=0", "trackers.tensorboard=true", "methods.blip2.stage1_fraction=0.0",
                         # several evaluation batches, so that both ranks decode some
@@ -43,15 +44,25 @@ def runs(tmp_path_factory, tiny_overrides):
                         # dropout draws its masks per rank: N processes then train the same model in
                         # distribution, not bit for bit; without it they train exactly what one does
                         *(f"methods.{m}.dropout=0.0" for m in METHODS)] for a in ("--set", o)]
-    one = _run(sets, tmp_path_factory.mktemp("one"), 1)
-    two = _run(sets, tmp_path_factory.mktemp("two"), 2)
-    return one, two
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, job):
+    return _run(job, tmp_path_factory.mktemp("one"), 1), _run(job, tmp_path_factory.mktemp("two"), 2)
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory, job):
+    """The same job with the frozen LLM sharded over the 2 processes (train.parallel = "fsdp")."""
+    return _run([*job, "--set", "train.parallel='fsdp'"], tmp_path_factory.mktemp("fsdp"), 2)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 @pytest.mark.parametrize("method", METHODS)
-def test_two_processes_train_and_evaluate_what_one_does(runs, method):
-    (res1, rows1, _, run1), (res2, rows2, _, run2) = runs
+def test_two_processes_train_and_evaluate_what_one_does(runs, request, method, parallel):
+    (res1, rows1, _, run1), two = runs
+    (res2, rows2, _, run2) = two if parallel == "ddp" else request.getfixturevalue("fsdp")
     res1, res2, rows1, rows2, run1, run2 = (x[method] for x in (res1, res2, rows1, rows2, run1, run2))
     loss1 = [r["loss"] for r in rows1 if "loss" in r]
     loss2 = [r["loss"] for r in rows2 if "loss" in r]
@@ -65,7 +76,10 @@ def test_two_processes_train_and_evaluate_what_one_does(runs, method):
     assert res2["metrics"] == res1["metrics"]  # the final test metrics, and every output behind them
     for task in ("caption", "vqa"):
         assert read_jsonl(run2 / f"samples_{task}.jsonl") == read_jsonl(run1 / f"samples_{task}.jsonl")
-    assert res2["distributed"] == {"world_size": 2, "backend": "gloo"} and "distributed" not in res1
+    job = res2["distributed"]
+    assert (job["world_size"], job["backend"], job["parallel"]) == (2, "gloo", parallel) and "distributed" not in res1
+    # the frozen LLM's layers are sharded (its embeddings stay whole: vlp_bench/train/sharding.py)
+    assert (job["llm_bytes_per_rank"] < job["llm_bytes"]) == (parallel == "fsdp")
     assert set(res2["cost"]["eval_wall_s_by_task"]) == {"caption", "vqa"}
     assert all(set(r["eval_wall_s_by_task"]) == {"caption", "vqa"} for r in rows2 if r.get("split") == "val")
 

@@ -42,8 +42,9 @@ from vlp_bench.results import SCHEMA_VERSION, MetricsLog, env_info
 from vlp_bench.trackers import Trackers
 from vlp_bench.train import dist
 from vlp_bench.train.compile import eager
+from vlp_bench.train.sharding import memory as sharded_memory, shard_frozen_llm
 from vlp_bench.train.trainer import Evaluation, NonFiniteLoss, Phase, train
-from vlp_bench.train.weights import save_weights
+from vlp_bench.train.weights import fingerprint_of, save_weights
 from vlp_bench.typed import to_dict
 
 __all__ = ["DEFAULTS", "Experiment", "StopRun", "finish", "load_config", "load_config_dict", "prepare",
@@ -214,7 +215,8 @@ class _Run:
                        "seed": seed, "status": "running", "config": to_dict(cfg), "metrics": {}, "cost": {},
                        "method_info": {}, "env": exp.env}
         if self.group.active:
-            self.record["distributed"] = {"world_size": self.group.world, "backend": torch.distributed.get_backend()}
+            self.record["distributed"] = {"world_size": self.group.world, "backend": torch.distributed.get_backend(),
+                                          "parallel": cfg.train.parallel, **sharded_memory(exp.backbones.llm)}
 
     def write(self, name: str, obj) -> None:
         if self.main:
@@ -383,6 +385,9 @@ def prepare(cfg: BenchConfig) -> Experiment:
     with dist.main_first(group):
         bert = cfg.bert if _needs_bert(cfg) else None
         backbones = load_backbones(cfg.vision, cfg.llm, root, cache_dir(cfg), device, bert)
+    if group.active and cfg.train.parallel == "fsdp":
+        say(f"sharding the frozen LLM over {group.world} processes (FSDP2)")
+        shard_frozen_llm(backbones.llm, device, lambda: fingerprint_of(backbones.vision, backbones.llm))
     images = image_loader(cfg, backbones)
     tasks = {name: TASKS.get(name)(cfg.tasks[name], root, images) for name in cfg.experiment.tasks}
     return Experiment(cfg, root, backbones, device, images, tasks, env_info(device))

@@ -55,6 +55,9 @@ def load_text_model(init: str, backbones) -> tuple[nn.Module, nn.Module, object]
     even where the frozen LM is bf16): the causal LM's copy with its own (tied) head, or a
     BERT/RoBERTa encoder from a directory with a new prediction head."""
     if init == LLM:
+        if any(hasattr(p, "to_local") for p in backbones.llm.parameters()):
+            raise UserError("init = \"llm\" copies the frozen LLM, which train.parallel = \"fsdp\" shards over "
+                            "the processes: use train.parallel = \"ddp\" (or init = a BERT-style model)")
         lm = copy.deepcopy(backbones.llm).float().requires_grad_(True)  # tied embeddings stay tied
         return lm.base_model, lm.get_output_embeddings(), backbones.tokenizer
     if init == EXPERIMENT_BERT and backbones.text is not None:  # shapes only (vlp-bench flops)

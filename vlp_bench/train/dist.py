@@ -91,6 +91,7 @@ class Group:
 
 _GROUP = Group()
 _JOB = _GROUP  # the job's group, also inside local()
+_SHARDED = False  # a module is sharded over the job's ranks (train.parallel = "fsdp")
 
 
 def group() -> Group:
@@ -101,6 +102,17 @@ def group() -> Group:
 def job() -> Group:
     """The job's processes, also inside local(): what an evaluation shares its decoding with."""
     return _JOB
+
+
+def sharded() -> bool:
+    """Whether a module is sharded over the job's ranks (vlp_bench.train.sharding): then whatever
+    runs it (an evaluation, a validation loss, a FLOP replay) runs on every rank, in step."""
+    return _SHARDED
+
+
+def set_sharded(on: bool) -> None:
+    global _SHARDED
+    _SHARDED = on
 
 
 @contextlib.contextmanager
@@ -179,6 +191,7 @@ def finish() -> bool:
         dist.barrier()
         dist.destroy_process_group()
         _GROUP = _JOB = Group()
+        set_sharded(False)
     return main
 
 
@@ -261,9 +274,13 @@ def decode_batches(batches: list, decode: Callable[[list], list]) -> list | None
     job's ranks. Each rank decodes whole batches (rank r: batches r, r + N, ...), formed exactly as
     one process forms them, so padding and beams are unchanged; rank zero gets every output, in
     order, and the other ranks None (rank zero alone scores them). One process: decodes them all.
-    Every rank of the job calls it with the same batches."""
+    Every rank of the job calls it with the same batches. With a sharded model (sharded()) every
+    rank makes as many calls, the ranks with one batch fewer decoding a spare one."""
     g = _JOB
     mine = [decode(b) for b in batches[g.rank::g.world]]
+    if _SHARDED and batches:  # a sharded model runs on every rank in step: as many calls as rank zero
+        for _ in range(len(batches[::g.world]) - len(mine)):
+            decode(batches[0])  # the output is thrown away
     parts = g.gather_to_main(mine)
     if parts is None:
         return None

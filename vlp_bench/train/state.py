@@ -37,6 +37,10 @@ class TrainConfig:
     # a GPU); "" = eager: compiling costs a minute or so per run and pays only at GPU scale. Evaluation
     # and FLOP counting stay eager.
     compile: str = ""
+    # how a torchrun job splits the work (docs/scale.md): "ddp" = every rank holds the whole model, DDP
+    # averages the gradients; "fsdp" = the same, but the frozen LLM is sharded over the ranks by FSDP2
+    # (1/N of its weights per rank), for an LLM too large for one device. One process: no difference.
+    parallel: str = "ddp"
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -50,6 +54,8 @@ class TrainConfig:
                              "eval_images >= 1")
         if self.peak_tflops < 0:
             raise ValueError(f"peak_tflops must be >= 0, got {self.peak_tflops}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.compile and self.compile not in torch.compiler.list_backends(exclude_tags=()):
             raise ValueError(f"compile: unknown torch.compile backend '{self.compile}' "
                              f"(use one of {', '.join(torch.compiler.list_backends())}, or \"\" for eager)")

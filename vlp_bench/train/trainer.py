@@ -112,7 +112,8 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
         loss, step_flops, dt = _optimizer_step(run, st, stage, params, opt, lr)
         _record_step(st, loss, step_flops, dt, timed=s >= cfg.warmup_exclude)
         if st.step % cfg.log_every == 0 or st.step == total:
-            _log_row(log, st, stage, step_flops, lr, read_loss(method, stage) if read_loss and group.is_main else None)
+            reads = read_loss and (group.is_main or dist.sharded())  # a sharded LLM runs on every rank
+            _log_row(log, st, stage, step_flops, lr, read_loss(method, stage) if reads else None)
         if evaluate is not None and cfg.eval_every and (st.step % cfg.eval_every == 0 or st.step == total):
             _evaluate(method, evaluation, log, st, group, None if read_loss else (validation, stage))
         if checkpoint is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total:
@@ -171,7 +172,10 @@ def _count_flops(run: _Run, st: TrainState, batch: dict, stage: Stage, step_flop
     c0 = time.perf_counter()
     key = run.method.shape_key(batch, stage)
     key = None if key is None else (stage.name, tuple(batch["images"].shape), key)
-    if key is None or key not in run.flop_cache:
+    replay = key is None or key not in run.flop_cache
+    if run.group.active:  # every rank replays when one does: a replay may run collectives (a sharded LLM)
+        replay = run.group.sum([float(replay)])[0] > 0
+    if replay:
         devices = [torch.cuda.current_device()] if run.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the replay draws no dropout mask training will see
             run.flop_cache[key] = count_step(run.method, batch, stage, run.autocast)[0]
@@ -386,8 +390,8 @@ def _evaluate(method: Method, evaluation: Callable[[int, Callable | None], dict]
     method.eval()
     row = {"step": st.step, "samples": st.samples, "wall_s": round(st.wall, 4),
            "flops": FlopCount(st.flops).total, "split": "val"}
-    read_loss = ((lambda: validation[0](method, validation[1]))
-                 if validation and validation[0] and group.is_main else None)
+    read_loss = ((lambda: validation[0](method, validation[1]))  # a sharded LLM runs on every rank
+                 if validation and validation[0] and (group.is_main or dist.sharded()) else None)
     with dist.local(), eager():
         row.update(evaluation(st.step, read_loss))
     if group.is_main:

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from vlp_bench.errors import UserError
 from vlp_bench.files import atomic_file
@@ -39,8 +40,14 @@ def backbone_fingerprint(method: Method) -> str:
     like simvlg-video's temporal modules, is left out): name, shape, first and last elements rounded to
     bf16: cheap at any scale, the same for the fp32 backbones of a CPU and the bf16 ones of a GPU
     (vlp_bench.backbones.frozen_dtype), different for another checkpoint or a re-pre-trained tiny one."""
+    cached = getattr(method.llm, "vlp_bench_fingerprint", None)  # taken before it was sharded
+    return cached or fingerprint_of(method.vision, method.llm)
+
+
+def fingerprint_of(vision: nn.Module, llm: nn.Module) -> str:
+    """backbone_fingerprint of these backbones, read from their (whole) weights."""
     h = hashlib.sha256()
-    for part, module in (("vision", method.vision), ("llm", method.llm)):
+    for part, module in (("vision", vision), ("llm", llm)):
         frozen = [*((n, p) for n, p in module.named_parameters() if not p.requires_grad), *module.named_buffers()]
         for name, t in sorted(frozen, key=lambda item: item[0]):
             flat = t.detach().reshape(-1)
