@@ -10,7 +10,7 @@ OUT/<run-id>/
     results.json           the summary below: written first with status "running", rewritten as
                            the run ends ("finished", "failed", "pruned" or "interrupted")
 
-results.json, schema_version 6 (docs/results-schema.md describes every field):
+results.json, schema_version 7 (docs/results-schema.md describes every field):
     {schema_version, run_id, method, seed, status, config, metrics: {caption: {...}},
      cost: {...}, data: {...}, env: {...}}
 """
@@ -29,9 +29,10 @@ from vlp_bench.files import write_jsonl
 # skipped samples) and `distributed`; 4: `env.plugins` (the plug-in package of each method and task that
 # did not come with vlp-bench); 5: `metrics.vqa.protocol` (zero-shot or fine-tuned) and `cost.task_finetune`;
 # 6: `weights` (the kept weights.safetensors) and evals/<name>/results.json (kind "evaluation": `vlp-bench
-# evaluate run`); see docs/results-schema.md
-SCHEMA_VERSION = 6
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # older records read fine: the fields they lack are just absent
+# evaluate run`); 7: `cost.eval_wall_s_by_task` (and in the validation rows), `distributed.parallel`,
+# `llm_bytes`, `llm_bytes_per_rank`; see docs/results-schema.md
+SCHEMA_VERSION = 7
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # older records read fine: the fields they lack are just absent
 
 
 class MetricsLog:
