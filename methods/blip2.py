@@ -141,7 +141,7 @@ class Blip2(FrozenLLMMethod):
     def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
         if stage.name != "stage1":
             return super().training_loss(batch, stage)
-        visual = self.encode(batch["images"], stage)
+        visual = self.visual_tokens(batch, stage)
         ids, valid = self.text(batch["captions"], self.cfg.max_text_len)
         loss = self.stage1_loss(visual, ids.to(visual.device), valid.to(visual.device))
         # weight None: every rank's loss counts the same, as DDP averages LAVIS's (module docstring)

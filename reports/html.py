@@ -30,7 +30,7 @@ from vlp_bench.reports.figures import (curve_figures, merge_pictures, palette, p
 from vlp_bench.reports.summary import (Run, by_method, captioning, compute_speedups, cost_text, describe_curve,
                                        extra_evaluations, flops_units, format_mean_sd, format_ratio, load_runs,
                                        loss_speedups, mean_sd, metric_label, metric_text, metric_value, protocol,
-                                       run_metric, verdict)
+                                       run_metric, used_feature_cache, verdict)
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -295,6 +295,8 @@ def render(dirs: list[Path], metric: str = "", target: float | None = None,
     lsp = sp if metric == VAL_LOSS else (  # and on the validation loss, when logged
         loss_speedups([r.dir for r in runs], [r.rec for r in runs], sp["reference"] if sp else reference)
         if runs else None)
+    uncached = (compute_speedups([r.dir for r in runs], [r.rec for r in runs], sp["metric"], target, sp["reference"],
+                                 uncached=True) if sp and used_feature_cache([r.rec for r in runs]) else None)
     colors = palette(list(by_method(runs)))
     head = headline(runs, sp, quality, None if lsp is sp else lsp)
     label = metric_label([r.rec for r in runs], quality)  # a VQA metric says zero-shot or fine-tuned
@@ -307,6 +309,7 @@ def render(dirs: list[Path], metric: str = "", target: float | None = None,
         title="vlp-bench report", generated=time.strftime("%Y-%m-%d %H:%M %Z"), head=head, sp=sp,
         sp_error=sp_error, metric=label, floors=floors(runs), flops_units=flops_units([r.rec for r in runs]),
         speedups=styled(method_table(runs, sp, quality), "speedups"), speedup_figures=speedup_figures,
+        uncached=uncached and styled(method_table(runs, uncached, quality), "uncached"),
         subsets=None if (subsets := subset_table(runs, quality)) is None else styled(subsets, "subsets"),
         curves=curve_figures(runs, quality, qsp and qsp["target"], colors, lsp and lsp["target"]),
         pareto=pareto_figure(runs, quality, colors), merges=merge_pictures(runs), paper=paper,

@@ -203,17 +203,30 @@ def run_metric(results: list[dict]) -> str:
 
 
 def compute_speedups(dirs: list[Path], results: list[dict], metric: str, target: float | None,
-                     reference: str | None) -> dict:
-    """targets.speedups over these runs; runs are keyed by directory, so experiments can be mixed."""
+                     reference: str | None, uncached: bool = False) -> dict:
+    """targets.speedups over these runs; runs are keyed by directory, so experiments can be mixed.
+    `uncached`: on the costs a run without the feature cache would have spent (uncached_rows)."""
     records = [{**r, "run_id": str(d)} for d, r in zip(dirs, results)]
     metric = metric or run_metric(results)
     if reference is None and any(r["method"] == "baseline" for r in records):
         reference = "baseline"  # the method every acceleration claims to beat
-    rows = {str(d): metrics_rows(d) for d in dirs}
+    rows = {str(d): uncached_rows(metrics_rows(d)) if uncached else metrics_rows(d) for d in dirs}
     try:
         return speedups(records, rows, metric=metric, target=target, reference=reference)
     except ValueError as e:
         raise UserError(f"time-to-target: {e}") from None
+
+
+def used_feature_cache(results: list[dict]) -> bool:
+    """Whether a run kept its encoder tokens (data.feature_cache): its costs then differ both ways."""
+    return any((r.get("cost", {}).get("feature_cache") or {}).get("used") for r in results)
+
+
+def uncached_rows(rows: list[dict]) -> list[dict]:
+    """A run's rows on the costs a run without the feature cache would have spent (every sample
+    encoded: vlp_bench/train/features.py); rows of a run without a cache are as they are."""
+    return [{**r, "wall_s": r["wall_s_without_cache"], "flops": r.get("flops_without_cache", r.get("flops"))}
+            if "wall_s_without_cache" in r else r for r in rows]
 
 
 def loss_speedups(dirs: list[Path], results: list[dict], reference: str | None) -> dict | None:

@@ -87,7 +87,7 @@ def _print_summary(dirs, target, as_json: bool = False, strict: bool = False) ->
     that cannot be computed (e.g. no learning curve) is a note, never a failure."""
     from vlp_bench.metrics.targets import VAL_LOSS
     from vlp_bench.reports.summary import (compute_speedups, extra_evaluations, extra_table, load_results,
-                                           loss_speedups, speedup_table, summary_table)
+                                           loss_speedups, speedup_table, summary_table, used_feature_cache)
 
     results = load_results(dirs)
     try:
@@ -99,13 +99,20 @@ def _print_summary(dirs, target, as_json: bool = False, strict: bool = False) ->
     extra = extra_evaluations(dirs)
     loss = None if sp and sp["metric"] == VAL_LOSS else loss_speedups(
         dirs, results, sp["reference"] if sp else target.reference or None)  # the loss, unless it is the target
+    uncached = (compute_speedups(dirs, results, sp["metric"], target.value or None, sp["reference"], uncached=True)
+                if sp and used_feature_cache(results) else None)  # the costs without data.feature_cache
     if as_json:
         typer.echo(json.dumps({"runs": [{"dir": str(d), "results": r} for d, r in zip(dirs, results)],
-                               "speedups": sp, "loss_speedups": loss, "extra_evaluations": extra}, indent=2))
+                               "speedups": sp, "loss_speedups": loss, "extra_evaluations": extra,
+                               **({"speedups_without_feature_cache": uncached} if uncached else {})}, indent=2))
         return
     typer.echo(summary_table(results))
     typer.echo("")
     typer.echo(speedup_table(sp) if sp else f"no speed-ups: {why}")
+    if uncached:
+        typer.echo("\nthe same without the feature cache (every sample's encoder forward counted, at the run's own "
+                   "seconds and FLOPs per image; the table above: as run, cache filled on first visits):")
+        typer.echo(speedup_table(uncached))
     if loss:
         typer.echo("")
         typer.echo(speedup_table(loss))

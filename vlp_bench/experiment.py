@@ -42,6 +42,7 @@ from vlp_bench.results import SCHEMA_VERSION, MetricsLog, env_info
 from vlp_bench.trackers import Trackers
 from vlp_bench.train import dist
 from vlp_bench.train.compile import eager
+from vlp_bench.train.features import FeatureCache, reason as feature_reason
 from vlp_bench.train.sharding import memory as sharded_memory, shard_frozen_llm
 from vlp_bench.train.trainer import Evaluation, NonFiniteLoss, Phase, train
 from vlp_bench.train.weights import fingerprint_of, save_weights
@@ -271,12 +272,20 @@ class _Run:
                     for name in names}
 
         phases = exp.phases(method, seed)
+        features, why = None, feature_reason(method) if cfg.data.feature_cache else None
+        if cfg.data.feature_cache and why is None:
+            features = FeatureCache(method, exp.device)
+        elif why:
+            say(f"data.feature_cache: off for this run, {why}")
         t0 = time.perf_counter()
         if self.checkpoint.is_file():
             say(f"resuming {self.dir.name} from its checkpoint")
         cost = self.record["cost"] = train(method, batches, cfg.train, exp.device, log,
                                            Evaluation(evaluate, phases, self.on_eval),
-                                           checkpoint=self.checkpoint, validation_batches=exp.validation_batches)
+                                           checkpoint=self.checkpoint, validation_batches=exp.validation_batches,
+                                           features=features)
+        if why:
+            cost["feature_cache"] = {"used": False, "reason": why}
         self.record["data"] = _job_report(group, batches.report())
         if self.main and cfg.train.keep_weights:
             self.keep_weights(method)
@@ -373,6 +382,9 @@ def prepare(cfg: BenchConfig) -> Experiment:
     cfg.trackers.check()  # a tracker switched on without its package fails before any work
     if cfg.experiment.threads:
         torch.set_num_threads(cfg.experiment.threads)
+    if cfg.data.feature_cache and cfg.data.shards:
+        raise UserError("data.feature_cache keeps tokens by image id, which a stream of data.shards does not "
+                        "give: use it with a COCO-layout data.root")
     if cfg.data.shards:
         from vlp_bench.data.shards import shard_paths
 

@@ -115,6 +115,12 @@ class Method(nn.Module):
         with torch.no_grad():
             return frame_average(self.vision, images)
 
+    def visual_tokens(self, batch: dict, stage: Stage) -> torch.Tensor:
+        """The encoder's tokens of a training batch: those the feature cache put in it
+        (`data.feature_cache`: batch["visual"], for a method whose encode() is the frozen default),
+        else encode(batch["images"], stage)."""
+        return batch["visual"] if "visual" in batch else self.encode(batch["images"], stage)
+
     def stages(self, total_steps: int) -> list[Stage]:
         return [Stage("train", total_steps)]
 
@@ -193,7 +199,7 @@ class FrozenLLMMethod(Method):
         return max(map(len, rows))  # the padded text length; the bridge's output length is fixed
 
     def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
-        prefix = self.visual_prefix(batch["images"], stage)
+        prefix = self.bridge(self.visual_tokens(batch, stage))
         loss, n = prefix_lm_loss(self.llm, self.tokenizer, prefix, batch["prompt"], batch["captions"])
         return StepOutput(loss, prefix.shape[1], weight=n)
 

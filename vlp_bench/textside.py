@@ -280,7 +280,7 @@ class TextSideMethod(Method):
         return max(map(len, text_rows(self.tokenizer, batch["prompt"], batch["captions"])[1]))
 
     def training_loss(self, batch: dict, stage: Stage) -> StepOutput:
-        visual = self.encode(batch["images"])
+        visual = self.visual_tokens(batch, stage)
         text = self.batch_text(batch["prompt"], batch["captions"])
         if stage.name == "decoder":
             return StepOutput(self.ar_loss(text, visual), visual.shape[1])

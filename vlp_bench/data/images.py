@@ -34,6 +34,10 @@ class DataConfig:
     workers: int = 2  # image-decoding processes per rank (0 = in the training process): decoding overlaps the step
     shuffle_buffer: int = 1000  # samples shuffled together while streaming shards (WebDataset's usual size)
     frames: int = 4  # frames read per clip by video tasks (vlp_bench/data/video.py); the paper's 4
+    # keep the frozen encoder's tokens of each training image after its first visit (vlp_bench/train/features.py):
+    # later epochs skip the vision forward; results give the costs with and without it. Off: the papers'
+    # methods run the encoder on every step, and the cache holds a whole split's tokens in device memory
+    feature_cache: bool = False
 
     def validate(self) -> None:
         if self.workers < 0 or self.shuffle_buffer < 1:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlp_bench.train.flops import FlopCount
+
 
 @dataclass
 class TrainConfig:
@@ -92,3 +94,27 @@ class TrainState:
     flops: dict = field(default_factory=dict)  # FLOPs so far, by part and pass (a FlopCount's by_part)
     timed_flops: int = 0  # FLOPs of the steps in step_times: achieved FLOP/s = timed_flops / sum(step_times)
     flop_counts: int = 0  # step replays under the FLOP counter (one per new shape key)
+    feature_cache: dict = field(default_factory=dict)  # data.feature_cache's counters (FeatureCache.counts)
+
+    def record(self, loss: float, step_flops: FlopCount, dt: float, timed: bool) -> None:
+        """Add a finished step to the counters; `timed`: past its stage's warm-up, so it counts in
+        the median step time and the achieved FLOP/s."""
+        self.wall += dt
+        self.per_stage[-1]["steps"] += 1
+        self.per_stage[-1]["train_wall_s"] += dt
+        FlopCount(self.flops).update(step_flops)  # plain dicts (they go into checkpoints), updated in place
+        FlopCount(self.per_stage[-1]["flops"]).update(step_flops)
+        if timed:
+            self.step_times.append(dt)
+            self.timed_flops += step_flops.total
+        self.step += 1
+        self.window.append(loss)
+
+    def row(self, stage: str, step_flops: FlopCount, lr: float) -> dict:
+        """A metrics.jsonl training row: the counters so far and the mean loss since the previous
+        row (whose window it empties)."""
+        row = {"step": self.step, "stage": stage, "samples": self.samples, "wall_s": round(self.wall, 4),
+               "flops": FlopCount(self.flops).total, "step_flops": step_flops.total,
+               "loss": sum(self.window) / len(self.window), "lr": lr, "tokens_to_llm": self.tokens_to_llm}
+        self.window = []
+        return row

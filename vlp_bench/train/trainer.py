@@ -36,6 +36,7 @@ from vlp_bench.results import MetricsLog
 from vlp_bench.train import dist
 from vlp_bench.train.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from vlp_bench.train.compile import compile_blocks, eager
+from vlp_bench.train.features import FeatureCache
 from vlp_bench.train.flops import PASSES, FlopCount, count_step, flop_summary, stage_summary
 from vlp_bench.train.measure import peak_flops_per_s, peak_memory_bytes, reset_peak_memory, sync
 from vlp_bench.train.optim import set_lr, stage_optimizer
@@ -55,6 +56,7 @@ class _Run:
     autocast: contextlib.AbstractContextManager  # bf16 on CUDA, nothing elsewhere
     parts: list[str]  # the FLOP parts a job-wide sum adds up (_reduce_step)
     replicas: dist.Replicas | None = None  # the current stage's gradient averaging (DDP under torchrun)
+    features: FeatureCache | None = None  # data.feature_cache: the encoder's tokens, computed once per image
     # (stage, image shape, method.shape_key) -> FlopCount of one micro-batch
     flop_cache: dict = field(default_factory=dict)
 
@@ -62,7 +64,8 @@ class _Run:
 def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch.device, log: MetricsLog,
           evaluate: Evaluation | Callable[[int], dict] | None = None, progress: bool = True,
           checkpoint: Path | None = None, stages: list[Stage] | None = None,
-          decoder_batches: Callable[[], TrainBatches] | None = None, validation_batches: list[dict] = ()) -> dict:
+          decoder_batches: Callable[[], TrainBatches] | None = None, validation_batches: list[dict] = (),
+          features: FeatureCache | None = None) -> dict:
     """Train `method` for cfg.steps optimizer steps; returns the cost summary for results.json.
 
     With `checkpoint`, the state (trainable weights, optimizer, data position, RNG, cost counters,
@@ -73,7 +76,8 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     (its phases, each fine-tuning on a copy of the weights before its tasks), or `evaluate(step)` ->
     {task: metrics}, run after the method's decoder stage on `decoder_batches` (finetune).
     With `validation_batches`, their validation loss joins the log rows (or, for a method with a decoder
-    stage, the evaluation rows: vlp_bench.train.validation).
+    stage, the evaluation rows: vlp_bench.train.validation). With `features`, each image's encoder
+    tokens are computed once (vlp_bench.train.features) and the rows carry the uncached costs too.
 
     Under torchrun (vlp_bench.train.dist) every rank calls this with its slice of each batch; the
     returned costs are the job's (samples and FLOPs of all ranks), evaluation is rank zero's."""
@@ -95,9 +99,12 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     validation = ValidationLoss(list(validation_batches), device, autocast)
     # at log rows; at evaluations only where no log row reads it (step 0, a method with a decoder stage)
     read_loss = validation if validation and method.decoder_stage() is None else None
+    run = _Run(method, batches, cfg, device, group, autocast, [*method.flop_parts()[0], method.flop_parts()[1]],
+               features=features)
+    if features is not None:
+        features.resume(st.feature_cache)
     if evaluate is not None and cfg.eval_every and st.step == 0:  # the learning curve starts untrained
-        _evaluate(method, evaluation, log, st, group, (validation, schedule[0][0]) if schedule else None)
-    run = _Run(method, batches, cfg, device, group, autocast, [*method.flop_parts()[0], method.flop_parts()[1]])
+        _evaluate(method, evaluation, log, st, group, (validation, schedule[0][0]) if schedule else None, _uncached(run, st))
     current = None
     for i, (stage, s) in enumerate(progress_bar(schedule, f"train {method.name}", progress and group.is_main)):
         if i < st.step:
@@ -110,12 +117,13 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
             method.set_progress(st.step / total)
         lr = lr_at(s, stage.steps, cfg)
         loss, step_flops, dt = _optimizer_step(run, st, stage, params, opt, lr)
-        _record_step(st, loss, step_flops, dt, timed=s >= cfg.warmup_exclude)
+        st.record(loss, step_flops, dt, timed=s >= cfg.warmup_exclude)
         if st.step % cfg.log_every == 0 or st.step == total:
             reads = read_loss and (group.is_main or dist.sharded())  # a sharded LLM runs on every rank
-            _log_row(log, st, stage, step_flops, lr, read_loss(method, stage) if reads else None)
+            val = {"val_loss": read_loss(method, stage)} if reads else {}
+            log.append({**st.row(stage.name, step_flops, lr), **_uncached(run, st), **val})
         if evaluate is not None and cfg.eval_every and (st.step % cfg.eval_every == 0 or st.step == total):
-            _evaluate(method, evaluation, log, st, group, None if read_loss else (validation, stage))
+            _evaluate(method, evaluation, log, st, group, None if read_loss else (validation, stage), _uncached(run, st))
         if checkpoint is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total:
             _save(run, checkpoint, opt, stage, log, st)
     method.eval()
@@ -149,6 +157,8 @@ def _optimizer_step(run: _Run, st: TrainState, stage: Stage, params: list, opt: 
     for k in range(cfg.grad_accum):
         batch = next(run.batches)
         batch["images"] = batch["images"].to(run.device, non_blocking=True)
+        if run.features is not None:  # on the clock, as it runs: the encoder for images not seen before
+            paused += run.features.fill(batch, stage, run.autocast, step_flops if cfg.count_flops else None)
         if cfg.count_flops:  # off the clock
             paused += _count_flops(run, st, batch, stage, step_flops)
         loss_sum += _micro_batch(run, st, batch, stage, last=k == cfg.grad_accum - 1)
@@ -204,32 +214,6 @@ def _micro_batch(run: _Run, st: TrainState, batch: dict, stage: Stage, last: boo
     return loss.detach().float().item() / run.cfg.grad_accum
 
 
-def _record_step(st: TrainState, loss: float, step_flops: FlopCount, dt: float, timed: bool) -> None:
-    """Add a finished step to the counters; `timed`: past its stage's warm-up, so it counts in the
-    median step time and the achieved FLOP/s."""
-    st.wall += dt
-    st.per_stage[-1]["steps"] += 1
-    st.per_stage[-1]["train_wall_s"] += dt
-    FlopCount(st.flops).update(step_flops)  # the state holds plain dicts (they go into checkpoints),
-    FlopCount(st.per_stage[-1]["flops"]).update(step_flops)  # updated in place
-    if timed:
-        st.step_times.append(dt)
-        st.timed_flops += step_flops.total
-    st.step += 1
-    st.window.append(loss)
-
-
-def _log_row(log: MetricsLog, st: TrainState, stage: Stage, step_flops: FlopCount, lr: float,
-             val_loss: float | None) -> None:
-    """A metrics.jsonl row: the counters so far, the mean loss since the previous row and the
-    validation loss when it was read."""
-    log.append({"step": st.step, "stage": stage.name, "samples": st.samples, "wall_s": round(st.wall, 4),
-                "flops": FlopCount(st.flops).total, "step_flops": step_flops.total,
-                "loss": sum(st.window) / len(st.window), "lr": lr, "tokens_to_llm": st.tokens_to_llm,
-                **({} if val_loss is None else {"val_loss": val_loss})})
-    st.window = []
-
-
 def _save(run: _Run, path: Path, opt: torch.optim.Optimizer, stage: Stage, log: MetricsLog, st: TrainState) -> None:
     """A checkpoint, written by rank zero with every rank's RNG; the other ranks wait for it."""
     rng = run.group.gather(rng_state())  # every rank's: each resumes its own random stream
@@ -258,7 +242,18 @@ def _cost_summary(run: _Run, st: TrainState, memory_kind: str) -> dict:
         "peak_flops_per_s": peak,
         "mfu": achieved / peak if achieved is not None and peak else None,
         "stages": [stage_summary(stage, cfg.count_flops) for stage in st.per_stage],
+        **({} if run.features is None else {"feature_cache": run.features.summary(run.group),
+                                            **_uncached(run, st, "train_")}),
     }
+
+
+def _uncached(run: _Run, st: TrainState, prefix: str = "") -> dict:
+    """The cost so far as a run without the feature cache would have spent it (none without one):
+    {wall_s, flops}_without_cache, the names prefixed. Every rank calls it (a collective)."""
+    if run.features is None:
+        return {}
+    flops = FlopCount(st.flops).total if run.cfg.count_flops else None
+    return {prefix + k: v for k, v in run.features.without(st.wall, flops, run.group).items()}
 
 
 @contextlib.contextmanager
@@ -381,7 +376,7 @@ def _reduce_step(group: dist.Group, loss: float, flops: FlopCount, parts: list[s
 
 
 def _evaluate(method: Method, evaluation: Callable[[int, Callable | None], dict], log: MetricsLog, st: TrainState,
-              group: dist.Group, validation: tuple[ValidationLoss | None, Stage] | None) -> None:
+              group: dist.Group, validation: tuple[ValidationLoss | None, Stage] | None, uncached: dict) -> None:
     """One point of the learning curve (validation subset), at the training cost spent so far; the
     fine-tuning phases before its tasks (a decoder phase, a task's fine-tuning) are recorded in the
     row, apart from that cost, and so is the validation loss read after the decoder phase
@@ -389,7 +384,7 @@ def _evaluate(method: Method, evaluation: Callable[[int, Callable | None], dict]
     the phases alike on each rank, the decoding shared (Task.decode); rank zero scores and logs."""
     method.eval()
     row = {"step": st.step, "samples": st.samples, "wall_s": round(st.wall, 4),
-           "flops": FlopCount(st.flops).total, "split": "val"}
+           "flops": FlopCount(st.flops).total, **uncached, "split": "val"}
     read_loss = ((lambda: validation[0](method, validation[1]))  # a sharded LLM runs on every rank
                  if validation and validation[0] and (group.is_main or dist.sharded()) else None)
     with dist.local(), eager():
