@@ -29,7 +29,8 @@ from vlp_bench.files import write_jsonl
 # skipped samples) and `distributed`; 4: `env.plugins` (the plug-in package of each method and task that
 # did not come with vlp-bench); 5: `metrics.vqa.protocol` (zero-shot or fine-tuned) and `cost.task_finetune`;
 # 6: `weights` (the kept weights.safetensors) and evals/<name>/results.json (kind "evaluation": `vlp-bench
-# evaluate run`); 7: `cost.eval_wall_s_by_task` (and in the validation rows), `distributed.parallel`,
+# evaluate run`); 7: `cost.eval_wall_s_by_task` (and in the validation rows), `cost.feature_cache` and the
+# `*_without_cache` costs (data.feature_cache), `distributed.parallel`,
 # `llm_bytes`, `llm_bytes_per_rank`; see docs/results-schema.md
 SCHEMA_VERSION = 7
 READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # older records read fine: the fields they lack are just absent
