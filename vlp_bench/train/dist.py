@@ -177,7 +177,7 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     `all_gather_with_grad`): a rank's loss that uses another rank's rows (BLIP-2's ITM negative
     images) sends them their gradient. Backward sums the gathered tensor's gradients over ranks, so
     each rank's `x` gets the gradient of the summed loss (sum over ranks); the trainer's averaging
-    (`Group.average_gradients`) then makes it the gradient of the mean, as DDP does in LAVIS. Every
+    (DDP, `Replicas`) then makes it the gradient of the mean, as DDP does in LAVIS. Every
     rank passes the same shape and runs the backward. The identity when group() is one process."""
     return _GatherWithGrad.apply(x) if group().active else x
 
