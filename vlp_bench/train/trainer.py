@@ -12,7 +12,8 @@ the RNG restored and no gradient written, so counting changes neither the result
 
 The loop calls its components from their own modules: checkpoint (save and resume), measure
 (device sync, peak memory, peak FLOP/s), flops (the step replay and the results' FLOP fields),
-compile (train.compile) and dist (data parallel). Its counters are one TrainState.
+compile (train.compile), dist (data parallel: DDP per stage), features (data.feature_cache). Its
+counters are one TrainState.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def train(method: Method, batches: TrainBatches, cfg: TrainConfig, device: torch
     tokens are computed once (vlp_bench.train.features) and the rows carry the uncached costs too.
 
     Under torchrun (vlp_bench.train.dist) every rank calls this with its slice of each batch; the
-    returned costs are the job's (samples and FLOPs of all ranks), evaluation is rank zero's."""
+    returned costs are the job's (samples and FLOPs of all ranks); every rank evaluates its share of
+    each evaluation's batches and rank zero scores them."""
     group = dist.group()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
