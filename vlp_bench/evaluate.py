@@ -133,8 +133,8 @@ def evaluate_run(run_dir: Path, tasks: list[str] | None = None, split: str | Non
     cfg, t0 = r.exp.cfg, time.perf_counter()
     with atomic_dir(out) as tmp, run_log(tmp / "run.log"):
         row = r.exp.evaluate_tasks(r.method, r.record["seed"], tmp)
-        cost = {"eval_wall_s": round(time.perf_counter() - t0, 3), "eval_wall_s_by_task": row["eval_wall_s_by_task"],
-                **phase_costs(row)}
+        cost = {"eval_wall_s": round(time.perf_counter() - t0, 3),
+                "eval_wall_s_by_task": row.get("eval_wall_s_by_task", {}), **phase_costs(row)}
         atomic_write_json(tmp / "results.json", {
             "schema_version": SCHEMA_VERSION, "kind": "evaluation", "name": out.name, "run_id": r.record.get("run_id"),
             "method": r.record["method"], "seed": r.record["seed"], "status": "finished", "tasks": tasks,

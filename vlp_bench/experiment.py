@@ -303,7 +303,7 @@ class _Run:
         (train.keep_weights) the weights a phase trained for it beside the run's records."""
         row = self.exp.evaluate_tasks(method, self.seed, self.dir, keep=self.cfg.train.keep_weights)
         self.record["metrics"] = {name: row["eval"][name] for name in self.exp.tasks}
-        self.record["cost"]["eval_wall_s_by_task"] = row["eval_wall_s_by_task"]
+        self.record["cost"]["eval_wall_s_by_task"] = row.get("eval_wall_s_by_task", {})
         self.record["cost"].update(phase_costs(row))  # a cost of evaluating, not of pre-training
         if row.get("weights"):
             self.record.setdefault("weights", {})["phases"] = row["weights"]
