@@ -380,3 +380,32 @@ def test_the_validation_loss_as_the_target_metric(tmp_path):
     titles = re.findall(r"<h2>([^<]*)</h2>\s*<figure><img src=\"data:image/svg", page)
     assert titles == ["caption.CIDEr learning curves", "Validation loss curves", "Loss curves",
                       "Speed-up against target quality: validation loss (lower is better)", "Quality against cost"]
+
+
+def test_a_run_with_the_feature_cache_is_compared_both_ways(tmp_path):
+    """A run that kept its encoder tokens (data.feature_cache) is 2x faster as run but would have
+    been as slow as the baseline without the cache: the summary and the page say both."""
+    dirs = [fake_run(tmp_path, "baseline", 0, 1.0, 10.0, 1e12), fake_run(tmp_path, "fast", 0, 1.0, 5.0, 0.5e12)]
+    run = dirs[1]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [{**r, "wall_s_without_cache": 2 * r["wall_s"], "flops_without_cache": 2 * r["flops"]} for r in rows]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = json.loads((run / "results.json").read_text())
+    rec["cost"]["feature_cache"] = {"used": True, "images_encoded": 4, "samples_served": 156}
+    (run / "results.json").write_text(json.dumps(rec))
+    results = load_results(dirs)
+    as_run = compute_speedups(dirs, results, "", None, None)["methods"]["fast"]
+    without = compute_speedups(dirs, results, "", None, None, uncached=True)["methods"]["fast"]
+    assert as_run["time_speedup"]["value"] == pytest.approx(2.0, rel=0.05)
+    assert without["time_speedup"]["value"] == pytest.approx(1.0, rel=0.05)
+    assert without["flops_speedup"]["value"] == pytest.approx(1.0, rel=0.05)
+    page = report.render(dirs)
+    tables = Tables(page).tables
+    speed = {name: {r[0]: dict(zip(tables[name][0], r)) for r in tables[name][1:]} for name in ("T_speedups", "T_uncached")}
+    column = next(c for c in tables["T_speedups"][0] if "speed-up" in c and "time" in c.lower())
+    assert speed["T_speedups"]["fast"][column].startswith("2.0") and speed["T_uncached"]["fast"][column].startswith("1.0")
+    assert "data.feature_cache" in page
+    out = cli("summary", str(tmp_path), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["speedups_without_feature_cache"]["methods"]["fast"]["time_speedup"]["value"] == \
+        pytest.approx(1.0, rel=0.05)
