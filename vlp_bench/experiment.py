@@ -272,10 +272,9 @@ class _Run:
                     for name in names}
 
         phases = exp.phases(method, seed)
-        features, why = None, feature_reason(method) if cfg.data.feature_cache else None
-        if cfg.data.feature_cache and why is None:
-            features = FeatureCache(method, exp.device)
-        elif why:
+        why = feature_reason(method) if cfg.data.feature_cache else None  # a method the cache cannot serve
+        features = FeatureCache(method, exp.device) if cfg.data.feature_cache and why is None else None
+        if why:
             say(f"data.feature_cache: off for this run, {why}")
         t0 = time.perf_counter()
         if self.checkpoint.is_file():

@@ -36,8 +36,11 @@ class Bridge(nn.Module):
         self.head2 = nn.Linear(D, D)  # optional extra head (point 3)
 
     def forward(self, feats, use_head2=False):
+        """use_head2: a bool for the whole batch, or a tensor of 0/1 per row (a head some rows skip)."""
         h = self.out(self.layer(self.inp(feats)))
-        if use_head2:
+        if isinstance(use_head2, torch.Tensor):
+            h = h + use_head2[:, None, None] * self.head2(h)
+        elif use_head2:
             h = h + self.head2(h)
         return h
 

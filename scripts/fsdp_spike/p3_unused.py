@@ -36,20 +36,8 @@ def stage_switch(m, step):
     return False
 
 
-class B2(Bridge):
-    def forward(self, feats, use_head2=False):
-        hh = self.out(self.layer(self.inp(feats)))
-        if isinstance(use_head2, torch.Tensor):
-            hh = hh + use_head2[:, None, None] * self.head2(hh)
-        elif use_head2:
-            hh = hh + self.head2(hh)
-        return hh
-
-
 def mk():
-    m = Model()
-    b = B2(); b.load_state_dict(m.bridge.state_dict()); m.bridge = b
-    return m
+    return Model()
 
 
 def mkopt(m):

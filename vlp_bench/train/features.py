@@ -52,12 +52,11 @@ class FeatureCache:
         # so that a checkpoint carries it and a resumed run goes on counting (its tokens are encoded anew)
         self.counts = {"encoded": 0, "served": 0, "encode_s": 0.0, "vision_flops_per_image": None}
 
-    def resume(self, saved: dict) -> dict:
+    def resume(self, saved: dict) -> None:
         """Share the counters with the trainer's state (`saved`: its feature_cache, from a checkpoint
-        or empty); returns the dict both now update."""
+        or empty): both then update the one dict."""
         saved.update({**self.counts, **saved})
         self.counts = saved
-        return saved
 
     def fill(self, batch: dict, stage: Stage, autocast, flops: FlopCount | None) -> float:
         """Put the batch's tokens in batch["visual"], encoding the images not seen before (their

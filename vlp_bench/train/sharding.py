@@ -16,9 +16,10 @@ Units: each decoder layer, then the LLM itself (its final norm and what else lie
 layers). The input and output embeddings stay whole on every rank: the input embedding runs
 outside the LLM's forward (prefix_lm_loss embeds the prompt itself, to put the soft prompt before
 it), where a sharded weight cannot be read, and the output embedding is tied to it in most LLMs
-(the cost: vocabulary x width per rank, 0.26 GB for OPT-2.7B in bf16). A sharded module must run on every rank in step: the job's
-evaluations, validation losses and FLOP replays then run on every rank (`dist.sharded()`), and
-Hugging Face's generate keeps the ranks in step itself (`synced_gpus`, on for FSDP modules).
+(the cost: vocabulary x width per rank, 0.26 GB for OPT-2.7B in bf16). A sharded module must run
+on every rank in step: the job's evaluations, validation losses and FLOP replays then run on every
+rank (`dist.sharded()`), and Hugging Face's generate keeps the ranks in step itself (`synced_gpus`,
+on for FSDP modules).
 """
 
 from __future__ import annotations
@@ -29,9 +30,6 @@ import torch.nn as nn
 from vlp_bench.errors import UserError
 from vlp_bench.nn.text_model import layer_list
 from vlp_bench.train import dist
-
-PARALLEL = ("ddp", "fsdp")
-
 
 def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
