@@ -235,6 +235,18 @@ def environment(runs: list[Run]) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------- search
 
 
+def ledger_section(path: Path) -> dict:
+    """A claims ledger (claims.json of `vlp-bench claims`): its claims, one row per world."""
+    from vlp_bench.reports.claims import page_rows
+
+    try:
+        result = json.loads(Path(path).read_text())
+        return {"file": str(path), "level": result["level"], "settings": result["settings"],
+                "claims": page_rows(result), "sweep": result.get("sweep", [])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a `vlp-bench claims` ledger ({type(e).__name__}: {e})") from None
+
+
 def search_section(path: Path, uid: str = "search") -> dict:
     """A `vlp-bench search` study (its search.json): the trials against their cost with the Pareto
     front (or the best trial), the front's settings, parameter importances."""
@@ -276,7 +288,7 @@ def quality_metric(runs: list[Run], metric: str) -> str:
 
 def render(dirs: list[Path], metric: str = "", target: float | None = None,
            reference: str | None = None, flops_files: list[Path] = (), strict: bool = False,
-           searches: list[Path] = ()) -> str:
+           searches: list[Path] = (), ledgers: list[Path] = ()) -> str:
     """The report's HTML for these run directories. Speed-ups that cannot be computed (no curve, no
     finished reference) are a note on the page, or with `strict` (a target the user asked for) an error."""
     import jinja2
@@ -314,6 +326,7 @@ def render(dirs: list[Path], metric: str = "", target: float | None = None,
         curves=curve_figures(runs, quality, qsp and qsp["target"], colors, lsp and lsp["target"]),
         pareto=pareto_figure(runs, quality, colors), merges=merge_pictures(runs), paper=paper,
         searches=[search_section(p, f"search{k}") for k, p in enumerate(searches)],
+        ledgers=[ledger_section(p) for p in ledgers],
         extra=[{**e, "settings": " ".join(e["overrides"]) or "as run", "values": metric_text(e["metrics"])}
                for e in extra_evaluations([r.dir for r in runs])],
         failed=[{"run": r.dir.name, "status": r.rec.get("status"), "error": r.rec.get("error", "")}

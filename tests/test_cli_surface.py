@@ -15,6 +15,8 @@ SURFACE: dict[str, set[str]] = {
     "run": {"--config", "-c", "--set", "-s", "--methods", "--tasks", "--task", "--seeds", "--out", "-o", "--resume"},
     "summary": {"RUNS", "--metric", "--target", "--reference", "--json"},
     "search": {"--config", "-c", "--set", "-s", "--method", "--trials", "--storage", "--study", "--out", "-o"},
+    "claims": {"--config", "-c", "--set", "-s", "--out", "-o", "--only", "--worlds", "--seeds", "--tune", "--resume",
+               "--from", "--bench", "--list", "--json"},
     "report": {"RUNS", "--out", "-o", "--metric", "--target", "--reference", "--flops"},
     "flops": {"--preset", "--methods", "--config", "-c", "--set", "-s", "--json"},
     "bench": {"--preset", "--methods", "--batch-size", "--steps", "--warmup", "--overhead", "--rounds", "--config", "-c",

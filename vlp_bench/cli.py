@@ -178,9 +178,76 @@ def search(
 
 
 @app.command()
+def claims(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Ledger directory (default: runs/claims-<date-time>); "
+                                       "with --from, where claims.json and report.html are written."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated claim ids (default: claims.only, else all; --list)."),
+    worlds: Optional[int] = typer.Option(None, help="Tiny worlds each claim is judged on (default: claims.worlds)."),
+    seeds: Optional[int] = typer.Option(None, help="Seeds 0..N-1 per method and world (default: experiment.seeds)."),
+    tune: Optional[int] = typer.Option(None, help="Equal tuning: N trials of train.* per compared method first "
+                                       "(default: claims.tune; 0 = default settings)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the ledger in this directory with its saved config."),
+    from_: Optional[list[Path]] = typer.Option(None, "--from", help="Judge the runs already in these directories "
+                                               "(a ledger, experiments, runs) without training (repeatable)."),
+    bench_: Optional[list[Path]] = typer.Option(None, "--bench", help="A `vlp-bench bench --json` table: throughput "
+                                                "and paper-scale time from its step times (repeatable)."),
+    list_claims: bool = typer.Option(False, "--list", help="List the claims and the studies each needs."),
+    as_json: bool = typer.Option(False, "--json", help="Print the ledger as JSON."),
+):
+    """Measure the papers' claims on several tiny worlds and judge each: reproduced, refuted or
+    inconclusive, with its interval, robustness and paper-scale bound (docs/claims.md)."""
+    from vlp_bench import claims as claims_mod
+    from vlp_bench.reports import claims as ledger_mod
+
+    if list_claims:
+        for c in ledger_mod.CLAIMS:
+            typer.echo(f"{c.id:<26} {c.source:<7} {c.statement} [{c.method[1]} against {c.reference[1]}]")
+        return
+    for f in bench_ or []:
+        if not f.is_file():
+            raise UserError(f"--bench {f}: no such file")
+    if from_:
+        if config or set_ or only or worlds or seeds or tune is not None or resume:
+            raise UserError("--from judges finished runs as they are; give it only --bench, --out and --json")
+        result = ledger_mod.ledger(from_, bench_ or [])
+        if out is not None:  # the ledger and its page written there
+            result = claims_mod.write_ledger(out, bench_ or [], from_)
+    elif resume is not None:
+        if config or set_ or out or only or worlds or seeds or tune is not None:
+            raise UserError("--resume continues a ledger with its saved config; give it no other option")
+        result = claims_mod.run_claims(claims_mod.saved_config(resume), resume, resume=True)
+        out = resume
+    else:
+        overrides = list(set_ or [])
+        if only:
+            overrides.append("claims.only=" + json.dumps([n.strip() for n in only.split(",") if n.strip()]))
+        for key, value in (("claims.worlds", worlds), ("claims.tune", tune)):
+            if value is not None:
+                overrides.append(f"{key}={value}")
+        if seeds is not None:
+            if seeds < 1:
+                raise UserError(f"--seeds must be >= 1, got {seeds}")
+            overrides.append(f"experiment.seeds={list(range(seeds))}")
+        cfg = _config(config, overrides)
+        ledger_mod.select(cfg.claims.only)  # an unknown claim fails before any work
+        import time
+
+        out = out or Path("runs") / time.strftime("claims-%Y%m%d-%H%M%S")
+        result = claims_mod.run_claims(cfg, out)
+    if bench_ and out is not None and not from_:
+        result = claims_mod.write_ledger(out, bench_)
+    typer.echo(json.dumps(result, indent=2) if as_json else ledger_mod.format_ledger(result))
+    if out is not None:
+        typer.echo(f"ledger in {out} (claims.json)")
+
+
+@app.command()
 def report(
-    runs: list[Path] = typer.Argument(..., help="Run directories, experiment directories holding them, or "
-                                                "`vlp-bench search` directories (search.json)."),
+    runs: list[Path] = typer.Argument(..., help="Run directories, experiment directories holding them, "
+                                                "`vlp-bench search` directories (search.json) or `vlp-bench claims` "
+                                                "ledgers (claims.json)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: EXPERIMENT/report.html for "
                                                                "one experiment directory, else ./report.html)."),
     metric: Optional[str] = typer.Option(None, help="task.key of the learning curve (default: target.metric)."),
@@ -201,7 +268,8 @@ def report(
     except ValueError as e:
         raise UserError(str(e)) from None
     searches = [p / "search.json" for p in runs if (p / "search.json").is_file()]  # `vlp-bench search` outputs
-    runs = [p for p in runs if not (p / "search.json").is_file()]
+    ledgers = [p / "claims.json" for p in runs if (p / "claims.json").is_file()]  # `vlp-bench claims` outputs
+    runs = [p for p in runs if not (p / "search.json").is_file() and not (p / "claims.json").is_file()]
     dirs = run_dirs(runs)
     experiments = [p for p in runs if not (p / "results.json").is_file()]
     if flops_ is None:
@@ -210,11 +278,11 @@ def report(
         if not f.is_file():
             raise UserError(f"--flops {f}: no such file")
     if out is None:  # one experiment or search directory: the report goes in it
-        homes = [*experiments, *(s.parent for s in searches)]
-        out = homes[0] / "report.html" if len(runs) + len(searches) == 1 and homes else Path("report.html")
+        homes = [*experiments, *(s.parent for s in searches + ledgers)]
+        out = homes[0] / "report.html" if len(runs) + len(searches) + len(ledgers) == 1 and homes else Path("report.html")
     path = html.write(dirs, out, metric=cfg.metric, target=cfg.value or None, reference=cfg.reference or None,
                       flops_files=flops_, strict=any(x is not None for x in (metric, target, reference)),
-                      searches=searches)
+                      searches=searches, ledgers=ledgers)
     typer.echo(f"report: {path}")
 
 

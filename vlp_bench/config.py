@@ -25,7 +25,7 @@ from vlp_bench.nn.generation import CAPTION_PROMPT
 from vlp_bench.registry import METHODS, TASKS
 from vlp_bench.trackers import TrackersConfig
 from vlp_bench.train.state import TrainConfig
-from vlp_bench.typed import apply_overrides, from_dict, load_toml
+from vlp_bench.typed import apply_overrides, from_dict, load_toml, to_dict
 
 
 @dataclass
@@ -38,6 +38,9 @@ class ExperimentConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     threads: int = 0  # torch CPU threads; 0 = torch's default (all cores)
     prompt: str = CAPTION_PROMPT  # text between the soft prompt and the caption during training (= caption prompt)
+    # {method: {train key: value}} laid over [train] for that method's runs: each method's tuned values
+    # (`vlp-bench claims` with claims.tune); {} = every method trains with [train] as it is
+    train_by_method: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -86,8 +89,10 @@ class SearchConfig:
     heartbeat_s: int = 30  # a trial whose worker stops beating for 2 x this is marked failed and retried
     retries: int = 2  # retries of a failed trial (a killed worker, a crash)
     # laid over the method's own space (its `search_space`): an entry here replaces or adds that
-    # parameter; a one-item list fixes one. {} = the method's space as it declares it.
+    # parameter; a one-item list fixes one. {} = the method's space as it declares it. Entries named
+    # train.KEY search that training setting for the method (e.g. train.lr)
     space: dict = field(default_factory=dict)
+    method_space: bool = True  # search the method's own search_space too; false: [search.space] alone
 
     def validate(self) -> None:
         if self.metric:
@@ -97,6 +102,42 @@ class SearchConfig:
         if self.trials < 1:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
         for name, spec in self.space.items():
+            check_spec(name, spec)
+
+
+@dataclass
+class ClaimsConfig:
+    """`vlp-bench claims` (vlp_bench/claims.py, reports/claims.py): the papers' claims, each run on
+    several tiny worlds and judged by one rule (docs/claims.md)."""
+
+    # tiny worlds: world k shifts the world's and the three backbones' seeds by k (new images, captions,
+    # questions and pre-trained backbones); a verdict that differs between worlds is "fragile"
+    worlds: int = 2
+    only: list[str] = field(default_factory=list)  # the claims to measure (their ids); [] = all
+    # equal tuning: every compared method gets this many trials of the same search over `tune_space`
+    # on world 0 (seed tune_seed, validation curve) before its seeds run with its best values; 0 = defaults
+    tune: int = 0
+    tune_space: dict = field(default_factory=lambda: {"train.lr": {"low": 2e-4, "high": 5e-3, "log": True},
+                                                      "train.warmup_steps": {"low": 0, "high": 90}})
+    tune_seed: int = 1000  # no seed that is then judged helps choose the settings
+    data_fractions: list[float] = field(default_factory=lambda: [0.1, 0.3])  # SimVLG's data sweep; the paper's 1/10 first
+    # a quality claim of "no noticeable drop" / "near" holds when the paired quality ratio's interval
+    # stays above 1 - margin: 5% relative, wider than the papers' own gaps (ToMe: 0.2-0.4 points of
+    # accuracy) because three tiny-world seeds cannot resolve less (docs/claims.md)
+    margin: float = 0.05
+    # a claimed "about k x" holds down to about x k (ToMe's "2x" is 1.8x-2.2x across its models)
+    about: float = 0.8
+
+    def validate(self) -> None:
+        if self.worlds < 1 or self.tune < 0:
+            raise ValueError(f"worlds must be >= 1 and tune >= 0, got {self.worlds}, {self.tune}")
+        if not all(0 < f < 1 for f in self.data_fractions):
+            raise ValueError(f"data_fractions must lie in (0, 1), got {self.data_fractions}")
+        if not 0 < self.margin < 1 or not 0 < self.about <= 1:
+            raise ValueError(f"margin must be in (0, 1) and about in (0, 1], got {self.margin}, {self.about}")
+        for name, spec in self.tune_space.items():
+            if not name.startswith("train."):
+                raise ValueError(f"tune_space.{name}: equal tuning searches train.* settings only")
             check_spec(name, spec)
 
 
@@ -126,6 +167,7 @@ class BenchConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     search: SearchConfig = field(default_factory=SearchConfig)  # `vlp-bench search`
+    claims: ClaimsConfig = field(default_factory=ClaimsConfig)  # `vlp-bench claims`
     trackers: TrackersConfig = field(default_factory=TrackersConfig)  # TensorBoard, W&B (off by default)
     methods: dict = field(default_factory=dict)  # [methods.NAME] tables, resolved into each method's Config
     tasks: dict = field(default_factory=dict)  # [tasks.NAME] tables, resolved into each task's Config
@@ -168,6 +210,11 @@ def load_config_dict(data: dict) -> BenchConfig:
         cfg.target.metric = headline
     if not cfg.search.metric:  # the search maximises: never the loss
         cfg.search.metric = headline if cfg.target.metric == VAL_LOSS else cfg.target.metric
+    for name, values in exp.train_by_method.items():
+        if name not in exp.methods or not isinstance(values, dict):
+            raise UserError(f"experiment.train_by_method.{name}: not one of experiment.methods {exp.methods} "
+                            f"with a table of train settings")
+        from_dict(TrainConfig, {**to_dict(cfg.train), **values}, f"experiment.train_by_method.{name}")
     if cfg.target.reference and cfg.target.reference not in exp.methods:
         raise UserError(f"target.reference '{cfg.target.reference}' is not one of experiment.methods {exp.methods}")
     return cfg

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import time
 import traceback
 from dataclasses import dataclass
@@ -112,12 +113,17 @@ class Experiment:
 
     @functools.cached_property
     def train_split(self):
-        """The root's train split, read once (its clips when the tasks are on clips)."""
+        """The root's train split, read once (its clips when the tasks are on clips); its first
+        data.train_fraction of images when that is below 1."""
         if on_clips(self.cfg):
             from vlp_bench.data.video import VideoSplit
 
-            return VideoSplit(self.root, "train")
-        return CaptionSplit(self.root, "train")
+            split = VideoSplit(self.root, "train")
+        else:
+            split = CaptionSplit(self.root, "train")
+        if self.cfg.data.train_fraction < 1:
+            split.image_ids = split.image_ids[:max(1, math.ceil(self.cfg.data.train_fraction * len(split.image_ids)))]
+        return split
 
     @functools.cached_property
     def validation_batches(self) -> list[dict]:
@@ -192,14 +198,18 @@ class Experiment:
         return {**row, "weights": kept} if kept else row
 
     def run_one(self, method_name: str, seed: int, run_dir: Path, method_cfg=None,
-                on_eval: Callable[[int, dict], None] | None = None) -> None:
+                on_eval: Callable[[int, dict], None] | None = None, train: dict | None = None) -> None:
         """Train and evaluate `method_name` with `seed`, writing run_dir's records; `method_cfg`
-        replaces its configured settings (a search trial's), `on_eval(step, metrics)` sees each
+        replaces its configured settings (a search trial's), `train` lays {key: value} over its
+        training settings (after experiment.train_by_method), `on_eval(step, metrics)` sees each
         validation evaluation (and may raise StopRun). A failing run is recorded as "failed" and
         the experiment goes on; Ctrl-C is recorded as "interrupted" and stops it."""
         cfg = self.cfg
         if method_cfg is not None:
             cfg = dataclasses.replace(cfg, methods={**cfg.methods, method_name: method_cfg})
+        train = {**cfg.experiment.train_by_method.get(method_name, {}), **(train or {})}
+        if train:  # the method's own training settings (tuned, or a search trial's)
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
         run = _Run(self, cfg, method_name, seed, Path(run_dir), on_eval)
         run.execute()
 

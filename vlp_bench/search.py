@@ -31,11 +31,17 @@ from vlp_bench.experiment import Experiment, StopRun, prepare
 from vlp_bench.files import atomic_write_json, read_jsonl
 from vlp_bench.log import say
 from vlp_bench.registry import METHODS
+from vlp_bench.train.state import TrainConfig
 from vlp_bench.typed import from_dict, to_dict
 
-def space_of(method_cls, overrides: dict) -> dict:
-    """The space searched: the method's own `search_space` with [search.space]'s entries laid over it."""
-    space = {**json.loads(json.dumps(method_cls.search_space or {})), **overrides}
+TRAIN = "train."  # a space entry with this prefix searches a training setting (train.lr), not the method's
+
+
+def space_of(method_cls, overrides: dict, method_space: bool = True) -> dict:
+    """The space searched: the method's own `search_space` (unless `method_space` is off) with
+    [search.space]'s entries laid over it."""
+    own = json.loads(json.dumps(method_cls.search_space or {})) if method_space else {}
+    space = {**own, **overrides}
     if not space:
         raise UserError(f"method '{method_cls.name}' declares no search_space: give its parameters in "
                         f"[search.space] (a list = choices, {{low, high}} = a range)")
@@ -85,7 +91,8 @@ def run_search(bench: BenchConfig, out: Path) -> dict:
     if not bench.search.method:
         raise UserError("search.method is not set: name the method whose settings are searched")
     cls = METHODS.get(bench.search.method)
-    cfg: SearchConfig = dataclasses.replace(bench.search, space=space_of(cls, bench.search.space))
+    cfg: SearchConfig = dataclasses.replace(bench.search, space=space_of(cls, bench.search.space,
+                                                                         bench.search.method_space))
     if not cfg.metric:
         raise UserError("search.metric is not set and none of experiment.tasks declares a headline metric")
     if cfg.metric.partition(".")[0] not in bench.experiment.tasks:
@@ -101,6 +108,9 @@ def run_search(bench: BenchConfig, out: Path) -> dict:
     experiment = prepare(bench)  # the same preparation as `vlp-bench run`: data, backbones, tasks, batches
     for point in cls.search_start_points(bench.methods[cfg.method], experiment.backbones, cfg.space):
         study.enqueue_trial(point, skip_if_exists=True)
+    configured = {k: getattr(bench.train, k[len(TRAIN):]) for k in cfg.space if k.startswith(TRAIN)}
+    if configured and not any(k not in configured for k in cfg.space):  # a train-only space starts where [train] is
+        study.enqueue_trial(configured, skip_if_exists=True)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     t0 = time.perf_counter()
     left = cfg.trials - len(study.get_trials(deepcopy=False, states=finished))
@@ -146,7 +156,8 @@ def _check_space(cls, cfg: SearchConfig) -> None:
     into settings (`Method.search_derived`): found before any preparation."""
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     derived = cls.search_derived
-    unknown = {k for k in cfg.space if k not in fields and k not in derived
+    train = {TRAIN + f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = {k for k in cfg.space if k not in fields and k not in derived and k not in train
                and not any(d.endswith("_") and k.startswith(d) for d in derived)}
     if unknown:
         raise UserError(f"search.space: {sorted(unknown)} are not settings of methods.{cfg.method} "
@@ -168,11 +179,14 @@ class _Objective:
 
         cfg = self.cfg
         trial.set_user_attr("worker", self.worker)
-        values = self.cls.search_values(suggest(trial, cfg.space), self.base, self.exp.backbones)
+        sampled = suggest(trial, cfg.space)
+        train = {k[len(TRAIN):]: v for k, v in sampled.items() if k.startswith(TRAIN)}
+        values = self.cls.search_values({k: v for k, v in sampled.items() if not k.startswith(TRAIN)}, self.base,
+                                        self.exp.backbones)
         mcfg = self.feasible(trial, values)
         run_dir = self.out / f"trial-{trial.number:04d}" / f"{cfg.method}-seed{self.seed}"
         trial.set_user_attr("run_dir", str(run_dir))
-        say(f"trial {trial.number}: {values}")
+        say(f"trial {trial.number}: {values | {TRAIN + k: v for k, v in train.items()}}")
 
         def on_eval(step: int, metrics: dict) -> None:
             value = metrics.get(self.task, {}).get(self.key)
@@ -182,7 +196,7 @@ class _Objective:
                     raise StopRun(f"pruned at step {step} ({cfg.metric} {value:.4g})")
 
         try:
-            self.exp.run_one(cfg.method, self.seed, run_dir, method_cfg=mcfg, on_eval=on_eval)
+            self.exp.run_one(cfg.method, self.seed, run_dir, method_cfg=mcfg, on_eval=on_eval, train=train)
         except StopRun as e:
             raise optuna.TrialPruned(str(e)) from None
         return self.values(trial, run_dir)

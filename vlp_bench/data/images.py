@@ -38,8 +38,15 @@ class DataConfig:
     # later epochs skip the vision forward; results give the costs with and without it. Off: the papers'
     # methods run the encoder on every step, and the cache holds a whole split's tokens in device memory
     feature_cache: bool = False
+    # train on the first share of the root's train split (its images in id order; the tiny world's are in
+    # random order): a training-set-size sweep on the same world, backbones and test split. 1.0 = all
+    train_fraction: float = 1.0
 
     def validate(self) -> None:
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        if self.train_fraction < 1 and self.shards:
+            raise ValueError("train_fraction takes a share of the root's train split; shards stream their own samples")
         if self.workers < 0 or self.shuffle_buffer < 1:
             raise ValueError(f"workers must be >= 0 and shuffle_buffer >= 1, got {self.workers}, {self.shuffle_buffer}")
         if self.frames < 1:

@@ -1,0 +1,466 @@
+"""The claims ledger: each claim of the source papers, the runs that test it, and its verdict, by one
+rule (docs/claims.md). A pure function of result files: `ledger(paths)` reads run directories (any
+`vlp-bench run` or `vlp-bench claims` output), finds the runs each claim needs by their records
+(method, tiny world, clips or images, share of the training set) and judges every claim on every
+world it finds.
+
+A claim compares two arms (a method in a study) with paired seeds and reads one interval at 95%:
+- speed-up "k x" (time-to-target, vlp_bench.metrics.targets): reproduced when the interval is above
+  1 and reaches `about` x k; refuted when it lies below `about` x k; else inconclusive;
+- "better": the paired quality ratio's interval above 1 reproduces it; below 1 + margin (at most a
+  marginal gain) refutes it;
+- "near" (no noticeable drop): the ratio's interval above 1 - margin reproduces it; below refutes it;
+- "throughput k at a small quality cost": the throughput ratio (a `vlp-bench bench` file's step
+  times, else the paper-scale FLOPs) at or above `about` x k and the quality ratio "near".
+One seed gives no interval: inconclusive, with the seeds a decision would need where a spread is
+known. A claim judged on several worlds is "robust" when every world gives the same verdict and
+"fragile" when they differ (its verdict is then inconclusive).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vlp_bench.metrics.verdicts import LEVEL, paired_speedup, seeds_needed
+from vlp_bench.reports.summary import compute_speedups, format_ratio, load_runs, metric_value, ratio
+
+REPRODUCED, REFUTED, INCONCLUSIVE = "reproduced", "refuted", "inconclusive"
+ROBUST, FRAGILE = "robust", "fragile"
+
+
+@dataclass(frozen=True)
+class Study:
+    """One `vlp-bench run` a world needs: its methods, tasks and the settings it changes."""
+
+    name: str
+    methods: tuple[str, ...]
+    tasks: tuple[str, ...]
+    reference: str
+    settings: dict = field(default_factory=dict)  # {"section.key": value} over the ledger's config
+
+    @property
+    def fraction(self) -> float:
+        return float(self.settings.get("data.train_fraction", 1.0))
+
+    @property
+    def clips(self) -> bool:
+        return "video_caption" in self.tasks
+
+
+# The text-side family is judged on fine-tuned VQA, as FLM evaluates it, and evaluates every 300 steps
+# (at 0 and at the end): each of its evaluations first fine-tunes on VQA (200 steps), which would
+# otherwise triple its cost.
+STUDIES = {s.name: s for s in (
+    Study("bridges", ("baseline", "simvlg", "tome-vit"), ("caption",), "baseline"),
+    Study("blip2", ("blip2", "blip2-1stage"), ("caption", "vqa"), "blip2"),
+    Study("text-side", ("mlm", "flm"), ("vqa",), "mlm", {"train.eval_every": 300}),
+    Study("video", ("simvlg", "simvlg-video"), ("video_caption",), "simvlg"),
+)}
+
+
+def data_study(fraction: float) -> Study:
+    return Study(f"data-{fraction:g}", ("simvlg",), ("caption",), "simvlg", {"data.train_fraction": fraction})
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    source: str
+    statement: str  # as the paper states it
+    kind: str  # "speedup" | "better" | "near" | "throughput"
+    method: tuple[str, str]  # (study, method): the arm the claim is about
+    reference: tuple[str, str]  # the arm it is compared with
+    metric: str  # speed-ups: the validation curve's task.key; quality: the test split's
+    factor: float = 1.0  # the claimed speed-up or throughput
+    curve: str = ""  # a validation curve shown beside the verdict (task.key)
+
+
+CLAIMS = (
+    Claim("simvlg-5x-blip2", "SimVLG", "about 5x faster training than two-stage BLIP-2 without a noticeable drop",
+          "speedup", ("bridges", "simvlg"), ("blip2", "blip2"), "caption.CIDEr", 5.0),
+    Claim("blip2-one-stage-collapse", "BLIP-2", "without the representation-learning stage (one stage), "
+          "zero-shot VQA is much worse and falls during training", "better", ("blip2", "blip2"),
+          ("blip2", "blip2-1stage"), "vqa.overall", curve="vqa.overall"),
+    Claim("flm-2.5x-mlm", "FLM", "2.5x less pre-training time than MLM to comparable downstream quality",
+          "speedup", ("text-side", "flm"), ("text-side", "mlm"), "vqa.overall", 2.5),
+    Claim("tome-2x-throughput", "ToMe", "about 2x the ViT's throughput at a small drop in quality",
+          "throughput", ("bridges", "tome-vit"), ("bridges", "baseline"), "caption.CIDEr", 2.0),
+    Claim("simvlg-video", "SimVLG", "temporal attention in the frozen ViT captions video better than the "
+          "frame average", "better", ("video", "simvlg-video"), ("video", "simvlg"), "video_caption.CIDEr"),
+    Claim("simvlg-tenth-data", "SimVLG", "near BLIP-2's quality with 1/10 of its training data", "near",
+          ("data-0.1", "simvlg"), ("blip2", "blip2"), "caption.CIDEr"),
+)
+
+
+def select(only: list[str]) -> list[Claim]:
+    """The claims named in `only` (all when empty); an unknown id is a one-line error."""
+    from vlp_bench.errors import UserError, suggest
+
+    ids = [c.id for c in CLAIMS]
+    for name in only:
+        if name not in ids:
+            raise UserError(f"unknown claim '{name}'{suggest(name, ids)}; claims: {', '.join(ids)}")
+    return [c for c in CLAIMS if not only or c.id in only]
+
+
+def studies_for(claims: list[Claim], cfg) -> list[Study]:
+    """The studies the claims read, in the order of STUDIES (the data sweep last); `cfg` is the
+    ledger's ClaimsConfig (its data fractions)."""
+    sweep = [data_study(f) for f in cfg.data_fractions] if any(c.id == "simvlg-tenth-data" for c in claims) else []
+    names = {arm[0] for c in claims for arm in (c.method, c.reference)}
+    out = [s for s in STUDIES.values() if s.name in names]
+    if sweep and "bridges" not in names:  # the sweep's full-data point
+        out.insert(0, STUDIES["bridges"])
+    return out + [s for s in sweep if s.name not in {x.name for x in out}]
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+
+def world_of(rec: dict) -> str:
+    """The tiny world a run ran on: the world's and the backbones' seeds (the same names a ledger uses)."""
+    cfg = rec.get("config", {})
+    seeds = [str(cfg.get(s, {}).get("seed", "?")) for s in ("world", "vision", "llm", "bert")]
+    return f"world {seeds[0]}" if len(set(seeds)) == 1 else "world " + "/".join(seeds) + " (world/vision/llm/bert seeds)"
+
+
+def arm_of(rec: dict) -> tuple[str, float, bool]:
+    """What a run is as an arm: (method, share of the training set, on clips)."""
+    cfg = rec.get("config", {})
+    clips = "video_caption" in cfg.get("experiment", {}).get("tasks", [])
+    return rec["method"], float(cfg.get("data", {}).get("train_fraction", 1.0)), clips
+
+
+def find_runs(paths) -> list[Path]:
+    """The run directories at or under `paths`, at any depth (a ledger's world-K/STUDY/ too); never
+    re-evaluations (evals/) nor tuning trials (tune/), which are not seeds of the compared arms."""
+    from vlp_bench.errors import UserError
+
+    out = []
+    for p in map(Path, paths):
+        if (p / "results.json").is_file():
+            out.append(p)
+            continue
+        found = sorted(f.parent for f in p.rglob("results.json")
+                       if not {"evals", "tune"} & set(f.relative_to(p).parts[:-1])) if p.is_dir() else []
+        if not found:
+            raise UserError(f"{p}: no run directory (results.json) at or under it")
+        out.extend(found)
+    return out
+
+
+def group_runs(paths) -> dict[str, dict[tuple, list]]:
+    """{world: {arm: [finished runs, by seed]}} of every run under `paths`."""
+    out: dict[str, dict[tuple, list]] = {}
+    for run in load_runs(find_runs(paths)):
+        if run.finished:
+            out.setdefault(world_of(run.rec), {}).setdefault(arm_of(run.rec), []).append(run)
+    return {w: {a: sorted(rs, key=lambda r: r.rec["seed"]) for a, rs in arms.items()} for w, arms in sorted(out.items())}
+
+
+def arm_key(arm: tuple[str, str], data_fractions=None) -> tuple:
+    study = STUDIES.get(arm[0]) or data_study(float(arm[0].partition("-")[2]))
+    return arm[1], study.fraction, study.clips
+
+
+def tuned_label(runs: list) -> str:
+    """"tuned" when every run trained with its method's own tuned values, "default" when none did."""
+    flags = {bool(r.rec["config"]["experiment"].get("train_by_method", {}).get(r.method)) for r in runs}
+    return "tuned" if flags == {True} else "default" if flags == {False} else "mixed"
+
+
+# ----------------------------------------------------------------------------- judging
+
+
+def interval_verdict(s: dict, low_bound: float | None, high_bound: float | None) -> str:
+    """reproduced when the interval's low end is above `low_bound`; refuted when its high end is
+    below `high_bound`; else (or with no interval) inconclusive."""
+    if s.get("ci_low") is None:
+        return INCONCLUSIVE
+    if low_bound is not None and s["ci_low"] > low_bound:
+        return REPRODUCED
+    if high_bound is not None and s["ci_high"] < high_bound:
+        return REFUTED
+    return INCONCLUSIVE
+
+
+def needed(s: dict, bounds: list[float]) -> int | None:
+    """Seeds a decision would need at the observed mean and spread (the nearest bound)."""
+    d = np.log(np.asarray(s.get("per_seed") or [], dtype=float))
+    if len(d) < 2:
+        return None
+    options = [n for b in bounds if (n := seeds_needed(float(d.mean()) - math.log(b), float(d.std(ddof=1)))) is not None]
+    return min(options) if options else None
+
+
+def quality_ratio(a: list, b: list, metric: str) -> dict | None:
+    """The paired ratio a/b of the runs' test `metric`, over the seeds both have."""
+    va = {r.rec["seed"]: metric_value(r.rec, metric) for r in a}
+    vb = {r.rec["seed"]: metric_value(r.rec, metric) for r in b}
+    seeds = sorted(s for s in set(va) & set(vb) if va[s] and vb[s] and va[s] > 0 and vb[s] > 0)
+    if not seeds:
+        return None
+    out = paired_speedup([va[s] for s in seeds], [vb[s] for s in seeds], LEVEL)
+    return {**out, "seeds": seeds, "method_values": [va[s] for s in seeds], "reference_values": [vb[s] for s in seeds]}
+
+
+def judge_speedup(claim: Claim, a: list, b: list, about: float) -> dict:
+    runs = a + b
+    sp = compute_speedups([r.dir for r in runs], [r.rec for r in runs], claim.metric, None, claim.reference[1])
+    entry = sp["methods"].get(claim.method[1], {})
+    out = {"target": sp["target"], "target_fraction": 0.8, "metric": claim.metric}
+    time, flops = entry.get("time_speedup"), entry.get("flops_speedup")
+    if time is None:  # the headline target has no number: the highest grid target both reach
+        curve = sp["curve"]["methods"].get(claim.method[1], {})
+        both = [(f, t, fl) for f, t, fl in zip(sp["curve"]["fractions"], curve.get("time", []), curve.get("flops", []))
+                if "value" in t]
+        if both:
+            f, time, flops = both[-1]
+            out.update(target=time["target"], target_fraction=f)
+        out["why_no_number"] = _why_not(entry, sp, claim)
+    bound = about * claim.factor
+    value = {"time": time, "flops": flops}
+    verdict = INCONCLUSIVE
+    if time and time["ci_low"] is not None:  # the claimed factor excluded refutes, before "faster" counts
+        verdict = REFUTED if time["ci_high"] < bound else REPRODUCED if time["ci_low"] > 1 else INCONCLUSIVE
+    return {**out, "measured": value, "verdict": verdict,
+            "seeds_needed": needed(time, [1.0, bound]) if time and verdict == INCONCLUSIVE else None}
+
+
+def _why_not(entry: dict, sp: dict, claim: Claim) -> str:
+    costs = (entry.get("time_to_target_s") or {}).get("per_seed", [])
+    ref = (sp["methods"].get(claim.reference[1], {}).get("time_to_target_s") or {}).get("per_seed", [])
+    if any(c == 0 for c in costs + ref):
+        return "reached untrained: the step-0 evaluation already meets the target"
+    if any(c is None for c in ref):
+        return f"the reference did not reach the target in {sum(c is None for c in ref)} of {len(ref)} seeds"
+    if any(c is None for c in costs):
+        return f"the method did not reach the target in {sum(c is None for c in costs)} of {len(costs)} seeds"
+    return "no paired seeds"
+
+
+def judge_quality(claim: Claim, a: list, b: list, margin: float, about: float, throughput: dict | None) -> dict:
+    q = quality_ratio(a, b, claim.metric)
+    out = {"metric": claim.metric, "measured": {"quality": q}}
+    if q is None:
+        return {**out, "verdict": INCONCLUSIVE, "why_no_number": "no seed has both arms' test metric"}
+    if claim.kind == "better":
+        verdict, bounds = interval_verdict(q, 1.0, 1.0 + margin), [1.0, 1.0 + margin]
+    else:
+        verdict, bounds = interval_verdict(q, 1.0 - margin, 1.0 - margin), [1.0 - margin]
+    if claim.kind == "throughput":
+        out["measured"]["throughput"] = throughput
+        holds = throughput is not None and throughput["value"] >= about * claim.factor
+        verdict = REFUTED if throughput is not None and not holds else verdict if throughput else INCONCLUSIVE
+    return {**out, "verdict": verdict, "seeds_needed": needed(q, bounds) if verdict == INCONCLUSIVE else None}
+
+
+def curve_means(runs: list, metric: str) -> list[dict]:
+    """The mean validation `metric` over seeds at each evaluated step: [{step, value, seeds}]."""
+    task, _, key = metric.partition(".")
+    by_step: dict[int, list] = {}
+    for r in runs:
+        for row in r.rows:
+            v = row.get("eval", {}).get(task, {}).get(key) if row.get("split") == "val" else None
+            if isinstance(v, (int, float)):
+                by_step.setdefault(row["step"], []).append(v)
+    return [{"step": s, "value": float(np.mean(v)), "seeds": len(v)} for s, v in sorted(by_step.items())]
+
+
+# ----------------------------------------------------------------------------- paper scale
+
+
+def per_sample_flops(runs: list, methods: tuple[str, str], part: str = "") -> tuple[float, float, str] | None:
+    """Two methods' FLOPs per training sample at the largest scale their experiments' cost tables
+    (flops-paper.json, then flops-vitl-1b.json) both have, and the preset; `part` counts one part
+    ("vision": the encoder's forward and backward) instead of the whole sample."""
+    tables = [json.loads(f.read_text()) for name in ("flops-paper.json", "flops-vitl-1b.json")
+              for f in dict.fromkeys(r.dir.parent / name for r in runs) if f.is_file()]
+    for table in tables:
+        entries = [table.get("methods", {}).get(m) for m in methods]
+        if all(entries):
+            value = [sum(e["per_sample"][part].values()) if part else e["total"] for e in entries]
+            return float(value[0]), float(value[1]), table.get("preset", "")
+    return None
+
+
+def bench_seconds(bench: list[dict], method: str) -> tuple[float, str] | None:
+    """Seconds per training sample of `method` in a `vlp-bench bench --json` table (its stages
+    weighted by their shares of training where the table gives them, else equally), and the preset."""
+    for table in bench:
+        rows = [r for r in table.get("rows", []) if r.get("method") == method and r.get("samples_per_s")]
+        if rows:
+            shares = [float(r.get("share") or 1.0 / len(rows)) for r in rows]
+            return sum(s / r["samples_per_s"] for s, r in zip(shares, rows)) / sum(shares), table.get("preset", "")
+    return None
+
+
+def paper_bound(claim: Claim, a: list, b: list, bench: list[dict]) -> dict:
+    """What the paper scale says of the claim: the per-sample FLOPs ratio (reference over method)
+    and, from `vlp-bench bench` files, the per-sample step-time ratio; a speed-up claim of k x then
+    needs the method to reach the target on k / ratio fewer samples."""
+    part = "vision" if claim.kind == "throughput" else ""  # ToMe's claim is the encoder's own throughput
+    flops = per_sample_flops(a + b, (claim.method[1], claim.reference[1]), part)
+    out: dict = {"flops_ratio": flops[1] / flops[0] if flops else None, "flops_preset": flops[2] if flops else None,
+                 "flops_part": part or "whole sample"}
+    ta, tb = (bench_seconds(bench, claim.method[1]), bench_seconds(bench, claim.reference[1])) if not part else (None, None)
+    out["time_ratio"] = tb[0] / ta[0] if ta and tb else None
+    out["bench_preset"] = ta[1] if ta and tb else None
+    per_sample = out["time_ratio"] or out["flops_ratio"]
+    if claim.kind == "speedup" and per_sample:
+        out["fewer_samples_needed"] = claim.factor / per_sample
+    return out
+
+
+def throughput_of(claim: Claim, bound: dict) -> dict | None:
+    """A throughput claim's ratio: measured step times when a bench file has both, else FLOPs."""
+    if bound.get("time_ratio"):
+        return {"value": bound["time_ratio"], "source": f"vlp-bench bench --preset {bound['bench_preset']} step times"}
+    if bound.get("flops_ratio"):
+        return {"value": bound["flops_ratio"],
+                "source": f"{bound['flops_part']} FLOPs per sample, {bound['flops_preset']} preset"}
+    return None
+
+
+# ----------------------------------------------------------------------------- the ledger
+
+
+def judge_world(claim: Claim, a: list, b: list, cfg: dict, bench: list[dict]) -> dict:
+    bound = paper_bound(claim, a, b, bench)
+    if claim.kind == "speedup":
+        out = judge_speedup(claim, a, b, cfg["about"])
+    else:
+        out = judge_quality(claim, a, b, cfg["margin"], cfg["about"], throughput_of(claim, bound))
+    out.update(seeds=sorted({r.rec["seed"] for r in a} & {r.rec["seed"] for r in b}), tuning=tuned_label(a + b),
+               paper_scale=bound)
+    if claim.curve:
+        out["curves"] = {"method": curve_means(a, claim.curve), "reference": curve_means(b, claim.curve)}
+    return out
+
+
+def combine(worlds: dict[str, dict]) -> tuple[str, str | None]:
+    """The claim's verdict over its worlds and its robustness (None with one world)."""
+    verdicts = {w["verdict"] for w in worlds.values()}
+    if len(worlds) < 2:
+        return (verdicts.pop() if verdicts else INCONCLUSIVE), None
+    return (verdicts.pop(), ROBUST) if len(verdicts) == 1 else (INCONCLUSIVE, FRAGILE)
+
+
+def ledger(paths, bench_files=(), settings: dict | None = None) -> dict:
+    """Every claim judged on every world the runs under `paths` hold (claims.json). `settings`:
+    the margin and `about` (claims.margin, claims.about), else the ledger's saved config, else the defaults."""
+    cfg = {"margin": 0.05, "about": 0.8}
+    for p in map(Path, paths):
+        saved = p / "ledger.json"
+        if saved.is_file():
+            cfg.update({k: v for k, v in json.loads(saved.read_text()).get("claims", {}).items() if k in cfg})
+    cfg.update(settings or {})
+    bench = [json.loads(Path(f).read_text()) for f in bench_files]
+    worlds = group_runs(paths)
+    claims = []
+    for claim in CLAIMS:
+        per_world = {}
+        for world, arms in worlds.items():
+            a, b = arms.get(arm_key(claim.method)), arms.get(arm_key(claim.reference))
+            if a and b:
+                per_world[world] = judge_world(claim, a, b, cfg, bench)
+        verdict, robustness = combine(per_world)
+        claims.append({"id": claim.id, "source": claim.source, "statement": claim.statement, "kind": claim.kind,
+                       "method": claim.method[1], "reference": claim.reference[1], "factor": claim.factor,
+                       "metric": claim.metric, "measured": bool(per_world), "verdict": verdict if per_world else None,
+                       "robustness": robustness, "worlds": per_world})
+    return {"schema_version": 1, "level": LEVEL, "settings": cfg, "worlds": list(worlds),
+            "claims": claims, "sweep": data_sweep(worlds)}
+
+
+def data_sweep(worlds: dict) -> list[dict]:
+    """SimVLG's test CIDEr at each share of the training set, per world: [{world, fraction, values}]."""
+    out = []
+    for world, arms in worlds.items():
+        for (method, fraction, clips), runs in sorted(arms.items(), key=lambda kv: kv[0][1]):
+            if method == "simvlg" and not clips:
+                out.append({"world": world, "fraction": fraction,
+                            "values": [v for r in runs if (v := metric_value(r.rec, "caption.CIDEr")) is not None]})
+    return out if any(e["fraction"] < 1 for e in out) else []
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def measured_text(entry: dict) -> str:
+    """One world's measurement of a claim in a few words."""
+    m = entry["measured"]
+    parts = []
+    if m.get("time"):
+        parts.append(f"time {format_ratio(m['time'])}")
+    if m.get("flops"):
+        parts.append(f"FLOPs {format_ratio(m['flops'])}")
+    if m.get("quality"):
+        parts.append(f"{entry['metric']} ratio {format_ratio(m['quality'])}")
+    if m.get("throughput"):
+        parts.append(f"throughput {ratio(m['throughput']['value'])}x ({m['throughput']['source']})")
+    if entry.get("why_no_number") and not (m.get("time") or m.get("quality")):
+        parts.append(entry["why_no_number"])
+    elif entry.get("target_fraction", 0.8) != 0.8:
+        parts.append(f"at {entry['target_fraction']:.2f} of the gap ({entry.get('why_no_number')} at 0.8)")
+    return "; ".join(parts) or "-"
+
+
+def paper_text(bound: dict) -> str:
+    """A world's paper-scale bound in a few words."""
+    text = f"{ratio(bound['flops_ratio'])}x {bound['flops_part']} FLOPs ({bound['flops_preset']})" if bound.get(
+        "flops_ratio") else ""
+    if bound.get("time_ratio"):
+        text += f"; {ratio(bound['time_ratio'])}x step time ({bound['bench_preset']} bench)"
+    if bound.get("fewer_samples_needed"):
+        text += f"; the claim needs {bound['fewer_samples_needed']:.2g}x fewer samples"
+    return text or "-"
+
+
+def curve_text(entry: dict) -> str:
+    """A world's validation curves, as "step: method / reference" means."""
+    curves = entry.get("curves")
+    if not curves:
+        return ""
+    ref = {p["step"]: p["value"] for p in curves["reference"]}
+    return ", ".join(f"{p['step']}: {p['value']:.3g} / {ref[p['step']]:.3g}" for p in curves["method"] if p["step"] in ref)
+
+
+def page_rows(result: dict) -> list[dict]:
+    """The ledger as the HTML report's section shows it: one entry per claim, one row per world."""
+    out = []
+    for c in result["claims"]:
+        worlds = [{"world": w, "seeds": len(e["seeds"]), "tuning": e["tuning"], "verdict": e["verdict"],
+                   "needed": e.get("seeds_needed"), "measured": measured_text(e), "paper": paper_text(e["paper_scale"]),
+                   "curve": curve_text(e)} for w, e in c["worlds"].items()]
+        out.append({"id": c["id"], "source": c["source"], "statement": c["statement"], "method": c["method"],
+                    "reference": c["reference"], "verdict": c["verdict"] or "not measured",
+                    "robustness": c["robustness"] or "", "worlds": worlds})
+    return out
+
+
+def format_ledger(result: dict) -> str:
+    """The ledger as plain text: per claim, its statement, then one line per world."""
+    from vlp_bench.log import text_table
+
+    rows = []
+    for c in result["claims"]:
+        head = c["verdict"] or "not measured"
+        if c["robustness"]:
+            head += f" ({c['robustness']})"
+        rows.append([c["id"], c["source"], head, "", ""])
+        for world, e in c["worlds"].items():
+            extra = f", {e['seeds_needed']} seeds to decide" if e.get("seeds_needed") else ""
+            rows.append([f"  {world}", f"{len(e['seeds'])} seeds, {e['tuning']}", e["verdict"] + extra,
+                         measured_text(e), paper_text(e["paper_scale"])])
+            if curve_text(e):
+                rows.append(["", "", "", f"validation {c['metric']}, step: {c['method']} / {c['reference']}: "
+                             + curve_text(e), ""])
+    lines = [text_table(["claim", "", "verdict", "measured (95% paired intervals)", "paper scale"], rows, left=5)]
+    lines += [f"{c['id']}: {c['statement']}" for c in result["claims"]]
+    return "\n".join(lines)

@@ -1,0 +1,177 @@
+"""The claims ledger (reports/claims.py) on written experiment directories: no training, known
+answers. Each verdict rule meets a reproduced, a refuted and an inconclusive case, and a claim whose
+worlds disagree is fragile."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from vlp_bench.reports import claims as ledger_mod
+from vlp_bench.reports.claims import FRAGILE, INCONCLUSIVE, REFUTED, REPRODUCED, ROBUST
+
+
+def fake_run(root: Path, method: str, seed: int, *, world: int = 0, wall_per_step: float = 1.0, top: float = 1.0,
+             tasks=("caption",), fraction: float = 1.0, test: dict | None = None, tuned: dict | None = None) -> Path:
+    """A finished run directory: caption.CIDEr (and vqa.overall) rising from the floor 0.1 towards
+    `top`, an evaluation every step, training costing `wall_per_step` seconds and FLOP units a step."""
+    run = root / f"{method}-seed{seed}"
+    run.mkdir(parents=True)
+    rows = []
+    for step in range(21):
+        value = 0.1 + (top - 0.1) * (1 - math.exp(-step / 5))
+        rows.append({"step": step, "wall_s": wall_per_step * step, "flops": 1e9 * wall_per_step * step, "split": "val",
+                     "eval": {t: {"CIDEr": value, "overall": 100 * value} for t in tasks}})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    floor = {"CIDEr": 0.1, "overall": 10.0}
+    metrics = {t: {"CIDEr": value, "overall": 100 * value, "floor": floor} for t in tasks}
+    for t, v in (test or {}).items():
+        metrics[t.partition(".")[0]][t.partition(".")[2]] = v
+    config = {s: {"seed": world} for s in ("world", "vision", "llm", "bert")}
+    config.update(experiment={"tasks": list(tasks), "train_by_method": {method: tuned} if tuned else {}},
+                  data={"train_fraction": fraction}, target={"metric": f"{tasks[0]}.CIDEr"})
+    rec = {"schema_version": 7, "run_id": run.name, "method": method, "seed": seed, "status": "finished",
+           "config": config, "metrics": metrics, "cost": {"train_wall_s": 20 * wall_per_step, "flops_unit": "FLOP"},
+           "env": {}}
+    (run / "results.json").write_text(json.dumps(rec))
+    return run
+
+
+def speed_pair(root: Path, ratios: list[float], world: int = 0, method="simvlg", reference="blip2",
+               tasks=("caption",)) -> None:
+    """Seed i of `method` trains ratios[i] times faster per step than `reference`, same curve."""
+    for seed, r in enumerate(ratios):
+        fake_run(root / f"world-{world}" / "a", method, seed, world=world, wall_per_step=1.0 / r, tasks=tasks)
+        fake_run(root / f"world-{world}" / "b", reference, seed, world=world, wall_per_step=1.0, tasks=tasks)
+
+
+def claim(result: dict, cid: str) -> dict:
+    return next(c for c in result["claims"] if c["id"] == cid)
+
+
+@pytest.mark.parametrize("ratios, verdict", [
+    ([5.8, 6.0, 6.3], REPRODUCED),  # above 1 and reaching 0.8 x 5
+    ([1.45, 1.5, 1.55], REFUTED),  # decided faster, but the interval lies below 4
+    ([0.5, 3.0, 12.0], INCONCLUSIVE),  # from below 1 to above 4
+])
+def test_a_speedup_claim_reads_its_interval_against_one_and_the_claimed_factor(tmp_path, ratios, verdict):
+    speed_pair(tmp_path, ratios)
+    c = claim(ledger_mod.ledger([tmp_path]), "simvlg-5x-blip2")
+    world = c["worlds"]["world 0"]
+    time = world["measured"]["time"]
+    assert c["verdict"] == world["verdict"] == verdict and c["robustness"] is None
+    assert time["value"] == pytest.approx(math.exp(sum(map(math.log, ratios)) / 3), rel=1e-6)
+    assert (world["seeds_needed"] is not None) == (verdict == INCONCLUSIVE)
+    assert world["seeds"] == [0, 1, 2] and world["tuning"] == "default"
+
+
+def test_one_seed_gives_no_interval_so_no_verdict(tmp_path):
+    speed_pair(tmp_path, [6.0])
+    world = claim(ledger_mod.ledger([tmp_path]), "simvlg-5x-blip2")["worlds"]["world 0"]
+    assert world["verdict"] == INCONCLUSIVE and world["measured"]["time"]["ci_low"] is None
+
+
+def test_worlds_that_agree_are_robust_and_worlds_that_differ_are_fragile(tmp_path):
+    speed_pair(tmp_path / "agree", [5.8, 6.0, 6.3], world=0)
+    speed_pair(tmp_path / "agree", [5.5, 6.1, 6.6], world=1)
+    c = claim(ledger_mod.ledger([tmp_path / "agree"]), "simvlg-5x-blip2")
+    assert (c["verdict"], c["robustness"]) == (REPRODUCED, ROBUST) and len(c["worlds"]) == 2
+    speed_pair(tmp_path / "differ", [5.8, 6.0, 6.3], world=0)
+    speed_pair(tmp_path / "differ", [1.45, 1.5, 1.55], world=1)
+    c = claim(ledger_mod.ledger([tmp_path / "differ"]), "simvlg-5x-blip2")
+    assert (c["verdict"], c["robustness"]) == (INCONCLUSIVE, FRAGILE)
+    assert {w["verdict"] for w in c["worlds"].values()} == {REPRODUCED, REFUTED}
+
+
+def quality_pair(root: Path, method: str, reference: str, metric: str, values: list[tuple[float, float]],
+                 tasks=("caption",), fraction: float = 1.0, ref_tasks=None) -> None:
+    for seed, (a, b) in enumerate(values):
+        fake_run(root / "a", method, seed, tasks=tasks, fraction=fraction, test={metric: a})
+        fake_run(root / "b", reference, seed, tasks=ref_tasks or tasks, test={metric: b})
+
+
+@pytest.mark.parametrize("values, verdict", [
+    ([(1.2, 1.0), (1.25, 1.02), (1.18, 0.99)], REPRODUCED),
+    ([(0.90, 1.0), (0.92, 1.01), (0.89, 0.99)], REFUTED),  # worse: not even the margin's gain
+    ([(1.3, 1.0), (0.8, 1.0), (1.1, 1.0)], INCONCLUSIVE),
+])
+def test_a_better_claim_is_the_paired_quality_ratio_above_one(tmp_path, values, verdict):
+    quality_pair(tmp_path, "simvlg-video", "simvlg", "video_caption.CIDEr", values, tasks=("video_caption",))
+    world = claim(ledger_mod.ledger([tmp_path]), "simvlg-video")["worlds"]["world 0"]
+    q = world["measured"]["quality"]
+    assert world["verdict"] == verdict
+    assert q["method_values"] == [a for a, _ in values] and q["reference_values"] == [b for _, b in values]
+
+
+@pytest.mark.parametrize("values, verdict", [
+    ([(0.99, 1.0), (1.0, 1.01), (0.98, 0.99)], REPRODUCED),  # within 5% of BLIP-2's, all seeds
+    ([(0.80, 1.0), (0.81, 1.01), (0.79, 0.99)], REFUTED),
+    ([(0.99, 1.0), (0.80, 1.0), (1.05, 1.0)], INCONCLUSIVE),
+])
+def test_a_near_claim_holds_when_the_ratio_stays_above_one_minus_the_margin(tmp_path, values, verdict):
+    # SimVLG on a tenth of the training set against BLIP-2 on all of it: the arms are told apart by
+    # the records' data.train_fraction, not by any directory name
+    quality_pair(tmp_path, "simvlg", "blip2", "caption.CIDEr", values, fraction=0.1)
+    fake_run(tmp_path / "c", "simvlg", 0, test={"caption.CIDEr": 5.0})  # full data: another arm
+    result = ledger_mod.ledger([tmp_path])
+    assert claim(result, "simvlg-tenth-data")["worlds"]["world 0"]["verdict"] == verdict
+    assert {(e["fraction"], tuple(e["values"])) for e in result["sweep"]} == {
+        (0.1, tuple(a for a, _ in values)), (1.0, (5.0,))}
+
+
+def write_costs(experiment: Path, vision: dict[str, float]) -> None:
+    """A flops-vitl-1b.json whose methods' encoders cost `vision` FLOPs per sample."""
+    methods = {m: {"total": 10 * v, "per_sample": {"vision": {"forward": v, "backward": 0.0}}} for m, v in vision.items()}
+    (experiment / "flops-vitl-1b.json").write_text(json.dumps({"preset": "vitl-1b", "methods": methods}))
+
+
+@pytest.mark.parametrize("vision, values, verdict", [
+    (2.0, [(0.99, 1.0), (1.0, 1.01), (0.985, 0.99)], REPRODUCED),
+    (1.3, [(0.99, 1.0), (1.0, 1.01), (0.985, 0.99)], REFUTED),  # the quality holds, the throughput does not
+    (2.0, [(0.99, 1.0), (0.80, 1.0), (1.05, 1.0)], INCONCLUSIVE),
+])
+def test_a_throughput_claim_needs_the_encoders_ratio_and_a_small_quality_cost(tmp_path, vision, values, verdict):
+    for seed, (a, b) in enumerate(values):
+        fake_run(tmp_path, "tome-vit", seed, test={"caption.CIDEr": a})
+        fake_run(tmp_path, "baseline", seed, test={"caption.CIDEr": b})
+    write_costs(tmp_path, {"baseline": vision, "tome-vit": 1.0})
+    world = claim(ledger_mod.ledger([tmp_path]), "tome-2x-throughput")["worlds"]["world 0"]
+    assert world["verdict"] == verdict
+    assert world["measured"]["throughput"]["value"] == pytest.approx(vision)
+    assert "vision FLOPs per sample, vitl-1b" in world["measured"]["throughput"]["source"]
+
+
+def test_a_bench_file_gives_the_paper_scale_time_ratio(tmp_path):
+    speed_pair(tmp_path, [5.8, 6.0, 6.3])
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"preset": "paper", "rows": [
+        {"method": "simvlg", "stage": "train", "samples_per_s": 30.0},
+        {"method": "blip2", "stage": "stage1", "samples_per_s": 60.0, "share": 0.75},
+        {"method": "blip2", "stage": "stage2", "samples_per_s": 20.0, "share": 0.25}]}))
+    bound = claim(ledger_mod.ledger([tmp_path / "world-0"], [bench]), "simvlg-5x-blip2")["worlds"]["world 0"]["paper_scale"]
+    blip2_s = 0.75 / 60 + 0.25 / 20  # seconds per sample, stages weighted by their shares
+    assert bound["time_ratio"] == pytest.approx(blip2_s / (1 / 30))
+    assert bound["fewer_samples_needed"] == pytest.approx(5.0 / bound["time_ratio"])
+
+
+def test_a_claim_whose_arms_did_not_run_is_not_measured_and_tuning_is_stated(tmp_path):
+    for seed in range(2):
+        fake_run(tmp_path / "a", "flm", seed, tasks=("vqa",), tuned={"lr": 3e-3})
+        fake_run(tmp_path / "b", "mlm", seed, tasks=("vqa",), tuned={"lr": 1e-3})
+    result = ledger_mod.ledger([tmp_path])
+    assert claim(result, "flm-2.5x-mlm")["worlds"]["world 0"]["tuning"] == "tuned"
+    assert not claim(result, "simvlg-video")["measured"] and claim(result, "simvlg-video")["verdict"] is None
+    assert "not measured" in ledger_mod.format_ledger(result)
+
+
+def test_the_studies_cover_every_claims_arms():
+    from vlp_bench.config import ClaimsConfig
+
+    studies = ledger_mod.studies_for(list(ledger_mod.CLAIMS), ClaimsConfig(data_fractions=[0.1, 0.3]))
+    keys = {(m, s.fraction, s.clips) for s in studies for m in s.methods}
+    for c in ledger_mod.CLAIMS:
+        assert ledger_mod.arm_key(c.method) in keys and ledger_mod.arm_key(c.reference) in keys, c.id
+    assert [s.name for s in studies][-2:] == ["data-0.1", "data-0.3"]
