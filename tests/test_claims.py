@@ -175,3 +175,73 @@ def test_the_studies_cover_every_claims_arms():
     for c in ledger_mod.CLAIMS:
         assert ledger_mod.arm_key(c.method) in keys and ledger_mod.arm_key(c.reference) in keys, c.id
     assert [s.name for s in studies][-2:] == ["data-0.1", "data-0.3"]
+
+
+# ----------------------------------------------------------------------------- the command, end to end
+
+
+def cli(args: list[str], cwd: Path):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "vlp_bench", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_study_configs_shift_every_seed_that_makes_a_world():
+    from vlp_bench import claims as claims_mod
+    from vlp_bench.experiment import load_config
+
+    cfg = load_config(None, ["experiment.methods=['baseline']", "world.seed=3", "llm.seed=5"])
+    study = ledger_mod.data_study(0.1)
+    s = claims_mod.study_config(cfg, study, 2, Path("x"), {"simvlg": {"lr": 2e-3}})
+    assert (s.world.seed, s.vision.seed, s.llm.seed, s.bert.seed) == (5, 2, 7, 2)
+    assert s.experiment.methods == ["simvlg"] and s.data.train_fraction == 0.1 and s.target.reference == "simvlg"
+    assert s.experiment.train_by_method == {"simvlg": {"lr": 2e-3}} and s.target.metric == "caption.CIDEr"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only", "simvlg-6x"], "unknown claim 'simvlg-6x'"),
+    (["--from", ".", "--seeds", "2"], "--from judges finished runs as they are"),
+    (["--resume", "nowhere"], "nothing to resume in nowhere"),
+    (["--set", "claims.worlds=0"], "worlds must be >= 1"),
+    (["--set", "claims.tune_space={'lr' = {low = 1, high = 2}}"], "equal tuning searches train.* settings only"),
+    (["--bench", "missing.json"], "--bench missing.json: no such file"),
+])
+def test_bad_claims_input_is_a_one_line_error(tmp_path, args, message):
+    proc = cli(["claims", *args], tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_claims_tunes_runs_every_world_resumes_and_judges(tiny_overrides, tmp_path):
+    """The one-stage claim on two tiny worlds with two seeds, after equal tuning: the same search for
+    both compared methods, every study on every world with the tuned values, a ledger with a verdict
+    per world and the HTML section; a run lost afterwards is run again by --resume, alone."""
+    sets = [a for o in tiny_overrides for a in ("--set", o)]
+    proc = cli(["claims", *sets, "--only", "blip2-one-stage-collapse", "--worlds", "2", "--seeds", "2", "--tune", "2",
+                "--out", "ledger", "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ledger = tmp_path / "ledger"
+    best = json.loads((ledger / "tune" / "best.json").read_text())
+    assert set(best) == {"blip2", "blip2-1stage"} and all(set(v) == {"lr", "warmup_steps"} for v in best.values())
+    for method in best:
+        search = json.loads((ledger / "tune" / method / "search.json").read_text())
+        assert len(search["trials"]) == 2 and set(search["trials"][0]["params"]) == {"train.lr", "train.warmup_steps"}
+        assert search["trials"][0]["params"]["train.lr"] == 0.001  # the first trial is [train] as configured
+        for world in (0, 1):
+            run = json.loads((ledger / f"world-{world}" / "blip2" / f"{method}-seed1" / "config.json").read_text())
+            assert run["train"]["lr"] == pytest.approx(best[method]["lr"])  # the seeds train with the tuned values
+    result = json.loads(proc.stdout[:proc.stdout.rindex("}") + 1])
+    c = claim(result, "blip2-one-stage-collapse")
+    assert len(result["worlds"]) == 2 and len(c["worlds"]) == 2 and c["verdict"] in (REPRODUCED, REFUTED, INCONCLUSIVE)
+    for entry in c["worlds"].values():
+        assert entry["seeds"] == [0, 1] and entry["tuning"] == "tuned" and entry["curves"]["method"]
+    assert json.loads((ledger / "claims.json").read_text()) == result
+    assert "Claims ledger" in (ledger / "report.html").read_text()
+    lost = ledger / "world-1" / "blip2" / "blip2-1stage-seed1" / "results.json"
+    lost.unlink()
+    proc = cli(["claims", "--resume", "ledger"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "already done, kept" in proc.stderr and lost.is_file()
+    trained = [line for line in proc.stderr.splitlines() if "] run ledger/" in line and "kept" not in line]
+    assert len(trained) == 1 and "blip2-1stage-seed1" in trained[0]  # only the lost run trained again

@@ -143,6 +143,7 @@ def tune_methods(cfg: BenchConfig, out: Path, studies: list) -> dict:
             scfg = study_config(cfg, study, 0, out / "tune" / method, {})
             data = to_dict(scfg)
             data["experiment"].update(methods=[method], seeds=[cfg.claims.tune_seed])
+            data["target"]["reference"] = method
             data["search"].update(method=method, trials=cfg.claims.tune, mode="budget", pruner="none",
                                   space=cfg.claims.tune_space, method_space=False, study=f"tune-{method}",
                                   storage="", budget_gflop_per_sample=0.0)
