@@ -237,7 +237,7 @@ def environment(runs: list[Run]) -> list[tuple[str, str]]:
 
 def ledger_section(path: Path) -> dict:
     """A claims ledger (claims.json of `vlp-bench claims`): its claims, one row per world."""
-    from vlp_bench.reports.claims import page_rows
+    from vlp_bench.reports.claims_text import page_rows
 
     try:
         result = json.loads(Path(path).read_text())

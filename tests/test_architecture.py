@@ -26,7 +26,8 @@ LAYERS: dict[str, list[str]] = {
     # the built-in methods and tasks: found and loaded by the registry, by name, never imported by the core
     "PLUGINS": ["vlp_bench.methods.*", "vlp_bench.tasks.*"],
     # the programs a user runs and the reports they read: they drive the layers below, nothing drives them
-    "APP": ["vlp_bench.experiment", "vlp_bench.evaluate", "vlp_bench.overhead", "vlp_bench.search", "vlp_bench.validate", "vlp_bench.bench",
+    "APP": ["vlp_bench.experiment", "vlp_bench.evaluate", "vlp_bench.overhead", "vlp_bench.search", "vlp_bench.claims",
+            "vlp_bench.validate", "vlp_bench.bench",
             "vlp_bench.costmodel", "vlp_bench.cli", "vlp_bench.__main__", "vlp_bench.reports.*"],
 }
 

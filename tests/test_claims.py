@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vlp_bench.reports import claims as ledger_mod
+from vlp_bench.reports import claims as ledger_mod, claims_text
 from vlp_bench.reports.claims import FRAGILE, INCONCLUSIVE, REFUTED, REPRODUCED, ROBUST
 
 
@@ -164,7 +164,7 @@ def test_a_claim_whose_arms_did_not_run_is_not_measured_and_tuning_is_stated(tmp
     result = ledger_mod.ledger([tmp_path])
     assert claim(result, "flm-2.5x-mlm")["worlds"]["world 0"]["tuning"] == "tuned"
     assert not claim(result, "simvlg-video")["measured"] and claim(result, "simvlg-video")["verdict"] is None
-    assert "not measured" in ledger_mod.format_ledger(result)
+    assert "not measured" in claims_text.format_ledger(result)
 
 
 def test_the_studies_cover_every_claims_arms():
@@ -245,3 +245,29 @@ def test_claims_tunes_runs_every_world_resumes_and_judges(tiny_overrides, tmp_pa
     assert "already done, kept" in proc.stderr and lost.is_file()
     trained = [line for line in proc.stderr.splitlines() if "] run ledger/" in line and "kept" not in line]
     assert len(trained) == 1 and "blip2-1stage-seed1" in trained[0]  # only the lost run trained again
+
+
+def test_the_report_shows_the_ledger(tmp_path):
+    from vlp_bench.reports import html
+
+    speed_pair(tmp_path / "runs", [5.8, 6.0, 6.3])
+    (tmp_path / "claims.json").write_text(json.dumps(ledger_mod.ledger([tmp_path / "runs"])))
+    page = html.render([], ledgers=[tmp_path / "claims.json"])
+    row = page[page.index("<b>simvlg-5x-blip2</b>"):page.index("<b>blip2-one-stage-collapse</b>")]
+    assert "Claims ledger" in page and "<b>reproduced</b>" in row and "time 6.03x [" in row
+    assert page.count("not measured") == len(ledger_mod.CLAIMS) - 1
+
+
+def test_a_share_of_the_training_set_is_its_first_images(tmp_path):
+    from vlp_bench.experiment import Experiment, load_config
+
+    (tmp_path / "annotations").mkdir()
+    images = [{"id": i, "file_name": f"{i}.png"} for i in range(20)]
+    anns = [{"image_id": i, "caption": "a shape"} for i in range(20)]
+    (tmp_path / "annotations" / "captions_train.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    for fraction, n in ((1.0, 20), (0.1, 2), (0.33, 7)):
+        cfg = load_config(None, ["experiment.methods=['baseline']", f"data.train_fraction={fraction}"])
+        split = Experiment(cfg, tmp_path, None, None, None, {}, {}).train_split
+        assert split.image_ids == list(range(n)) and len(split) == n
+    with pytest.raises(Exception, match="train_fraction must be in"):
+        load_config(None, ["experiment.methods=['baseline']", "data.train_fraction=0"])

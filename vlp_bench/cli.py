@@ -199,7 +199,7 @@ def claims(
     """Measure the papers' claims on several tiny worlds and judge each: reproduced, refuted or
     inconclusive, with its interval, robustness and paper-scale bound (docs/claims.md)."""
     from vlp_bench import claims as claims_mod
-    from vlp_bench.reports import claims as ledger_mod
+    from vlp_bench.reports import claims as ledger_mod, claims_text
 
     if list_claims:
         for c in ledger_mod.CLAIMS:
@@ -238,7 +238,7 @@ def claims(
         result = claims_mod.run_claims(cfg, out)
     if bench_ and out is not None and not from_:
         result = claims_mod.write_ledger(out, bench_)
-    typer.echo(json.dumps(result, indent=2) if as_json else ledger_mod.format_ledger(result))
+    typer.echo(json.dumps(result, indent=2) if as_json else claims_text.format_ledger(result))
     if out is not None:
         typer.echo(f"ledger in {out} (claims.json)")
 
