@@ -70,6 +70,8 @@ class ToMeViT(ToMeViTSide, Baseline):
     """ToMe merging inside the frozen ViT, then the baseline's bridge (docs/methods.md, ToMe in the ViT)."""
 
     Config = ToMeViTConfig
-    # r = 6 over ViT-g/14's 39 blocks would take 257 -> 23 tokens, near SimVLG's 29 at the LLM (EVA's
-    # blocks are not supported inside the encoder yet: `vlp-bench flops --preset paper` says so)
-    paper_config = ToMeViTConfig(width=768, depth=12, heads=12, vit_r=6)
+    # ToMe's "2x throughput" point for ViT-L: r = 8 per block over 24 blocks of ViT-L/16's 196 patches.
+    # The scale that costs it is vitl-1b's ViT-L/14 with 256 patches, so r keeps ToMe's share per
+    # block: 8 / 196 x 256 = 10 (257 -> 27 tokens; vision FLOPs 1.85x fewer). EVA's ViT-g blocks are
+    # not supported inside the encoder yet: `vlp-bench flops --preset paper` says so
+    paper_config = ToMeViTConfig(width=768, depth=12, heads=12, vit_r=10)
