@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from vlp_bench.metrics.verdicts import LEVEL, paired_speedup, seeds_needed
+from vlp_bench.reports.claims_scale import paper_bound, throughput_of
 from vlp_bench.reports.summary import compute_speedups, load_runs, metric_value
 
 REPRODUCED, REFUTED, INCONCLUSIVE = "reproduced", "refuted", "inconclusive"
@@ -78,11 +79,17 @@ class Claim:
     metric: str  # speed-ups: the validation curve's task.key; quality: the test split's
     factor: float = 1.0  # the claimed speed-up or throughput
     curve: str = ""  # a validation curve shown beside the verdict (task.key)
+    paper_samples: tuple[float, float] | None = None  # training samples of each arm's released config
+    stated_compute: str = ""  # what the paper says its training cost, where it says it
 
 
 CLAIMS = (
     Claim("simvlg-5x-blip2", "SimVLG", "about 5x faster training than two-stage BLIP-2 without a noticeable drop",
-          "speedup", ("bridges", "simvlg"), ("blip2", "blip2"), "caption.CIDEr", 5.0),
+          "speedup", ("bridges", "simvlg"), ("blip2", "blip2"), "caption.CIDEr", 5.0,
+          # recipes/simvlg-opt2.7b.toml: 250k steps x 1,600; recipes/blip2-opt2.7b.toml: 330k x 1,920
+          paper_samples=(250_000 * 1600, 330_000 * 1920),
+          stated_compute="BLIP-2: under 6 + 3 days on 16 A100s (144 A100-days) for its largest model "
+                         "(ViT-g + FlanT5-XXL)"),
     Claim("blip2-one-stage-collapse", "BLIP-2", "without the representation-learning stage (one stage), "
           "zero-shot VQA is much worse and falls during training", "better", ("blip2", "blip2"),
           ("blip2", "blip2-1stage"), "vqa.overall", curve="vqa.overall"),
@@ -270,61 +277,6 @@ def curve_means(runs: list, metric: str) -> list[dict]:
             if isinstance(v, (int, float)):
                 by_step.setdefault(row["step"], []).append(v)
     return [{"step": s, "value": float(np.mean(v)), "seeds": len(v)} for s, v in sorted(by_step.items())]
-
-
-# ----------------------------------------------------------------------------- paper scale
-
-
-def per_sample_flops(runs: list, methods: tuple[str, str], part: str = "") -> tuple[float, float, str] | None:
-    """Two methods' FLOPs per training sample at the largest scale their experiments' cost tables
-    (flops-paper.json, then flops-vitl-1b.json) both have, and the preset; `part` counts one part
-    ("vision": the encoder's forward and backward) instead of the whole sample."""
-    tables = [json.loads(f.read_text()) for name in ("flops-paper.json", "flops-vitl-1b.json")
-              for f in dict.fromkeys(r.dir.parent / name for r in runs) if f.is_file()]
-    for table in tables:
-        entries = [table.get("methods", {}).get(m) for m in methods]
-        if all(entries):
-            value = [sum(e["per_sample"][part].values()) if part else e["total"] for e in entries]
-            return float(value[0]), float(value[1]), table.get("preset", "")
-    return None
-
-
-def bench_seconds(bench: list[dict], method: str) -> tuple[float, str] | None:
-    """Seconds per training sample of `method` in a `vlp-bench bench --json` table (its stages
-    weighted by their shares of training where the table gives them, else equally), and the preset."""
-    for table in bench:
-        rows = [r for r in table.get("rows", []) if r.get("method") == method and r.get("samples_per_s")]
-        if rows:
-            shares = [float(r.get("share") or 1.0 / len(rows)) for r in rows]
-            return sum(s / r["samples_per_s"] for s, r in zip(shares, rows)) / sum(shares), table.get("preset", "")
-    return None
-
-
-def paper_bound(claim: Claim, a: list, b: list, bench: list[dict]) -> dict:
-    """What the paper scale says of the claim: the per-sample FLOPs ratio (reference over method)
-    and, from `vlp-bench bench` files, the per-sample step-time ratio; a speed-up claim of k x then
-    needs the method to reach the target on k / ratio fewer samples."""
-    part = "vision" if claim.kind == "throughput" else ""  # ToMe's claim is the encoder's own throughput
-    flops = per_sample_flops(a + b, (claim.method[1], claim.reference[1]), part)
-    out: dict = {"flops_ratio": flops[1] / flops[0] if flops else None, "flops_preset": flops[2] if flops else None,
-                 "flops_part": part or "whole sample"}
-    ta, tb = (bench_seconds(bench, claim.method[1]), bench_seconds(bench, claim.reference[1])) if not part else (None, None)
-    out["time_ratio"] = tb[0] / ta[0] if ta and tb else None
-    out["bench_preset"] = ta[1] if ta and tb else None
-    per_sample = out["time_ratio"] or out["flops_ratio"]
-    if claim.kind == "speedup" and per_sample:
-        out["fewer_samples_needed"] = claim.factor / per_sample
-    return out
-
-
-def throughput_of(claim: Claim, bound: dict) -> dict | None:
-    """A throughput claim's ratio: measured step times when a bench file has both, else FLOPs."""
-    if bound.get("time_ratio"):
-        return {"value": bound["time_ratio"], "source": f"vlp-bench bench --preset {bound['bench_preset']} step times"}
-    if bound.get("flops_ratio"):
-        return {"value": bound["flops_ratio"],
-                "source": f"{bound['flops_part']} FLOPs per sample, {bound['flops_preset']} preset"}
-    return None
 
 
 # ----------------------------------------------------------------------------- the ledger

@@ -33,6 +33,9 @@ def paper_text(bound: dict) -> str:
         text += f"; {ratio(bound['time_ratio'])}x step time ({bound['bench_preset']} bench)"
     if bound.get("fewer_samples_needed"):
         text += f"; the claim needs {bound['fewer_samples_needed']:.2g}x fewer samples"
+    if days := bound.get("gpu_days"):
+        text += (f"; released budgets at {days['mfu']:.0%} MFU: {days['method']:.0f} against {days['reference']:.0f}"
+                 f" A100-days ({ratio(days['ratio'])}x)" + (f"; stated: {days['stated']}" if days["stated"] else ""))
     return text or "-"
 
 

@@ -271,3 +271,17 @@ def test_a_share_of_the_training_set_is_its_first_images(tmp_path):
         assert split.image_ids == list(range(n)) and len(split) == n
     with pytest.raises(Exception, match="train_fraction must be in"):
         load_config(None, ["experiment.methods=['baseline']", "data.train_fraction=0"])
+
+
+def test_paper_scale_gives_gpu_days_of_the_released_budgets(tmp_path):
+    from vlp_bench.reports.claims_scale import A100_PEAK, PAPER_MFU
+
+    speed_pair(tmp_path, [5.8, 6.0, 6.3])
+    costs = {"preset": "paper", "methods": {"simvlg": {"total": 1.2e12, "per_sample": {}},
+                                            "blip2": {"total": 0.9e12, "per_sample": {}}}}
+    (tmp_path / "world-0" / "a" / "flops-paper.json").write_text(json.dumps(costs))
+    bound = claim(ledger_mod.ledger([tmp_path]), "simvlg-5x-blip2")["worlds"]["world 0"]["paper_scale"]
+    assert bound["flops_ratio"] == pytest.approx(0.75) and bound["fewer_samples_needed"] == pytest.approx(5 / 0.75)
+    days = bound["gpu_days"]
+    assert days["method"] == pytest.approx(250_000 * 1600 * 1.2e12 / (PAPER_MFU * A100_PEAK * 86_400))
+    assert days["ratio"] == pytest.approx(330_000 * 1920 * 0.9 / (250_000 * 1600 * 1.2)) and "A100" in days["stated"]

@@ -1,0 +1,75 @@
+"""What the paper scale says of a claim (reports/claims.py): per-sample FLOPs from the studies'
+cost tables (flops-paper.json, flops-vitl-1b.json), per-sample step times from `vlp-bench bench
+--json` files, and GPU-days of the papers' released training budgets at a stated utilisation."""
+
+from __future__ import annotations
+
+import json
+
+# GPU-days = samples x FLOPs per sample / (MFU x peak): an A100's dense bf16 peak, the GPU the papers
+# trained on, at 40% of it, what well-tuned large-model training reaches (docs/claims.md)
+A100_PEAK = 312e12
+PAPER_MFU = 0.4
+DAY_S = 86_400
+
+
+def per_sample_flops(runs: list, methods: tuple[str, str], part: str = "") -> tuple[float, float, str] | None:
+    """Two methods' FLOPs per training sample at the largest scale their experiments' cost tables
+    (flops-paper.json, then flops-vitl-1b.json) both have, and the preset; `part` counts one part
+    ("vision": the encoder's forward and backward) instead of the whole sample."""
+    tables = [json.loads(f.read_text()) for name in ("flops-paper.json", "flops-vitl-1b.json")
+              for f in dict.fromkeys(r.dir.parent / name for r in runs) if f.is_file()]
+    for table in tables:
+        entries = [table.get("methods", {}).get(m) for m in methods]
+        if all(entries):
+            value = [sum(e["per_sample"][part].values()) if part else e["total"] for e in entries]
+            return float(value[0]), float(value[1]), table.get("preset", "")
+    return None
+
+
+def bench_seconds(bench: list[dict], method: str) -> tuple[float, str] | None:
+    """Seconds per training sample of `method` in a `vlp-bench bench --json` table (its stages
+    weighted by their shares of training where the table gives them, else equally), and the preset."""
+    for table in bench:
+        rows = [r for r in table.get("rows", []) if r.get("method") == method and r.get("samples_per_s")]
+        if rows:
+            shares = [float(r.get("share") or 1.0 / len(rows)) for r in rows]
+            return sum(s / r["samples_per_s"] for s, r in zip(shares, rows)) / sum(shares), table.get("preset", "")
+    return None
+
+
+def paper_bound(claim: Claim, a: list, b: list, bench: list[dict]) -> dict:
+    """What the paper scale says of the claim: the per-sample FLOPs ratio (reference over method)
+    and, from `vlp-bench bench` files, the per-sample step-time ratio; a speed-up claim of k x then
+    needs the method to reach the target on k / ratio fewer samples."""
+    part = "vision" if claim.kind == "throughput" else ""  # ToMe's claim is the encoder's own throughput
+    flops = per_sample_flops(a + b, (claim.method[1], claim.reference[1]), part)
+    out: dict = {"flops_ratio": flops[1] / flops[0] if flops else None, "flops_preset": flops[2] if flops else None,
+                 "flops_part": part or "whole sample"}
+    ta, tb = (bench_seconds(bench, claim.method[1]), bench_seconds(bench, claim.reference[1])) if not part else (None, None)
+    out["time_ratio"] = tb[0] / ta[0] if ta and tb else None
+    out["bench_preset"] = ta[1] if ta and tb else None
+    per_sample = out["time_ratio"] or out["flops_ratio"]
+    if claim.kind == "speedup" and per_sample:
+        out["fewer_samples_needed"] = claim.factor / per_sample
+    if claim.paper_samples and flops and flops[2] == "paper":
+        out["gpu_days"] = gpu_days(claim, flops[0], flops[1])
+    return out
+
+
+def gpu_days(claim, method_flops: float, reference_flops: float) -> dict:
+    """A100-days of each arm's released training budget (samples) at PAPER_MFU, their ratio, and the
+    compute the paper states where it states one."""
+    days = [n * f / (PAPER_MFU * A100_PEAK * DAY_S) for n, f in zip(claim.paper_samples, (method_flops, reference_flops))]
+    return {"method": days[0], "reference": days[1], "ratio": days[1] / days[0], "mfu": PAPER_MFU,
+            "samples": list(claim.paper_samples), "stated": claim.stated_compute}
+
+
+def throughput_of(claim: Claim, bound: dict) -> dict | None:
+    """A throughput claim's ratio: measured step times when a bench file has both, else FLOPs."""
+    if bound.get("time_ratio"):
+        return {"value": bound["time_ratio"], "source": f"vlp-bench bench --preset {bound['bench_preset']} step times"}
+    if bound.get("flops_ratio"):
+        return {"value": bound["flops_ratio"],
+                "source": f"{bound['flops_part']} FLOPs per sample, {bound['flops_preset']} preset"}
+    return None
