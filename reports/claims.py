@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlp_bench.errors import UserError, suggest
 from vlp_bench.metrics.verdicts import LEVEL, paired_speedup, seeds_needed
 from vlp_bench.reports.claims_scale import paper_bound, throughput_of
 from vlp_bench.reports.summary import compute_speedups, load_runs, metric_value
@@ -106,8 +107,6 @@ CLAIMS = (
 
 def select(only: list[str]) -> list[Claim]:
     """The claims named in `only` (all when empty); an unknown id is a one-line error."""
-    from vlp_bench.errors import UserError, suggest
-
     ids = [c.id for c in CLAIMS]
     for name in only:
         if name not in ids:
@@ -146,8 +145,6 @@ def arm_of(rec: dict) -> tuple[str, float, bool]:
 def find_runs(paths) -> list[Path]:
     """The run directories at or under `paths`, at any depth (a ledger's world-K/STUDY/ too); never
     re-evaluations (evals/) nor tuning trials (tune/), which are not seeds of the compared arms."""
-    from vlp_bench.errors import UserError
-
     out = []
     for p in map(Path, paths):
         if (p / "results.json").is_file():
@@ -170,7 +167,8 @@ def group_runs(paths) -> dict[str, dict[tuple, list]]:
     return {w: {a: sorted(rs, key=lambda r: r.rec["seed"]) for a, rs in arms.items()} for w, arms in sorted(out.items())}
 
 
-def arm_key(arm: tuple[str, str], data_fractions=None) -> tuple:
+def arm_key(arm: tuple[str, str]) -> tuple:
+    """A claim's arm (study, method) as the runs' records name it: (method, share, on clips)."""
     study = STUDIES.get(arm[0]) or data_study(float(arm[0].partition("-")[2]))
     return arm[1], study.fraction, study.clips
 
@@ -209,16 +207,22 @@ def quality_ratio(a: list, b: list, metric: str) -> dict | None:
     """The paired ratio a/b of the runs' test `metric`, over the seeds both have."""
     va = {r.rec["seed"]: metric_value(r.rec, metric) for r in a}
     vb = {r.rec["seed"]: metric_value(r.rec, metric) for r in b}
-    seeds = sorted(s for s in set(va) & set(vb) if va[s] and vb[s] and va[s] > 0 and vb[s] > 0)
+    both = sorted(s for s in set(va) & set(vb) if va[s] is not None and vb[s] is not None)
+    seeds = [s for s in both if va[s] > 0 and vb[s] > 0]  # a ratio needs both above 0 (a score of 0 is said)
     if not seeds:
         return None
     out = paired_speedup([va[s] for s in seeds], [vb[s] for s in seeds], LEVEL)
-    return {**out, "seeds": seeds, "method_values": [va[s] for s in seeds], "reference_values": [vb[s] for s in seeds]}
+    return {**out, "seeds": seeds, "method_values": [va[s] for s in seeds], "reference_values": [vb[s] for s in seeds],
+            "left_out_at_zero": [s for s in both if s not in seeds]}
 
 
 def judge_speedup(claim: Claim, a: list, b: list, about: float) -> dict:
     runs = a + b
-    sp = compute_speedups([r.dir for r in runs], [r.rec for r in runs], claim.metric, None, claim.reference[1])
+    try:
+        sp = compute_speedups([r.dir for r in runs], [r.rec for r in runs], claim.metric, None, claim.reference[1])
+    except UserError as e:  # e.g. no learning curve of the metric
+        return {"metric": claim.metric, "measured": {}, "verdict": INCONCLUSIVE, "why_no_number": str(e),
+                "seeds_needed": None}
     entry = sp["methods"].get(claim.method[1], {})
     out = {"target": sp["target"], "target_fraction": 0.8, "metric": claim.metric}
     time, flops = entry.get("time_speedup"), entry.get("flops_speedup")
@@ -228,6 +232,7 @@ def judge_speedup(claim: Claim, a: list, b: list, about: float) -> dict:
                 if "value" in t]
         if both:
             f, time, flops = both[-1]
+            flops = flops if "value" in flops else None
             out.update(target=time["target"], target_fraction=f)
         out["why_no_number"] = _why_not(entry, sp, claim)
     bound = about * claim.factor

@@ -285,3 +285,13 @@ def test_paper_scale_gives_gpu_days_of_the_released_budgets(tmp_path):
     days = bound["gpu_days"]
     assert days["method"] == pytest.approx(250_000 * 1600 * 1.2e12 / (PAPER_MFU * A100_PEAK * 86_400))
     assert days["ratio"] == pytest.approx(330_000 * 1920 * 0.9 / (250_000 * 1600 * 1.2)) and "A100" in days["stated"]
+
+
+def test_a_method_that_never_reaches_the_headline_target_is_read_at_the_highest_target_both_reach(tmp_path):
+    for seed, r in enumerate([5.8, 6.0, 6.3]):  # SimVLG levels off at CIDEr 0.6, BLIP-2 rises to 1.0
+        fake_run(tmp_path / "a", "simvlg", seed, wall_per_step=1.0 / r, top=0.6)
+        fake_run(tmp_path / "b", "blip2", seed, wall_per_step=1.0)
+    world = claim(ledger_mod.ledger([tmp_path]), "simvlg-5x-blip2")["worlds"]["world 0"]
+    assert "did not reach the target in 3 of 3 seeds" in world["why_no_number"]
+    assert world["target_fraction"] < 0.8 and world["target"] < 0.6 and world["measured"]["time"]["value"] > 1
+    assert "of the gap" in claims_text.measured_text(world)
