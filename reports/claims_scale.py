@@ -17,9 +17,7 @@ def per_sample_flops(runs: list, methods: tuple[str, str], part: str = "") -> tu
     """Two methods' FLOPs per training sample at the largest scale their experiments' cost tables
     (flops-paper.json, then flops-vitl-1b.json) both have, and the preset; `part` counts one part
     ("vision": the encoder's forward and backward) instead of the whole sample."""
-    tables = [json.loads(f.read_text()) for name in ("flops-paper.json", "flops-vitl-1b.json")
-              for f in dict.fromkeys(r.dir.parent / name for r in runs) if f.is_file()]
-    for table in tables:
+    for table in cost_tables(runs):
         entries = [table.get("methods", {}).get(m) for m in methods]
         if all(entries):
             value = [sum(e["per_sample"][part].values()) if part else e["total"] for e in entries]
@@ -27,14 +25,28 @@ def per_sample_flops(runs: list, methods: tuple[str, str], part: str = "") -> tu
     return None
 
 
-def bench_seconds(bench: list[dict], method: str) -> tuple[float, str] | None:
-    """Seconds per training sample of `method` in a `vlp-bench bench --json` table (its stages
-    weighted by their shares of training where the table gives them, else equally), and the preset."""
+def cost_tables(runs: list) -> list[dict]:
+    """The cost tables of the runs' experiments, the paper scale's first."""
+    return [json.loads(f.read_text()) for name in ("flops-paper.json", "flops-vitl-1b.json")
+            for f in dict.fromkeys(r.dir.parent / name for r in runs) if f.is_file()]
+
+
+def stage_shares(runs: list, method: str) -> dict[str, float]:
+    """{stage: its share of training steps} of `method`, from its experiment's cost tables."""
+    for table in cost_tables(runs):
+        if entry := table.get("methods", {}).get(method):
+            return {st["name"]: float(st["share"]) for st in entry.get("stages", [])}
+    return {}
+
+
+def bench_seconds(bench: list[dict], method: str, shares: dict[str, float]) -> tuple[float, str] | None:
+    """Seconds per training sample of `method` in a `vlp-bench bench --json` table, its stages
+    weighted by their `shares` of training (a stage not in them: equally), and the preset."""
     for table in bench:
         rows = [r for r in table.get("rows", []) if r.get("method") == method and r.get("samples_per_s")]
         if rows:
-            shares = [float(r.get("share") or 1.0 / len(rows)) for r in rows]
-            return sum(s / r["samples_per_s"] for s, r in zip(shares, rows)) / sum(shares), table.get("preset", "")
+            weights = [shares.get(r.get("stage"), 1.0 / len(rows)) for r in rows]
+            return sum(w / r["samples_per_s"] for w, r in zip(weights, rows)) / sum(weights), table.get("preset", "")
     return None
 
 
@@ -46,7 +58,8 @@ def paper_bound(claim: Claim, a: list, b: list, bench: list[dict]) -> dict:
     flops = per_sample_flops(a + b, (claim.method[1], claim.reference[1]), part)
     out: dict = {"flops_ratio": flops[1] / flops[0] if flops else None, "flops_preset": flops[2] if flops else None,
                  "flops_part": part or "whole sample"}
-    ta, tb = (bench_seconds(bench, claim.method[1]), bench_seconds(bench, claim.reference[1])) if not part else (None, None)
+    ta, tb = [bench_seconds(bench, m, stage_shares(runs, m)) if not part else None
+              for m, runs in ((claim.method[1], a), (claim.reference[1], b))]
     out["time_ratio"] = tb[0] / ta[0] if ta and tb else None
     out["bench_preset"] = ta[1] if ta and tb else None
     per_sample = out["time_ratio"] or out["flops_ratio"]

@@ -149,8 +149,11 @@ def test_a_bench_file_gives_the_paper_scale_time_ratio(tmp_path):
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"preset": "paper", "rows": [
         {"method": "simvlg", "stage": "train", "samples_per_s": 30.0},
-        {"method": "blip2", "stage": "stage1", "samples_per_s": 60.0, "share": 0.75},
-        {"method": "blip2", "stage": "stage2", "samples_per_s": 20.0, "share": 0.25}]}))
+        {"method": "blip2", "stage": "stage1", "samples_per_s": 60.0},
+        {"method": "blip2", "stage": "stage2", "samples_per_s": 20.0}]}))
+    stages = [{"name": "stage1", "share": 0.75}, {"name": "stage2", "share": 0.25}]  # BLIP-2's, from its cost table
+    (tmp_path / "world-0" / "b" / "flops-paper.json").write_text(json.dumps({"preset": "paper", "methods": {
+        "blip2": {"total": 1.0, "stages": stages, "per_sample": {}}}}))
     bound = claim(ledger_mod.ledger([tmp_path / "world-0"], [bench]), "simvlg-5x-blip2")["worlds"]["world 0"]["paper_scale"]
     blip2_s = 0.75 / 60 + 0.25 / 20  # seconds per sample, stages weighted by their shares
     assert bound["time_ratio"] == pytest.approx(blip2_s / (1 / 30))
