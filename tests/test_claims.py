@@ -248,6 +248,9 @@ def test_claims_tunes_runs_every_world_resumes_and_judges(tiny_overrides, tmp_pa
     assert "already done, kept" in proc.stderr and lost.is_file()
     trained = [line for line in proc.stderr.splitlines() if "] run ledger/" in line and "kept" not in line]
     assert len(trained) == 1 and "blip2-1stage-seed1" in trained[0]  # only the lost run trained again
+    assert "tuning" not in proc.stderr  # the searches are done: their best values are read back
+    timing = json.loads((ledger / "timing.json").read_text())
+    assert set(timing) == {"world-0/blip2", "world-1/blip2"} and all(t > 0 for t in timing.values())
 
 
 def test_the_report_shows_the_ledger(tmp_path):

@@ -4,6 +4,7 @@ The claims and the studies they read are data (vlp_bench/reports/claims.py); thi
 them. A ledger directory holds:
 - claims.json: the ledger itself (reports/claims.py `ledger`), rewritten after every study;
 - ledger.json: the config the ledger was started with (what `--resume` continues);
+- timing.json: each study's wall-clock on each world, in seconds (summed over resumed sessions);
 - world-K/STUDY/: one ordinary `vlp-bench run` experiment directory per study and world;
 - tune/METHOD/: with claims.tune, each compared method's tuning search (vlp_bench/search.py).
 
@@ -15,6 +16,7 @@ are kept, interrupted ones continue from their checkpoints).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from vlp_bench.config import BenchConfig, load_config_dict
@@ -26,6 +28,7 @@ from vlp_bench.reports import claims as ledger_mod
 from vlp_bench.typed import to_dict
 
 SAVED = "ledger.json"
+TIMING = "timing.json"
 SEED_SECTIONS = ("world", "vision", "llm", "bert")  # world k adds k to each one's seed
 
 
@@ -60,9 +63,10 @@ def _done(out: Path) -> bool:
     return all(run_status(out / f"{m}-seed{s}") in FINAL for m in cfg["methods"] for s in cfg["seeds"])
 
 
-def run_claims(cfg: BenchConfig, out: Path, resume: bool = False) -> dict:
-    """Run (or continue) every study the selected claims need, on every world, writing the ledger
-    after each; returns the ledger."""
+def run_claims(cfg: BenchConfig | None, out: Path, resume: bool = False) -> dict:
+    """Run (or, with `resume`, continue with its saved config) every study the selected claims
+    need, on every world, writing the ledger after each; returns the ledger. OUT/timing.json keeps
+    each study's wall-clock, summed over the sessions that ran it."""
     if resume:
         cfg = saved_config(out)
     elif (out / SAVED).is_file():
@@ -77,15 +81,18 @@ def run_claims(cfg: BenchConfig, out: Path, resume: bool = False) -> dict:
         raise UserError(f"cannot write to the output directory {out}: {e.strerror or e}") from None
     tuned = tune_methods(cfg, out, studies) if cfg.claims.tune else {}
     total = len(studies) * cfg.claims.worlds
+    timing = json.loads((out / TIMING).read_text()) if (out / TIMING).is_file() else {}
     for i, (study, k) in enumerate(((s, k) for s in studies for k in range(cfg.claims.worlds)), 1):
         where = out / f"world-{k}" / study.name
+        scfg = study_config(cfg, study, k, where, {m: tuned[m] for m in study.methods if m in tuned})
         if _done(where):
             say(f"claims: study {i}/{total} ({study.name}, world {k}) already done, kept")
-            continue
-        say(f"claims: study {i}/{total} ({study.name}, world {k}) in {where}")
-        methods_tuned = {m: tuned[m] for m in study.methods if m in tuned}
-        scfg = study_config(cfg, study, k, where, methods_tuned)
-        run_experiment(scfg, resume=(where / "experiment.json").is_file())
+        else:
+            say(f"claims: study {i}/{total} ({study.name}, world {k}) in {where}")
+            t0 = time.perf_counter()
+            run_experiment(scfg, resume=(where / "experiment.json").is_file())
+            timing[f"world-{k}/{study.name}"] = timing.get(f"world-{k}/{study.name}", 0.0) + time.perf_counter() - t0
+            atomic_write_json(out / TIMING, timing)
         write_costs(scfg, where)
         write_ledger(out)
     return write_ledger(out)
@@ -98,9 +105,13 @@ def write_costs(cfg: BenchConfig, out: Path) -> None:
     from vlp_bench.experiment import reference_method
 
     path = out / "flops-vitl-1b.json"
-    if not path.is_file():
+    if path.is_file():
+        return
+    try:
         table = costmodel.costable_table(costmodel.scale("vitl-1b", cfg), cfg.experiment.methods, reference_method(cfg))
         atomic_write_json(path, table)
+    except Exception as e:  # noqa: BLE001 - the study's runs are done; the ledger reads the paper scale alone
+        say(f"the vitl-1b costs of {out} could not be written ({type(e).__name__}: {e})")
 
 
 def saved_config(out: Path) -> BenchConfig:
@@ -135,7 +146,8 @@ def tune_methods(cfg: BenchConfig, out: Path, studies: list) -> dict:
     metric; returns {method: its best train.* values}. Resumes the searches it finds."""
     from vlp_bench.search import run_search
 
-    best: dict = {}
+    saved = out / "tune" / "best.json"
+    best: dict = json.loads(saved.read_text()) if saved.is_file() else {}  # a resumed ledger's, kept
     for study in studies:
         for method in study.methods:
             if method in best:
@@ -153,5 +165,5 @@ def tune_methods(cfg: BenchConfig, out: Path, studies: list) -> dict:
             if not summary["best"]:
                 raise UserError(f"tuning {method}: no trial finished (see {out / 'tune' / method})")
             best[method] = {k.partition(".")[2]: v for k, v in trials[summary["best"][0]]["params"].items()}
-    atomic_write_json(out / "tune" / "best.json", best)
+            atomic_write_json(saved, best)
     return best

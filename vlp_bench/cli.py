@@ -217,7 +217,7 @@ def claims(
     elif resume is not None:
         if config or set_ or out or only or worlds or seeds or tune is not None:
             raise UserError("--resume continues a ledger with its saved config; give it no other option")
-        result = claims_mod.run_claims(claims_mod.saved_config(resume), resume, resume=True)
+        result = claims_mod.run_claims(None, resume, resume=True)
         out = resume
     else:
         overrides = list(set_ or [])
