@@ -63,6 +63,9 @@ def test_search_space_is_the_methods_own_with_the_config_laid_over_it():
     with pytest.raises(UserError, match="method 'mlp' declares no search_space"):
         space_of(METHODS.get("mlp"), {})
     assert space_of(METHODS.get("mlp"), {"x": [1]}) == {"x": [1]}  # run_search then names unknown settings
+    lr = {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}
+    assert space_of(simvlg, lr, method_space=False) == lr  # training settings alone (equal tuning)
+    assert space_of(simvlg, lr) == {**simvlg.search_space, **lr}
 
 
 @pytest.mark.parametrize("override, message", [
@@ -72,6 +75,7 @@ def test_search_space_is_the_methods_own_with_the_config_laid_over_it():
     ("search.trials=0", "trials must be >= 1"),
     ("search.metric=vqa.overall", "task 'vqa' is not in experiment.tasks ['caption']"),
     ("search.space.widht=[1]", "['widht'] are not settings of methods.simvlg"),
+    ("search.space={'train.lrr' = [1e-3]}", "['train.lrr'] are not settings of methods.simvlg"),
 ])
 def test_bad_search_configs_are_one_line_errors(override, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vlp_bench", "search", "--set", override, "--set",
