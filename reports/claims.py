@@ -10,8 +10,8 @@ A claim compares two arms (a method in a study) with paired seeds and reads one 
 - "better": the paired quality ratio's interval above 1 reproduces it; below 1 + margin (at most a
   marginal gain) refutes it;
 - "near" (no noticeable drop): the ratio's interval above 1 - margin reproduces it; below refutes it;
-- "throughput k at a small quality cost": the throughput ratio (a `vlp-bench bench` file's step
-  times, else the paper-scale FLOPs) at or above `about` x k and the quality ratio "near".
+- "throughput k at a small quality cost": the encoder's throughput ratio (its FLOPs per sample at
+  the largest scale costed) at or above `about` x k and the quality ratio "near".
 One seed gives no interval: inconclusive, with the seeds a decision would need where a spread is
 known. A claim judged on several worlds is "robust" when every world gives the same verdict and
 "fragile" when they differ (its verdict is then inconclusive).
@@ -19,7 +19,6 @@ known. A claim judged on several worlds is "robust" when every world gives the s
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 
 from vlp_bench.errors import UserError, suggest
 from vlp_bench.metrics.verdicts import LEVEL, paired_speedup, seeds_needed
-from vlp_bench.reports.claims_scale import paper_bound, throughput_of
+from vlp_bench.reports.claims_scale import paper_bound, read_json, throughput_of
 from vlp_bench.reports.summary import compute_speedups, load_runs, metric_value
 
 REPRODUCED, REFUTED, INCONCLUSIVE = "reproduced", "refuted", "inconclusive"
@@ -118,12 +117,16 @@ def select(only: list[str]) -> list[Claim]:
 def studies_for(claims: list[Claim], cfg) -> list[Study]:
     """The studies the claims read, in the order of STUDIES (the data sweep last); `cfg` is the
     ledger's ClaimsConfig (its data fractions)."""
-    sweep = [data_study(f) for f in cfg.data_fractions] if any(c.id == "simvlg-tenth-data" for c in claims) else []
     names = {arm[0] for c in claims for arm in (c.method, c.reference)}
-    out = [s for s in STUDIES.values() if s.name in names]
-    if sweep and "bridges" not in names:  # the sweep's full-data point
-        out.insert(0, STUDIES["bridges"])
-    return out + [s for s in sweep if s.name not in {x.name for x in out}]
+    data = [study_of(n) for n in sorted(names) if n not in STUDIES]  # a claim's own share of the data
+    sweep = [data_study(f) for f in cfg.data_fractions] if data else []
+    out = [s for s in STUDIES.values() if s.name in names or (sweep and s.name == "bridges")]  # + its full-data point
+    return out + list({s.name: s for s in data + sweep}.values())
+
+
+def study_of(name: str) -> Study:
+    """A study by name: one of STUDIES, or "data-F" (SimVLG on a share F of the training set)."""
+    return STUDIES.get(name) or data_study(float(name.partition("-")[2]))
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -165,12 +168,20 @@ def group_runs(paths) -> dict[str, dict[tuple, list]]:
     for run in load_runs(find_runs(paths)):
         if run.finished:
             out.setdefault(world_of(run.rec), {}).setdefault(arm_of(run.rec), []).append(run)
+    for world, arms in out.items():
+        for arm, runs in arms.items():
+            seen: dict = {}
+            for r in runs:
+                if r.rec["seed"] in seen:
+                    raise UserError(f"two runs of {arm[0]} with seed {r.rec['seed']} on {world}: {seen[r.rec['seed']]} "
+                                    f"and {r.dir}; judge one of them (--from the directories to compare)")
+                seen[r.rec["seed"]] = r.dir
     return {w: {a: sorted(rs, key=lambda r: r.rec["seed"]) for a, rs in arms.items()} for w, arms in sorted(out.items())}
 
 
 def arm_key(arm: tuple[str, str]) -> tuple:
     """A claim's arm (study, method) as the runs' records name it: (method, share, on clips)."""
-    study = STUDIES.get(arm[0]) or data_study(float(arm[0].partition("-")[2]))
+    study = study_of(arm[0])
     return arm[1], study.fraction, study.clips
 
 
@@ -183,16 +194,13 @@ def tuned_label(runs: list) -> str:
 # ----------------------------------------------------------------------------- judging
 
 
-def interval_verdict(s: dict, low_bound: float | None, high_bound: float | None) -> str:
-    """reproduced when the interval's low end is above `low_bound`; refuted when its high end is
-    below `high_bound`; else (or with no interval) inconclusive."""
+def interval_verdict(s: dict, low_bound: float, high_bound: float) -> str:
+    """refuted when the interval's high end is below `high_bound` (the claimed effect excluded, which
+    decides first: "faster, but by less than claimed" refutes the claim); else reproduced when its
+    low end is above `low_bound`; else, or with no interval, inconclusive."""
     if s.get("ci_low") is None:
         return INCONCLUSIVE
-    if low_bound is not None and s["ci_low"] > low_bound:
-        return REPRODUCED
-    if high_bound is not None and s["ci_high"] < high_bound:
-        return REFUTED
-    return INCONCLUSIVE
+    return REFUTED if s["ci_high"] < high_bound else REPRODUCED if s["ci_low"] > low_bound else INCONCLUSIVE
 
 
 def needed(s: dict, bounds: list[float]) -> int | None:
@@ -227,21 +235,19 @@ def judge_speedup(claim: Claim, a: list, b: list, about: float) -> dict:
     entry = sp["methods"].get(claim.method[1], {})
     out = {"target": sp["target"], "target_fraction": 0.8, "metric": claim.metric}
     time, flops = entry.get("time_speedup"), entry.get("flops_speedup")
-    if time is None:  # the headline target has no number: the highest grid target both reach
-        curve = sp["curve"]["methods"].get(claim.method[1], {})
-        both = [(f, t, fl) for f, t, fl in zip(sp["curve"]["fractions"], curve.get("time", []), curve.get("flops", []))
-                if "value" in t]
-        if both:
-            f, time, flops = both[-1]
-            flops = flops if "value" in flops else None
-            out.update(target=time["target"], target_fraction=f)
-        out["why_no_number"] = _why_not(entry, sp, claim)
     bound = about * claim.factor
-    value = {"time": time, "flops": flops}
-    verdict = INCONCLUSIVE
-    if time and time["ci_low"] is not None:  # the claimed factor excluded refutes, before "faster" counts
-        verdict = REFUTED if time["ci_high"] < bound else REPRODUCED if time["ci_low"] > 1 else INCONCLUSIVE
-    return {**out, "measured": value, "verdict": verdict,
+    verdict = interval_verdict(time, 1.0, bound) if time else INCONCLUSIVE
+    if time is None:  # the headline target has no number: shown at the highest grid target both reach,
+        curve = sp["curve"]["methods"].get(claim.method[1], {})  # never a verdict (the method may not get
+        times, flop_list = curve.get("time", []), curve.get("flops", [])  # as good as the reference there)
+        both = [k for k, t in enumerate(times) if "value" in t]
+        if both:
+            k = both[-1]
+            time = times[k]
+            flops = flop_list[k] if k < len(flop_list) and "value" in flop_list[k] else None
+            out.update(target=time["target"], target_fraction=sp["curve"]["fractions"][k])
+        out["why_no_number"] = _why_not(entry, sp, claim)
+    return {**out, "measured": {"time": time, "flops": flops}, "verdict": verdict,
             "seeds_needed": needed(time, [1.0, bound]) if time and verdict == INCONCLUSIVE else None}
 
 
@@ -260,16 +266,17 @@ def _why_not(entry: dict, sp: dict, claim: Claim) -> str:
 def judge_quality(claim: Claim, a: list, b: list, margin: float, about: float, throughput: dict | None) -> dict:
     q = quality_ratio(a, b, claim.metric)
     out = {"metric": claim.metric, "measured": {"quality": q}}
-    if q is None:
-        return {**out, "verdict": INCONCLUSIVE, "why_no_number": "no seed has both arms' test metric"}
-    if claim.kind == "better":
-        verdict, bounds = interval_verdict(q, 1.0, 1.0 + margin), [1.0, 1.0 + margin]
-    else:
-        verdict, bounds = interval_verdict(q, 1.0 - margin, 1.0 - margin), [1.0 - margin]
     if claim.kind == "throughput":
         out["measured"]["throughput"] = throughput
-        holds = throughput is not None and throughput["value"] >= about * claim.factor
-        verdict = REFUTED if throughput is not None and not holds else verdict if throughput else INCONCLUSIVE
+        if throughput is not None and throughput["value"] < about * claim.factor:  # refuted whatever the quality
+            return {**out, "verdict": REFUTED, "seeds_needed": None}
+    if q is None:
+        return {**out, "verdict": INCONCLUSIVE, "why_no_number": "no seed has both arms' test metric",
+                "seeds_needed": None}
+    bounds = [1.0, 1.0 + margin] if claim.kind == "better" else [1.0 - margin]
+    verdict = interval_verdict(q, bounds[0], bounds[-1])
+    if claim.kind == "throughput" and throughput is None and verdict == REPRODUCED:
+        verdict = INCONCLUSIVE  # the quality holds; no scale says the throughput does
     return {**out, "verdict": verdict, "seeds_needed": needed(q, bounds) if verdict == INCONCLUSIVE else None}
 
 
@@ -316,9 +323,11 @@ def ledger(paths, bench_files=(), settings: dict | None = None) -> dict:
     for p in map(Path, paths):
         saved = p / "ledger.json"
         if saved.is_file():
-            cfg.update({k: v for k, v in json.loads(saved.read_text()).get("claims", {}).items() if k in cfg})
+            cfg.update({k: v for k, v in read_json(saved, "a ledger's config").get("claims", {}).items() if k in cfg})
     cfg.update(settings or {})
-    bench = [json.loads(Path(f).read_text()) for f in bench_files]
+    bench = [read_json(f, "a `vlp-bench bench --json` table") for f in bench_files]
+    if not all(isinstance(t, dict) for t in bench):
+        raise UserError("--bench: each file must be a `vlp-bench bench --json` table (a JSON object)")
     worlds = group_runs(paths)
     claims = []
     for claim in CLAIMS:

@@ -5,6 +5,7 @@ cost tables (flops-paper.json, flops-vitl-1b.json), per-sample step times from `
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 # GPU-days = samples x FLOPs per sample / (MFU x peak): an A100's dense bf16 peak, the GPU the papers
 # trained on, at 40% of it, what well-tuned large-model training reaches (docs/claims.md)
@@ -14,43 +15,69 @@ DAY_S = 86_400
 
 
 def per_sample_flops(runs: list, methods: tuple[str, str], part: str = "") -> tuple[float, float, str] | None:
-    """Two methods' FLOPs per training sample at the largest scale their experiments' cost tables
-    (flops-paper.json, then flops-vitl-1b.json) both have, and the preset; `part` counts one part
-    ("vision": the encoder's forward and backward) instead of the whole sample."""
-    for table in cost_tables(runs):
-        entries = [table.get("methods", {}).get(m) for m in methods]
-        if all(entries):
-            value = [sum(e["per_sample"][part].values()) if part else e["total"] for e in entries]
-            return float(value[0]), float(value[1]), table.get("preset", "")
+    """Two methods' FLOPs per training sample at the largest scale the cost tables of their
+    experiments (flops-paper.json, then flops-vitl-1b.json; each method from any table of the
+    preset) cost both at, and the preset; `part` counts one part ("vision": the encoder's forward
+    and backward) instead of the whole sample."""
+    for preset, entries in by_preset(runs).items():
+        if all(m in entries for m in methods):
+            found = [entries[m] for m in methods]
+            value = [sum(e["per_sample"][part].values()) if part else e["total"] for e in found]
+            return float(value[0]), float(value[1]), preset
     return None
 
 
-def cost_tables(runs: list) -> list[dict]:
-    """The cost tables of the runs' experiments, the paper scale's first."""
-    return [json.loads(f.read_text()) for name in ("flops-paper.json", "flops-vitl-1b.json")
-            for f in dict.fromkeys(r.dir.parent / name for r in runs) if f.is_file()]
+def by_preset(runs: list) -> dict[str, dict[str, dict]]:
+    """{preset: {method: its entry}} of the runs' experiments' cost tables, the paper scale first."""
+    out: dict[str, dict[str, dict]] = {}
+    for name in ("flops-paper.json", "flops-vitl-1b.json"):
+        for f in dict.fromkeys(r.dir.parent / name for r in runs):
+            if f.is_file():
+                table = read_json(f, "a `vlp-bench flops --json` table")
+                out.setdefault(table.get("preset", name), {}).update(table.get("methods", {}))
+    return out
+
+
+def read_json(path, what: str):
+    """A JSON file, or a one-line error naming it and what it should be."""
+    from vlp_bench.errors import UserError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSON, UTF-8
+        raise UserError(f"{path}: not {what} ({type(e).__name__}: {e})") from None
 
 
 def stage_shares(runs: list, method: str) -> dict[str, float]:
     """{stage: its share of training steps} of `method`, from its experiment's cost tables."""
-    for table in cost_tables(runs):
-        if entry := table.get("methods", {}).get(method):
-            return {st["name"]: float(st["share"]) for st in entry.get("stages", [])}
+    for entries in by_preset(runs).values():
+        if method in entries:
+            return {st["name"]: float(st["share"]) for st in entries[method].get("stages", [])}
     return {}
 
 
-def bench_seconds(bench: list[dict], method: str, shares: dict[str, float]) -> tuple[float, str] | None:
+def bench_seconds(table: dict, method: str, shares: dict[str, float]) -> float | None:
     """Seconds per training sample of `method` in a `vlp-bench bench --json` table, its stages
-    weighted by their `shares` of training (a stage not in them: equally), and the preset."""
+    weighted by their `shares` of training (a stage not in them: equally)."""
+    rows = [r for r in table.get("rows", []) if isinstance(r, dict) and r.get("method") == method
+            and r.get("samples_per_s")]
+    if not rows:
+        return None
+    weights = [shares.get(r.get("stage"), 1.0 / len(rows)) for r in rows]
+    return sum(w / r["samples_per_s"] for w, r in zip(weights, rows)) / sum(weights)
+
+
+def bench_ratio(bench: list[dict], a: list, b: list, methods: tuple[str, str]) -> tuple[float, str] | None:
+    """The reference's seconds per sample over the method's, from the first bench table that
+    measured both (never two tables mixed), and its preset."""
     for table in bench:
-        rows = [r for r in table.get("rows", []) if r.get("method") == method and r.get("samples_per_s")]
-        if rows:
-            weights = [shares.get(r.get("stage"), 1.0 / len(rows)) for r in rows]
-            return sum(w / r["samples_per_s"] for w, r in zip(weights, rows)) / sum(weights), table.get("preset", "")
+        ta, tb = (bench_seconds(table, m, stage_shares(runs, m)) for m, runs in zip(methods, (a, b)))
+        if ta and tb:
+            return tb / ta, str(table.get("preset", ""))
     return None
 
 
-def paper_bound(claim: Claim, a: list, b: list, bench: list[dict]) -> dict:
+def paper_bound(claim, a: list, b: list, bench: list[dict]) -> dict:
     """What the paper scale says of the claim: the per-sample FLOPs ratio (reference over method)
     and, from `vlp-bench bench` files, the per-sample step-time ratio; a speed-up claim of k x then
     needs the method to reach the target on k / ratio fewer samples."""
@@ -58,10 +85,8 @@ def paper_bound(claim: Claim, a: list, b: list, bench: list[dict]) -> dict:
     flops = per_sample_flops(a + b, (claim.method[1], claim.reference[1]), part)
     out: dict = {"flops_ratio": flops[1] / flops[0] if flops else None, "flops_preset": flops[2] if flops else None,
                  "flops_part": part or "whole sample"}
-    ta, tb = [bench_seconds(bench, m, stage_shares(runs, m)) if not part else None
-              for m, runs in ((claim.method[1], a), (claim.reference[1], b))]
-    out["time_ratio"] = tb[0] / ta[0] if ta and tb else None
-    out["bench_preset"] = ta[1] if ta and tb else None
+    timed = None if part else bench_ratio(bench, a, b, (claim.method[1], claim.reference[1]))
+    out["time_ratio"], out["bench_preset"] = timed if timed else (None, None)
     per_sample = out["time_ratio"] or out["flops_ratio"]
     if claim.kind == "speedup" and per_sample:
         out["fewer_samples_needed"] = claim.factor / per_sample
@@ -78,10 +103,9 @@ def gpu_days(claim, method_flops: float, reference_flops: float) -> dict:
             "samples": list(claim.paper_samples), "stated": claim.stated_compute}
 
 
-def throughput_of(claim: Claim, bound: dict) -> dict | None:
-    """A throughput claim's ratio: measured step times when a bench file has both, else FLOPs."""
-    if bound.get("time_ratio"):
-        return {"value": bound["time_ratio"], "source": f"vlp-bench bench --preset {bound['bench_preset']} step times"}
+def throughput_of(claim, bound: dict) -> dict | None:
+    """A throughput claim's ratio: its part's FLOPs per sample (a bench file's whole-step times do
+    not isolate the encoder, so they are not used for it)."""
     if bound.get("flops_ratio"):
         return {"value": bound["flops_ratio"],
                 "source": f"{bound['flops_part']} FLOPs per sample, {bound['flops_preset']} preset"}

@@ -96,6 +96,7 @@ def quality_pair(root: Path, method: str, reference: str, metric: str, values: l
 @pytest.mark.parametrize("values, verdict", [
     ([(1.2, 1.0), (1.25, 1.02), (1.18, 0.99)], REPRODUCED),
     ([(0.90, 1.0), (0.92, 1.01), (0.89, 0.99)], REFUTED),  # worse: not even the margin's gain
+    ([(1.02, 1.0), (1.03, 1.0), (1.025, 1.0)], REFUTED),  # better, but by at most the margin: not "substantially"
     ([(1.3, 1.0), (0.8, 1.0), (1.1, 1.0)], INCONCLUSIVE),
 ])
 def test_a_better_claim_is_the_paired_quality_ratio_above_one(tmp_path, values, verdict):
@@ -132,6 +133,7 @@ def write_costs(experiment: Path, vision: dict[str, float]) -> None:
     (2.0, [(0.99, 1.0), (1.0, 1.01), (0.985, 0.99)], REPRODUCED),
     (1.3, [(0.99, 1.0), (1.0, 1.01), (0.985, 0.99)], REFUTED),  # the quality holds, the throughput does not
     (2.0, [(0.99, 1.0), (0.80, 1.0), (1.05, 1.0)], INCONCLUSIVE),
+    (1.3, [(0.99, 1.0), (0.80, 1.0), (1.05, 1.0)], REFUTED),  # the throughput alone refutes it
 ])
 def test_a_throughput_claim_needs_the_encoders_ratio_and_a_small_quality_cost(tmp_path, vision, values, verdict):
     for seed, (a, b) in enumerate(values):
@@ -205,12 +207,19 @@ def test_study_configs_shift_every_seed_that_makes_a_world():
 @pytest.mark.parametrize("args, message", [
     (["--only", "simvlg-6x"], "unknown claim 'simvlg-6x'"),
     (["--from", ".", "--seeds", "2"], "--from judges finished runs as they are"),
+    (["--from", ".", "--set", "train.lr=1"], "--from judges finished runs as they are"),
+    (["--from", ".", "--set", "claims.margin=2"], "margin must be in (0, 1)"),
     (["--resume", "nowhere"], "nothing to resume in nowhere"),
     (["--set", "claims.worlds=0"], "worlds must be >= 1"),
-    (["--set", "claims.tune_space={'lr' = {low = 1, high = 2}}"], "equal tuning searches train.* settings only"),
+    (["--set", "claims.tune_space={'lr' = {low = 1, high = 2}}"], "equal tuning searches the training settings"),
+    (["--set", "claims.tune_space={'train.steps' = [10]}"], "train.lr, train.warmup_steps"),
     (["--bench", "missing.json"], "--bench missing.json: no such file"),
+    (["--tune", "2", "--set", "claims.tune_seed=0"], "claims.tune_seed 0 is one of experiment.seeds [0]"),
+    (["--from", ".", "--bench", "bad.json"], "bad.json: not a `vlp-bench bench --json` table"),
 ])
 def test_bad_claims_input_is_a_one_line_error(tmp_path, args, message):
+    (tmp_path / "bad.json").write_text("{not json")
+    fake_run(tmp_path / "runs", "simvlg", 0)
     proc = cli(["claims", *args], tmp_path)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
@@ -225,10 +234,10 @@ def test_claims_tunes_runs_every_world_resumes_and_judges(tiny_overrides, tmp_pa
                 "--out", "ledger", "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ledger = tmp_path / "ledger"
-    best = json.loads((ledger / "tune" / "best.json").read_text())
+    best = json.loads((ledger / "tune" / "best.json").read_text())["blip2"]  # the study the claim compares in
     assert set(best) == {"blip2", "blip2-1stage"} and all(set(v) == {"lr", "warmup_steps"} for v in best.values())
     for method in best:
-        search = json.loads((ledger / "tune" / method / "search.json").read_text())
+        search = json.loads((ledger / "tune" / "blip2" / method / "search.json").read_text())
         assert len(search["trials"]) == 2 and set(search["trials"][0]["params"]) == {"train.lr", "train.warmup_steps"}
         assert search["trials"][0]["params"]["train.lr"] == 0.001  # the first trial is [train] as configured
         for world in (0, 1):
@@ -283,9 +292,9 @@ def test_paper_scale_gives_gpu_days_of_the_released_budgets(tmp_path):
     from vlp_bench.reports.claims_scale import A100_PEAK, PAPER_MFU
 
     speed_pair(tmp_path, [5.8, 6.0, 6.3])
-    costs = {"preset": "paper", "methods": {"simvlg": {"total": 1.2e12, "per_sample": {}},
-                                            "blip2": {"total": 0.9e12, "per_sample": {}}}}
-    (tmp_path / "world-0" / "a" / "flops-paper.json").write_text(json.dumps(costs))
+    for study, method, flops in (("a", "simvlg", 1.2e12), ("b", "blip2", 0.9e12)):  # each study costs its own methods
+        costs = {"preset": "paper", "methods": {method: {"total": flops, "per_sample": {}}}}
+        (tmp_path / "world-0" / study / "flops-paper.json").write_text(json.dumps(costs))
     bound = claim(ledger_mod.ledger([tmp_path]), "simvlg-5x-blip2")["worlds"]["world 0"]["paper_scale"]
     assert bound["flops_ratio"] == pytest.approx(0.75) and bound["fewer_samples_needed"] == pytest.approx(5 / 0.75)
     days = bound["gpu_days"]
@@ -299,5 +308,15 @@ def test_a_method_that_never_reaches_the_headline_target_is_read_at_the_highest_
         fake_run(tmp_path / "b", "blip2", seed, wall_per_step=1.0)
     world = claim(ledger_mod.ledger([tmp_path]), "simvlg-5x-blip2")["worlds"]["world 0"]
     assert "did not reach the target in 3 of 3 seeds" in world["why_no_number"]
+    assert world["verdict"] == INCONCLUSIVE  # shown at a lower target, never judged there: it may be a quality drop
     assert world["target_fraction"] < 0.8 and world["target"] < 0.6 and world["measured"]["time"]["value"] > 1
     assert "of the gap" in claims_text.measured_text(world)
+
+
+def test_two_runs_of_one_arm_with_one_seed_are_named_not_mixed(tmp_path):
+    from vlp_bench.errors import UserError
+
+    speed_pair(tmp_path / "one", [5.8, 6.0, 6.3])
+    speed_pair(tmp_path / "two", [1.5, 1.5, 1.5])
+    with pytest.raises(UserError, match="two runs of simvlg with seed 0 on world 0"):
+        ledger_mod.ledger([tmp_path / "one", tmp_path / "two"])

@@ -21,6 +21,8 @@ from vlp_bench.registry import METHODS
 from vlp_bench.methods.simvlg import schedule_values as method_values
 from vlp_bench.search import space_of
 
+from conftest import random_backbones
+
 import optuna
 
 
@@ -269,3 +271,19 @@ def test_a_killed_workers_trial_fails_and_is_retried(postgres, tiny_overrides, t
     assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
     assert retried[0].params == trials[0].params
     assert [t.state for t in trials[1:]] == [optuna.trial.TrialState.COMPLETE] * 2  # nothing else ran or hangs
+
+
+def test_start_points_carry_the_configured_training_values_the_space_holds():
+    from vlp_bench.experiment import load_config
+    from vlp_bench.search import start_points
+
+    bench = load_config(None, ["experiment.methods=['simvlg']", "search.method=simvlg", "train.lr=1e-3"])
+    simvlg = METHODS.get("simvlg")
+    backbones = random_backbones()
+    own = space_of(simvlg, {})
+    lr = {"low": 1e-4, "high": 1e-2, "log": True}
+    known = start_points(simvlg, bench, backbones, own)
+    with_lr = start_points(simvlg, bench, backbones, {**own, "train.lr": lr})
+    assert known and with_lr == [{**p, "train.lr": 1e-3} for p in known]  # the method's points, at [train]'s lr
+    assert start_points(simvlg, bench, backbones, {"train.lr": lr}) == [{"train.lr": 1e-3}]
+    assert start_points(simvlg, bench, backbones, {"train.warmup_steps": [0]}) == []  # 30 is not in the space

@@ -6,7 +6,8 @@ them. A ledger directory holds:
 - ledger.json: the config the ledger was started with (what `--resume` continues);
 - timing.json: each study's wall-clock on each world, in seconds (summed over resumed sessions);
 - world-K/STUDY/: one ordinary `vlp-bench run` experiment directory per study and world;
-- tune/METHOD/: with claims.tune, each compared method's tuning search (vlp_bench/search.py).
+- tune/STUDY/METHOD/: with claims.tune, each compared arm's tuning search (vlp_bench/search.py), and
+  tune/best.json: {study: {method: its tuned train values}}.
 
 Studies run one after another, each on every world before the next, so an interrupted ledger
 already decides the claims of the studies it finished; `--resume` continues the rest (finished runs
@@ -15,7 +16,6 @@ are kept, interrupted ones continue from their checkpoints).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from vlp_bench.experiment import FINAL, run as run_experiment, run_status
 from vlp_bench.files import atomic_write_json
 from vlp_bench.log import say
 from vlp_bench.reports import claims as ledger_mod
+from vlp_bench.reports.claims_scale import read_json
 from vlp_bench.typed import to_dict
 
 SAVED = "ledger.json"
@@ -59,7 +60,7 @@ def _done(out: Path) -> bool:
     saved = out / "experiment.json"
     if not saved.is_file():
         return False
-    cfg = json.loads(saved.read_text())["experiment"]
+    cfg = read_json(saved, "an experiment's config")["experiment"]
     return all(run_status(out / f"{m}-seed{s}") in FINAL for m in cfg["methods"] for s in cfg["seeds"])
 
 
@@ -79,12 +80,15 @@ def run_claims(cfg: BenchConfig | None, out: Path, resume: bool = False) -> dict
         atomic_write_json(out / SAVED, to_dict(cfg))
     except OSError as e:
         raise UserError(f"cannot write to the output directory {out}: {e.strerror or e}") from None
-    tuned = tune_methods(cfg, out, studies) if cfg.claims.tune else {}
+    if cfg.claims.tune and cfg.claims.tune_seed in cfg.experiment.seeds:
+        raise UserError(f"claims.tune_seed {cfg.claims.tune_seed} is one of experiment.seeds {cfg.experiment.seeds}: "
+                        f"a judged seed would help choose the settings")
+    tuned = tune_methods(cfg, out, claims) if cfg.claims.tune else {}
     total = len(studies) * cfg.claims.worlds
-    timing = json.loads((out / TIMING).read_text()) if (out / TIMING).is_file() else {}
+    timing = read_json(out / TIMING, "a ledger's timings") if (out / TIMING).is_file() else {}
     for i, (study, k) in enumerate(((s, k) for s in studies for k in range(cfg.claims.worlds)), 1):
         where = out / f"world-{k}" / study.name
-        scfg = study_config(cfg, study, k, where, {m: tuned[m] for m in study.methods if m in tuned})
+        scfg = study_config(cfg, study, k, where, tuned.get(study.name, {}))
         if _done(where):
             say(f"claims: study {i}/{total} ({study.name}, world {k}) already done, kept")
         else:
@@ -119,15 +123,15 @@ def saved_config(out: Path) -> BenchConfig:
     path = out / SAVED
     if not path.is_file():
         raise UserError(f"nothing to resume in {out}: no {SAVED} (was it made by `vlp-bench claims`?)")
-    return load_config_dict(json.loads(path.read_text()))
+    return load_config_dict(read_json(path, "a ledger's config"))
 
 
-def write_ledger(out: Path, bench_files: list[Path] = (), sources: list[Path] = ()) -> dict:
-    """Judge the claims from the result files of the ledger directory (or of `sources`); writes
-    OUT/claims.json and OUT/report.html."""
+def write_ledger(out: Path, bench_files: list[Path] = (), sources: list[Path] = (), settings: dict | None = None) -> dict:
+    """Judge the claims from the result files of the ledger directory (or of `sources`; `settings`:
+    the rule's margin and about, if not the saved ones); writes OUT/claims.json and OUT/report.html."""
     from vlp_bench.reports import html
 
-    result = ledger_mod.ledger(list(sources) or [out], bench_files)
+    result = ledger_mod.ledger(list(sources) or [out], bench_files, settings)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -140,30 +144,32 @@ def write_ledger(out: Path, bench_files: list[Path] = (), sources: list[Path] = 
     return result
 
 
-def tune_methods(cfg: BenchConfig, out: Path, studies: list) -> dict:
-    """Equal tuning: the same `claims.tune`-trial search over `claims.tune_space` for every method the
-    studies compare, on world 0 with seed claims.tune_seed, each on its study's headline validation
-    metric; returns {method: its best train.* values}. Resumes the searches it finds."""
+def tune_methods(cfg: BenchConfig, out: Path, claims: list) -> dict:
+    """Equal tuning: the same `claims.tune`-trial search over `claims.tune_space` for every arm the
+    claims compare (a method in a study), on world 0 with seed claims.tune_seed, on its study's
+    headline validation metric; returns {study: {method: its best train.* values}}. Resumes the
+    searches it finds; tune/best.json keeps what is done."""
     from vlp_bench.search import run_search
 
     saved = out / "tune" / "best.json"
-    best: dict = json.loads(saved.read_text()) if saved.is_file() else {}  # a resumed ledger's, kept
-    for study in studies:
-        for method in study.methods:
-            if method in best:
-                continue
-            scfg = study_config(cfg, study, 0, out / "tune" / method, {})
-            data = to_dict(scfg)
-            data["experiment"].update(methods=[method], seeds=[cfg.claims.tune_seed])
-            data["target"]["reference"] = method
-            data["search"].update(method=method, trials=cfg.claims.tune, mode="budget", pruner="none",
-                                  space=cfg.claims.tune_space, method_space=False, study=f"tune-{method}",
-                                  storage="", budget_gflop_per_sample=0.0)
-            say(f"claims: tuning {method} ({cfg.claims.tune} trials over {', '.join(cfg.claims.tune_space)})")
-            summary = run_search(load_config_dict(data), out / "tune" / method)
-            trials = {t["number"]: t for t in summary["trials"]}
-            if not summary["best"]:
-                raise UserError(f"tuning {method}: no trial finished (see {out / 'tune' / method})")
-            best[method] = {k.partition(".")[2]: v for k, v in trials[summary["best"][0]]["params"].items()}
-            atomic_write_json(saved, best)
+    best: dict = read_json(saved, "tuning results") if saved.is_file() else {}
+    arms = dict.fromkeys(arm for c in claims for arm in (c.method, c.reference))
+    for name, method in arms:
+        if method in best.get(name, {}):
+            continue
+        where = out / "tune" / name / method
+        data = to_dict(study_config(cfg, ledger_mod.study_of(name), 0, where, {}))
+        data["experiment"].update(methods=[method], seeds=[cfg.claims.tune_seed])
+        data["target"]["reference"] = method
+        data["search"].update(method=method, trials=cfg.claims.tune, mode="budget", pruner="none",
+                              space=cfg.claims.tune_space, method_space=False, study=f"tune-{name}-{method}",
+                              storage="", budget_gflop_per_sample=0.0)
+        say(f"claims: tuning {method} in {name} ({cfg.claims.tune} trials over {', '.join(cfg.claims.tune_space)})")
+        summary = run_search(load_config_dict(data), where)
+        trials = {t["number"]: t for t in summary["trials"]}
+        if not summary["best"]:
+            raise UserError(f"tuning {method} in {name}: no trial finished (see {where})")
+        best.setdefault(name, {})[method] = {k.partition(".")[2]: v
+                                             for k, v in trials[summary["best"][0]]["params"].items()}
+        atomic_write_json(saved, best)
     return best

@@ -209,11 +209,15 @@ def claims(
         if not f.is_file():
             raise UserError(f"--bench {f}: no such file")
     if from_:
-        if config or set_ or only or worlds or seeds or tune is not None or resume:
-            raise UserError("--from judges finished runs as they are; give it only --bench, --out and --json")
-        result = ledger_mod.ledger(from_, bench_ or [])
+        rule = [o for o in set_ or [] if o.split("=")[0].strip() in ("claims.margin", "claims.about")]
+        if config or len(rule) < len(set_ or []) or only or worlds or seeds or tune is not None or resume:
+            raise UserError("--from judges finished runs as they are; give it only --bench, --out, --json and "
+                            "--set claims.margin / claims.about")
+        rules = _config(None, rule).claims  # typed and validated like any setting
+        settings = {k: getattr(rules, k) for k in ("margin", "about") if any(o.startswith(f"claims.{k}") for o in rule)}
+        result = ledger_mod.ledger(from_, bench_ or [], settings)
         if out is not None:  # the ledger and its page written there
-            result = claims_mod.write_ledger(out, bench_ or [], from_)
+            result = claims_mod.write_ledger(out, bench_ or [], from_, settings)
     elif resume is not None:
         if config or set_ or out or only or worlds or seeds or tune is not None:
             raise UserError("--resume continues a ledger with its saved config; give it no other option")

@@ -105,6 +105,12 @@ class SearchConfig:
             check_spec(name, spec)
 
 
+# the training settings one run of an experiment can take on its own (experiment.train_by_method, a
+# search's train.* keys): the optimiser's. The others (batch size, steps, evaluations) shape what the
+# experiment's runs share (their batches, phases, validation) and stay the experiment's
+PER_RUN_TRAIN = ("lr", "warmup_steps", "weight_decay", "min_lr_ratio", "grad_clip")
+
+
 @dataclass
 class ClaimsConfig:
     """`vlp-bench claims` (vlp_bench/claims.py, reports/claims.py): the papers' claims, each run on
@@ -136,8 +142,9 @@ class ClaimsConfig:
         if not 0 < self.margin < 1 or not 0 < self.about <= 1:
             raise ValueError(f"margin must be in (0, 1) and about in (0, 1], got {self.margin}, {self.about}")
         for name, spec in self.tune_space.items():
-            if not name.startswith("train."):
-                raise ValueError(f"tune_space.{name}: equal tuning searches train.* settings only")
+            if name.partition(".")[0] != "train" or name.partition(".")[2] not in PER_RUN_TRAIN:
+                raise ValueError(f"tune_space.{name}: equal tuning searches the training settings a run takes "
+                                 f"on its own: {', '.join('train.' + k for k in PER_RUN_TRAIN)}")
             check_spec(name, spec)
 
 
@@ -211,9 +218,9 @@ def load_config_dict(data: dict) -> BenchConfig:
     if not cfg.search.metric:  # the search maximises: never the loss
         cfg.search.metric = headline if cfg.target.metric == VAL_LOSS else cfg.target.metric
     for name, values in exp.train_by_method.items():
-        if name not in exp.methods or not isinstance(values, dict):
-            raise UserError(f"experiment.train_by_method.{name}: not one of experiment.methods {exp.methods} "
-                            f"with a table of train settings")
+        if name not in exp.methods or not isinstance(values, dict) or set(values) - set(PER_RUN_TRAIN):
+            raise UserError(f"experiment.train_by_method.{name}: not one of experiment.methods {exp.methods} with "
+                            f"a table of the training settings a run takes on its own ({', '.join(PER_RUN_TRAIN)})")
         from_dict(TrainConfig, {**to_dict(cfg.train), **values}, f"experiment.train_by_method.{name}")
     if cfg.target.reference and cfg.target.reference not in exp.methods:
         raise UserError(f"target.reference '{cfg.target.reference}' is not one of experiment.methods {exp.methods}")

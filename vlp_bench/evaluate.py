@@ -87,6 +87,8 @@ def run_config(run_dir: Path, record: dict, overrides: list[str], tasks: list[st
     data = _json(Path(run_dir) / "config.json")
     exp = data.setdefault("experiment", {})
     exp.update(methods=[record["method"]], seeds=[record["seed"]], out="")
+    own = exp.get("train_by_method", {}).get(record["method"])  # the run's own tuned values, not its peers'
+    exp["train_by_method"] = {record["method"]: own} if own else {}
     if tasks:
         exp["tasks"] = list(tasks)
     data["target"] = {}  # speed-up targets compare methods: nothing to do with one run's evaluation

@@ -25,13 +25,12 @@ import warnings
 from pathlib import Path
 
 from vlp_bench import costmodel
-from vlp_bench.config import BenchConfig, SearchConfig, check_spec
+from vlp_bench.config import PER_RUN_TRAIN, BenchConfig, SearchConfig, check_spec
 from vlp_bench.errors import UserError
 from vlp_bench.experiment import Experiment, StopRun, prepare
 from vlp_bench.files import atomic_write_json, read_jsonl
 from vlp_bench.log import say
 from vlp_bench.registry import METHODS
-from vlp_bench.train.state import TrainConfig
 from vlp_bench.typed import from_dict, to_dict
 
 TRAIN = "train."  # a space entry with this prefix searches a training setting (train.lr), not the method's
@@ -106,11 +105,8 @@ def run_search(bench: BenchConfig, out: Path) -> dict:
     url = cfg.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     study = _open_study(cfg, url)
     experiment = prepare(bench)  # the same preparation as `vlp-bench run`: data, backbones, tasks, batches
-    for point in cls.search_start_points(bench.methods[cfg.method], experiment.backbones, cfg.space):
+    for point in start_points(cls, bench, experiment.backbones, cfg.space):
         study.enqueue_trial(point, skip_if_exists=True)
-    configured = {k: getattr(bench.train, k[len(TRAIN):]) for k in cfg.space if k.startswith(TRAIN)}
-    if configured and not any(k not in configured for k in cfg.space):  # a train-only space starts where [train] is
-        study.enqueue_trial(configured, skip_if_exists=True)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     t0 = time.perf_counter()
     left = cfg.trials - len(study.get_trials(deepcopy=False, states=finished))
@@ -131,6 +127,22 @@ def run_search(bench: BenchConfig, out: Path) -> dict:
     summary = summarize(study, cfg, url, time.perf_counter() - t0)
     atomic_write_json(out / "search.json", summary)
     return summary
+
+
+def start_points(cls, bench: BenchConfig, backbones, space: dict) -> list[dict]:
+    """The trials every study runs first: the method's known points (over its own parameters), each
+    with the training settings of the space at their configured values; a space of training
+    settings alone starts from those. A configured value the space does not hold is left for the
+    sampler (a point must lie in the space)."""
+    train = {k: getattr(bench.train, k[len(TRAIN):]) for k in space if k.startswith(TRAIN)}
+    train = {k: v for k, v in train.items() if _holds(space[k], v)}
+    own = {k: v for k, v in space.items() if not k.startswith(TRAIN)}
+    points = cls.search_start_points(bench.methods[bench.search.method], backbones, own) if own else [{}]
+    return [point for p in points if (point := {**p, **train})]
+
+
+def _holds(spec, value) -> bool:
+    return value in spec if isinstance(spec, list) else spec["low"] <= value <= spec["high"]
 
 
 def _open_study(cfg: SearchConfig, url: str):
@@ -156,12 +168,13 @@ def _check_space(cls, cfg: SearchConfig) -> None:
     into settings (`Method.search_derived`): found before any preparation."""
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     derived = cls.search_derived
-    train = {TRAIN + f.name for f in dataclasses.fields(TrainConfig)}
+    train = {TRAIN + k for k in PER_RUN_TRAIN}
     unknown = {k for k in cfg.space if k not in fields and k not in derived and k not in train
                and not any(d.endswith("_") and k.startswith(d) for d in derived)}
     if unknown:
         raise UserError(f"search.space: {sorted(unknown)} are not settings of methods.{cfg.method} "
-                        f"({', '.join(sorted(fields))})")
+                        f"({', '.join(sorted(fields))}) nor training settings a run takes on its own "
+                        f"({', '.join(TRAIN + k for k in PER_RUN_TRAIN)})")
 
 
 class _Objective:
