@@ -320,3 +320,17 @@ def test_two_runs_of_one_arm_with_one_seed_are_named_not_mixed(tmp_path):
     speed_pair(tmp_path / "two", [1.5, 1.5, 1.5])
     with pytest.raises(UserError, match="two runs of simvlg with seed 0 on world 0"):
         ledger_mod.ledger([tmp_path / "one", tmp_path / "two"])
+
+
+def test_a_tuned_run_is_evaluated_again_with_its_own_values_only(tmp_path):
+    from vlp_bench.evaluate import run_config
+    from vlp_bench.experiment import load_config
+    from vlp_bench.typed import to_dict
+
+    tuned = {"blip2": {"lr": 2e-3}, "blip2-1stage": {"lr": 5e-4, "warmup_steps": 10}}
+    cfg = load_config(None, ["experiment.methods=['blip2', 'blip2-1stage']",
+                             "experiment.train_by_method=" + json.dumps(tuned).replace(":", "=")])
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(cfg)))
+    again = run_config(tmp_path, {"method": "blip2-1stage", "seed": 0}, [], None)
+    assert again.experiment.methods == ["blip2-1stage"] and again.experiment.train_by_method == {
+        "blip2-1stage": tuned["blip2-1stage"]}
