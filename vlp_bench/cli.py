@@ -203,7 +203,8 @@ def claims(
 
     if list_claims:
         for c in ledger_mod.CLAIMS:
-            typer.echo(f"{c.id:<26} {c.source:<7} {c.statement} [{c.method[1]} against {c.reference[1]}]")
+            typer.echo(f"{c.id:<26} {c.source:<7} {c.statement} [{c.method[1]} ({c.method[0]}) against "
+                       f"{c.reference[1]} ({c.reference[0]})]")
         return
     for f in bench_ or []:
         if not f.is_file():
