@@ -409,4 +409,4 @@ def test_bad_files_raise_one_line_user_error(tmp_path: Path, case: tuple) -> Non
     assert str(paths[named]) in message
     assert expected in message
     if "unknown" in message or "not in the images" in message:
-        assert "50, 51, 52, 53, 54, ..." in message and "55" not in message
+        assert message.endswith("50, 51, 52, 53, 54, ...")  # five ids, then "..." (the path may hold any digits)
