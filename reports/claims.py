@@ -237,15 +237,18 @@ def judge_speedup(claim: Claim, a: list, b: list, about: float) -> dict:
     time, flops = entry.get("time_speedup"), entry.get("flops_speedup")
     bound = about * claim.factor
     verdict = interval_verdict(time, 1.0, bound) if time else INCONCLUSIVE
-    if time is None:  # the headline target has no number: shown at the highest grid target both reach,
-        curve = sp["curve"]["methods"].get(claim.method[1], {})  # never a verdict (the method may not get
-        times, flop_list = curve.get("time", []), curve.get("flops", [])  # as good as the reference there)
-        both = [k for k, t in enumerate(times) if "value" in t]
-        if both:
+    if time is None:  # the headline target has no number: the highest grid target both reach. It is
+        curve = sp["curve"]["methods"].get(claim.method[1], {})  # judged there only when every seed of the
+        times, flop_list = curve.get("time", []), curve.get("flops", [])  # method met the headline target
+        both = [k for k, t in enumerate(times) if "value" in t]  # (a reference seed that fell short is
+        if both:  # no fault of the method's); a method that fell short may be a quality drop: shown, not judged
             k = both[-1]
             time = times[k]
             flops = flop_list[k] if k < len(flop_list) and "value" in flop_list[k] else None
             out.update(target=time["target"], target_fraction=sp["curve"]["fractions"][k])
+            reached = (entry.get("time_to_target_s") or {}).get("per_seed", [])
+            if reached and all(c is not None and c > 0 for c in reached):
+                verdict = interval_verdict(time, 1.0, bound)
         out["why_no_number"] = _why_not(entry, sp, claim)
     return {**out, "measured": {"time": time, "flops": flops}, "verdict": verdict,
             "seeds_needed": needed(time, [1.0, bound]) if time and verdict == INCONCLUSIVE else None}
