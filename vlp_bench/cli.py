@@ -186,13 +186,13 @@ def claims(
     only: Optional[str] = typer.Option(None, help="Comma-separated claim ids (default: claims.only, else all; --list)."),
     worlds: Optional[int] = typer.Option(None, help="Tiny worlds each claim is judged on (default: claims.worlds)."),
     seeds: Optional[int] = typer.Option(None, help="Seeds 0..N-1 per method and world (default: experiment.seeds)."),
-    tune: Optional[int] = typer.Option(None, help="Equal tuning: N trials of train.* per compared method first "
+    tune: Optional[int] = typer.Option(None, help="Equal tuning: N trials of train.* per compared arm first "
                                        "(default: claims.tune; 0 = default settings)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the ledger in this directory with its saved config."),
     from_: Optional[list[Path]] = typer.Option(None, "--from", help="Judge the runs already in these directories "
                                                "(a ledger, experiments, runs) without training (repeatable)."),
-    bench_: Optional[list[Path]] = typer.Option(None, "--bench", help="A `vlp-bench bench --json` table: throughput "
-                                                "and paper-scale time from its step times (repeatable)."),
+    bench_: Optional[list[Path]] = typer.Option(None, "--bench", help="A `vlp-bench bench --json` table: the "
+                                                "speed-up claims' per-sample time ratio from its step times (repeatable)."),
     list_claims: bool = typer.Option(False, "--list", help="List the claims and the studies each needs."),
     as_json: bool = typer.Option(False, "--json", help="Print the ledger as JSON."),
 ):
