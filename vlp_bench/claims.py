@@ -75,14 +75,14 @@ def run_claims(cfg: BenchConfig | None, out: Path, resume: bool = False) -> dict
                         f"`vlp-bench claims --resume {out}`")
     claims = ledger_mod.select(cfg.claims.only)
     studies = ledger_mod.studies_for(claims, cfg.claims)
+    if cfg.claims.tune and cfg.claims.tune_seed in cfg.experiment.seeds:  # before anything is written
+        raise UserError(f"claims.tune_seed {cfg.claims.tune_seed} is one of experiment.seeds {cfg.experiment.seeds}: "
+                        f"a judged seed would help choose the settings")
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / SAVED, to_dict(cfg))
     except OSError as e:
         raise UserError(f"cannot write to the output directory {out}: {e.strerror or e}") from None
-    if cfg.claims.tune and cfg.claims.tune_seed in cfg.experiment.seeds:
-        raise UserError(f"claims.tune_seed {cfg.claims.tune_seed} is one of experiment.seeds {cfg.experiment.seeds}: "
-                        f"a judged seed would help choose the settings")
     tuned = tune_methods(cfg, out, claims) if cfg.claims.tune else {}
     total = len(studies) * cfg.claims.worlds
     timing = read_json(out / TIMING, "a ledger's timings") if (out / TIMING).is_file() else {}
@@ -94,9 +94,12 @@ def run_claims(cfg: BenchConfig | None, out: Path, resume: bool = False) -> dict
         else:
             say(f"claims: study {i}/{total} ({study.name}, world {k}) in {where}")
             t0 = time.perf_counter()
-            run_experiment(scfg, resume=(where / "experiment.json").is_file())
-            timing[f"world-{k}/{study.name}"] = timing.get(f"world-{k}/{study.name}", 0.0) + time.perf_counter() - t0
-            atomic_write_json(out / TIMING, timing)
+            try:
+                run_experiment(scfg, resume=(where / "experiment.json").is_file())
+            finally:  # an interrupted session's time counts too
+                key = f"world-{k}/{study.name}"
+                timing[key] = timing.get(key, 0.0) + time.perf_counter() - t0
+                atomic_write_json(out / TIMING, timing)
         write_costs(scfg, where)
         write_ledger(out)
     return write_ledger(out)
