@@ -64,10 +64,10 @@ def _done(out: Path) -> bool:
     return all(run_status(out / f"{m}-seed{s}") in FINAL for m in cfg["methods"] for s in cfg["seeds"])
 
 
-def run_claims(cfg: BenchConfig | None, out: Path, resume: bool = False) -> dict:
+def run_claims(cfg: BenchConfig | None, out: Path, resume: bool = False, bench_files: list[Path] = ()) -> dict:
     """Run (or, with `resume`, continue with its saved config) every study the selected claims
-    need, on every world, writing the ledger after each; returns the ledger. OUT/timing.json keeps
-    each study's wall-clock, summed over the sessions that ran it."""
+    need, on every world, writing the ledger after each (with `bench_files`' step times); returns
+    the ledger. OUT/timing.json keeps each study's wall-clock, summed over the sessions that ran it."""
     if resume:
         cfg = saved_config(out)
     elif (out / SAVED).is_file():
@@ -101,8 +101,8 @@ def run_claims(cfg: BenchConfig | None, out: Path, resume: bool = False) -> dict
                 timing[key] = timing.get(key, 0.0) + time.perf_counter() - t0
                 atomic_write_json(out / TIMING, timing)
         write_costs(scfg, where)
-        write_ledger(out)
-    return write_ledger(out)
+        result = write_ledger(out, bench_files)
+    return result
 
 
 def write_costs(cfg: BenchConfig, out: Path) -> None:

@@ -34,6 +34,15 @@ def _overrides(set_: Optional[list[str]], methods: Optional[str] = None, tasks: 
     return overrides
 
 
+def _seed_overrides(seeds: Optional[int]) -> list[str]:
+    """--seeds N as experiment.seeds = [0, ..., N-1] (none when not given)."""
+    if seeds is None:
+        return []
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    return [f"experiment.seeds={list(range(seeds))}"]
+
+
 def _config(config: Optional[Path], overrides: Optional[list[str]]):
     """The experiment's config: --config, else ./bench.toml when there is one, else the defaults."""
     from vlp_bench.experiment import load_config
@@ -64,10 +73,7 @@ def run(
         cfg = resume_config(resume)
     else:
         overrides = _overrides(set_, methods, tasks)
-        if seeds is not None:
-            if seeds < 1:
-                raise UserError(f"--seeds must be >= 1, got {seeds}")
-            overrides.append(f"experiment.seeds={list(range(seeds))}")
+        overrides += _seed_overrides(seeds)
         if out is not None:
             overrides.append("experiment.out=" + json.dumps(str(out)))
         cfg = _config(config, overrides)
@@ -216,13 +222,12 @@ def claims(
                             "--set claims.margin / claims.about")
         rules = _config(None, rule).claims  # typed and validated like any setting
         settings = {k: getattr(rules, k) for k in ("margin", "about") if any(o.startswith(f"claims.{k}") for o in rule)}
-        result = ledger_mod.ledger(from_, bench_ or [], settings)
-        if out is not None:  # the ledger and its page written there
-            result = claims_mod.write_ledger(out, bench_ or [], from_, settings)
+        result = (claims_mod.write_ledger(out, bench_ or [], from_, settings) if out is not None  # + its page
+                  else ledger_mod.ledger(from_, bench_ or [], settings))
     elif resume is not None:
         if config or set_ or out or only or worlds or seeds or tune is not None:
             raise UserError("--resume continues a ledger with its saved config; give it no other option")
-        result = claims_mod.run_claims(None, resume, resume=True)
+        result = claims_mod.run_claims(None, resume, resume=True, bench_files=bench_ or [])
         out = resume
     else:
         overrides = list(set_ or [])
@@ -231,18 +236,13 @@ def claims(
         for key, value in (("claims.worlds", worlds), ("claims.tune", tune)):
             if value is not None:
                 overrides.append(f"{key}={value}")
-        if seeds is not None:
-            if seeds < 1:
-                raise UserError(f"--seeds must be >= 1, got {seeds}")
-            overrides.append(f"experiment.seeds={list(range(seeds))}")
+        overrides += _seed_overrides(seeds)
         cfg = _config(config, overrides)
         ledger_mod.select(cfg.claims.only)  # an unknown claim fails before any work
         import time
 
         out = out or Path("runs") / time.strftime("claims-%Y%m%d-%H%M%S")
-        result = claims_mod.run_claims(cfg, out)
-    if bench_ and out is not None and not from_:
-        result = claims_mod.write_ledger(out, bench_)
+        result = claims_mod.run_claims(cfg, out, bench_files=bench_ or [])
     typer.echo(json.dumps(result, indent=2) if as_json else claims_text.format_ledger(result))
     if out is not None:
         typer.echo(f"ledger in {out} (claims.json)")
