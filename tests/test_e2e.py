@@ -15,6 +15,8 @@ from vlp_bench.results import SCHEMA_VERSION
 from vlp_bench.files import read_jsonl
 from vlp_bench.metrics.vqa import evaluate_files as evaluate_vqa_files
 from vlp_bench.metrics.targets import TARGET_LEVEL, monotone
+from vlp_bench.config import cache_dir, load_config, load_config_dict
+from vlp_bench.data.world.scenes import world_dir
 
 
 pytestmark = pytest.mark.slow  # every test runs the CLI, most of them on the shared tiny experiment
@@ -182,8 +184,8 @@ def test_run_reports_vqa_and_its_samples_rescore(experiment, tmp_path):
     # the samples re-score to the same accuracy with `vlp-bench evaluate vqa`
     (tmp_path / "res.json").write_text(json.dumps([{"question_id": s["question_id"], "answer": s["answer"]}
                                                    for s in samples]))
-    cache = Path(json.loads((run / "config.json").read_text())["experiment"]["cache"])
-    (world,) = (cache / "world").iterdir()
+    cfg = load_config_dict(json.loads((run / "config.json").read_text()))
+    world = world_dir(cfg.world, cache_dir(cfg))  # the shared cache may hold other worlds (the claims test's)
     q, a = world / "vqa" / "questions_test.json", world / "vqa" / "annotations_test.json"
     proc = cli("evaluate", "vqa", "--questions", str(q), "--annotations", str(a),
                "--predictions", str(tmp_path / "res.json"))
@@ -196,8 +198,8 @@ def test_missing_task_files_fail_before_training(tiny_overrides, tmp_path):
     """A data root without VQA files: a one-line error before the backbones or any method train."""
     import shutil
 
-    cache = Path(next(o for o in tiny_overrides if o.startswith("experiment.cache=")).split("=", 1)[1].strip("'"))
-    (world,) = (cache / "world").iterdir()
+    cfg = load_config(overrides=tiny_overrides)
+    world = world_dir(cfg.world, cache_dir(cfg))
     root = tmp_path / "data"
     shutil.copytree(world, root, ignore=shutil.ignore_patterns("vqa"))
     sets = [a for o in [*tiny_overrides, f"data.root='{root}'"] for a in ("--set", o)]
