@@ -231,8 +231,9 @@ def test_claims_tunes_runs_every_world_resumes_and_judges(tiny_overrides, tmp_pa
     per world and the HTML section; a run lost afterwards is run again by --resume, alone."""
     sets = [a for o in tiny_overrides for a in ("--set", o)]
     proc = cli(["claims", *sets, "--only", "blip2-one-stage-collapse", "--worlds", "2", "--seeds", "2", "--tune", "2",
-                "--out", "ledger", "--json"], tmp_path)
+                "--set", "claims.jobs=2", "--out", "ledger", "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 studies, 2 side by side with 1 thread(s) each" in proc.stderr  # the two worlds in two processes
     ledger = tmp_path / "ledger"
     best = json.loads((ledger / "tune" / "best.json").read_text())["blip2"]  # the study the claim compares in
     assert set(best) == {"blip2", "blip2-1stage"} and all(set(v) == {"lr", "warmup_steps"} for v in best.values())
@@ -257,7 +258,7 @@ def test_claims_tunes_runs_every_world_resumes_and_judges(tiny_overrides, tmp_pa
     assert "already done, kept" in proc.stderr and lost.is_file()
     trained = [line for line in proc.stderr.splitlines() if "] run ledger/" in line and "kept" not in line]
     assert len(trained) == 1 and "blip2-1stage-seed1" in trained[0]  # only the lost run trained again
-    assert "tuning" not in proc.stderr  # the searches are done: their best values are read back
+    assert "tuning" not in proc.stderr and "side by side" not in proc.stderr  # one study left: in this process
     timing = json.loads((ledger / "timing.json").read_text())
     assert set(timing) == {"world-0/blip2", "world-1/blip2"} and all(t > 0 for t in timing.values())
 

@@ -16,20 +16,24 @@ are kept, interrupted ones continue from their checkpoints).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+
+import torch
 
 from vlp_bench.config import BenchConfig, load_config_dict
 from vlp_bench.errors import UserError
 from vlp_bench.experiment import FINAL, run as run_experiment, run_status
 from vlp_bench.files import atomic_write_json
-from vlp_bench.log import say
+from vlp_bench.log import say, set_progress, shows_progress
 from vlp_bench.reports import claims as ledger_mod
 from vlp_bench.reports.claims_scale import read_json
 from vlp_bench.typed import to_dict
 
 SAVED = "ledger.json"
 TIMING = "timing.json"
+WALL = "claims-time.json"  # in each study's directory: its wall-clock, summed over sessions
 SEED_SECTIONS = ("world", "vision", "llm", "bert")  # world k adds k to each one's seed
 
 
@@ -84,25 +88,69 @@ def run_claims(cfg: BenchConfig | None, out: Path, resume: bool = False, bench_f
     except OSError as e:
         raise UserError(f"cannot write to the output directory {out}: {e.strerror or e}") from None
     tuned = tune_methods(cfg, out, claims) if cfg.claims.tune else {}
-    total = len(studies) * cfg.claims.worlds
-    timing = read_json(out / TIMING, "a ledger's timings") if (out / TIMING).is_file() else {}
-    for i, (study, k) in enumerate(((s, k) for s in studies for k in range(cfg.claims.worlds)), 1):
-        where = out / f"world-{k}" / study.name
-        scfg = study_config(cfg, study, k, where, tuned.get(study.name, {}))
-        if _done(where):
-            say(f"claims: study {i}/{total} ({study.name}, world {k}) already done, kept")
+    tasks = [(i, study, k) for i, (study, k) in enumerate(((s, k) for s in studies for k in range(cfg.claims.worlds)), 1)]
+    jobs = min(cfg.claims.jobs or os.cpu_count() or 1, cfg.claims.worlds)
+    threads = cfg.experiment.threads or max(1, torch.get_num_threads() // jobs)
+    wheres = {i: out / f"world-{k}" / study.name for i, study, k in tasks}
+    configs = {i: study_config(cfg, study, k, wheres[i], tuned.get(study.name, {})) for i, study, k in tasks}
+    todo = []
+    for i, study, k in tasks:
+        if _done(wheres[i]):
+            say(f"claims: study {i}/{len(tasks)} ({study.name}, world {k}) already done, kept")
+            write_costs(configs[i], wheres[i])
         else:
-            say(f"claims: study {i}/{total} ({study.name}, world {k}) in {where}")
-            t0 = time.perf_counter()
+            todo.append((i, study, k))
+    result = None
+
+    def finished(i: int) -> dict:  # this process alone writes the ledger, after each study
+        write_costs(configs[i], wheres[i])
+        atomic_write_json(out / TIMING, {f"{p.parent.name}/{p.name}": read_json(p / WALL, "a study's time")["wall_s"]
+                                         for p in sorted(out.glob("world-*/*")) if (p / WALL).is_file()})
+        return write_ledger(out, bench_files)
+
+    if jobs == 1 or len(todo) < 2:
+        for i, study, k in todo:
+            say(f"claims: study {i}/{len(tasks)} ({study.name}, world {k}) in {wheres[i]}")
+            run_study(to_dict(configs[i]), 0, None)
+            result = finished(i)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        say(f"claims: {len(todo)} studies, {jobs} side by side with {threads} thread(s) each")
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            running = {pool.submit(run_study, to_dict(configs[i]), threads, shows_progress()): (i, study, k)
+                       for i, study, k in todo}
             try:
-                run_experiment(scfg, resume=(where / "experiment.json").is_file())
-            finally:  # an interrupted session's time counts too
-                key = f"world-{k}/{study.name}"
-                timing[key] = timing.get(key, 0.0) + time.perf_counter() - t0
-                atomic_write_json(out / TIMING, timing)
-        write_costs(scfg, where)
-        result = write_ledger(out, bench_files)
-    return result
+                for done in as_completed(running):
+                    i, study, k = running[done]
+                    done.result()  # a failure is raised here, as it would be in this process
+                    say(f"claims: study {i}/{len(tasks)} ({study.name}, world {k}) done")
+                    result = finished(i)
+            except BaseException:  # no queued study starts; a running one ends (--resume continues)
+                for future in running:
+                    future.cancel()
+                raise
+    return result if result is not None else finished(tasks[-1][0])
+
+
+def run_study(data: dict, threads: int, progress: bool | None) -> None:
+    """Run one study's experiment (its config as a dict; `threads`: torch's, 0 = as it is), adding its
+    wall-clock to STUDY/claims-time.json, an interrupted session's too. `progress`: in a process of
+    its own, whether to show progress (as lines: several processes share the terminal); None here."""
+    cfg = load_config_dict(data)
+    if progress is not None:
+        set_progress(progress, lines=True)
+    if threads:
+        torch.set_num_threads(threads)
+    where = Path(cfg.experiment.out)
+    t0 = time.perf_counter()
+    try:
+        run_experiment(cfg, resume=(where / "experiment.json").is_file())
+    finally:
+        spent = read_json(where / WALL, "a study's time")["wall_s"] if (where / WALL).is_file() else 0.0
+        where.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(where / WALL, {"wall_s": spent + time.perf_counter() - t0})
 
 
 def write_costs(cfg: BenchConfig, out: Path) -> None:
