@@ -15,6 +15,8 @@ from vlp_bench.backbones import Backbones, VisionEncoder, tiny_vit, train_tokeni
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `pytest -n N`: each worker its share of the cores
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 # A tiny experiment: the same code path as the default one, sized to finish in seconds.
 TINY = [

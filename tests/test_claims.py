@@ -211,6 +211,7 @@ def test_study_configs_shift_every_seed_that_makes_a_world():
     (["--from", ".", "--set", "claims.margin=2"], "margin must be in (0, 1)"),
     (["--resume", "nowhere"], "nothing to resume in nowhere"),
     (["--set", "claims.worlds=0"], "worlds must be >= 1"),
+    (["--set", "claims.jobs=-1"], "tune and jobs >= 0"),
     (["--set", "claims.tune_space={'lr' = {low = 1, high = 2}}"], "equal tuning searches the training settings"),
     (["--set", "claims.tune_space={'train.steps' = [10]}"], "train.lr, train.warmup_steps"),
     (["--bench", "missing.json"], "--bench missing.json: no such file"),

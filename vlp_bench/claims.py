@@ -16,7 +16,6 @@ are kept, interrupted ones continue from their checkpoints).
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -87,10 +86,11 @@ def run_claims(cfg: BenchConfig | None, out: Path, resume: bool = False, bench_f
         atomic_write_json(out / SAVED, to_dict(cfg))
     except OSError as e:
         raise UserError(f"cannot write to the output directory {out}: {e.strerror or e}") from None
+    cores = torch.get_num_threads()  # torch's default, the machine's cores (before tuning sets experiment.threads)
+    jobs = min(cfg.claims.jobs or cores, cfg.claims.worlds)
+    threads = cfg.experiment.threads or max(1, cores // jobs)
     tuned = tune_methods(cfg, out, claims) if cfg.claims.tune else {}
     tasks = [(i, study, k) for i, (study, k) in enumerate(((s, k) for s in studies for k in range(cfg.claims.worlds)), 1)]
-    jobs = min(cfg.claims.jobs or os.cpu_count() or 1, cfg.claims.worlds)
-    threads = cfg.experiment.threads or max(1, torch.get_num_threads() // jobs)
     wheres = {i: out / f"world-{k}" / study.name for i, study, k in tasks}
     configs = {i: study_config(cfg, study, k, wheres[i], tuned.get(study.name, {})) for i, study, k in tasks}
     todo = []
