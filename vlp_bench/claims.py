@@ -4,14 +4,16 @@ The claims and the studies they read are data (vlp_bench/reports/claims.py); thi
 them. A ledger directory holds:
 - claims.json: the ledger itself (reports/claims.py `ledger`), rewritten after every study;
 - ledger.json: the config the ledger was started with (what `--resume` continues);
-- timing.json: each study's wall-clock on each world, in seconds (summed over resumed sessions);
-- world-K/STUDY/: one ordinary `vlp-bench run` experiment directory per study and world;
+- timing.json: each study's wall-clock on each world, in seconds, gathered from
+- world-K/STUDY/: one ordinary `vlp-bench run` experiment directory per study and world, with
+  claims-time.json (the study's wall-clock, summed over resumed sessions);
 - tune/STUDY/METHOD/: with claims.tune, each compared arm's tuning search (vlp_bench/search.py), and
   tune/best.json: {study: {method: its tuned train values}}.
 
-Studies run one after another, each on every world before the next, so an interrupted ledger
-already decides the claims of the studies it finished; `--resume` continues the rest (finished runs
-are kept, interrupted ones continue from their checkpoints).
+Studies are taken in order, each on every world before the next, by up to claims.jobs spawned
+processes side by side (one per world by default); only the command's process writes the ledger.
+An interrupted ledger already decides the claims of the studies it finished; `--resume` continues
+the rest (finished runs are kept, interrupted ones continue from their checkpoints).
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def _done(out: Path) -> bool:
 def run_claims(cfg: BenchConfig | None, out: Path, resume: bool = False, bench_files: list[Path] = ()) -> dict:
     """Run (or, with `resume`, continue with its saved config) every study the selected claims
     need, on every world, writing the ledger after each (with `bench_files`' step times); returns
-    the ledger. OUT/timing.json keeps each study's wall-clock, summed over the sessions that ran it."""
+    the ledger. OUT/timing.json gathers each study's claims-time.json (its wall-clock, summed over
+    the sessions that ran it)."""
     if resume:
         cfg = saved_config(out)
     elif (out / SAVED).is_file():
